@@ -1,0 +1,164 @@
+"""Load a DiffusionGemma model folder: a Hugging Face checkpoint or a converted one.
+
+Converted folders (ours, and mlx-community's made by mlx-vlm) keep the Hugging Face key
+names and are quantized the mlx-lm way (``.scales``/``.biases`` beside each quantized
+weight). Which modules are quantized, and with how many bits, is read off the tensors
+themselves, so per-module overrides load whatever they are keyed by.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ConfigError, ModelArgs, read_config
+from .model import Model
+
+
+class WeightsError(ValueError):
+    """Missing, truncated or mismatched weight files."""
+
+
+def resolve_model_path(path_or_id: Union[str, Path]) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (weights and tokenizer only)."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{p}: not a model folder")
+        return p
+    s = str(path_or_id)
+    if s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise ConfigError(f"{s}: no such model folder (and not a hub id of the form owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                s,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.md"],
+            )
+        )
+    except Exception as e:  # network errors, unknown repos, gated repos
+        raise ConfigError(f"{s}: not a local folder, and the hub download failed ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def _check_safetensors(f: Path) -> None:
+    """Fail with one line on a file too short for its own header."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{f}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise WeightsError(f"{f}: truncated safetensors file (header says {n} bytes, file has {size})")
+        try:
+            header = json.loads(fh.read(n))
+        except json.JSONDecodeError:
+            raise WeightsError(f"{f}: not a safetensors file (bad header)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise WeightsError(f"{f}: truncated safetensors file (expected {8 + n + end} bytes, found {size})")
+
+
+def weight_files(model_path: Path) -> list:
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [model_path / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise WeightsError(f"{missing[0]}: listed in {index.name} but missing")
+    else:
+        files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{model_path}: no .safetensors weight files")
+    return files
+
+
+def load_weights(model_path: Path) -> Dict[str, mx.array]:
+    weights: Dict[str, mx.array] = {}
+    for f in weight_files(model_path):
+        _check_safetensors(f)
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise WeightsError(f"{f}: could not be read ({e})".splitlines()[0]) from None
+    return weights
+
+
+def _quantization_of(module: nn.Module, path: str, weights: Dict[str, mx.array], mode: str):
+    """(group_size, bits, mode) for a module whose weight is stored quantized, else None."""
+    scales = weights.get(f"{path}.scales")
+    if scales is None:
+        return None
+    packed = weights[f"{path}.weight"]
+    in_dims = module.weight.shape[-1]
+    group_size = in_dims // scales.shape[-1]
+    bits = packed.shape[-1] * 32 // in_dims
+    if f"{path}.biases" not in weights and mode == "affine":
+        mode = "mxfp4" if bits == 4 else "mxfp8"
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def load_model(model_path: Union[str, Path], strict: bool = True) -> Tuple[Model, Dict[str, Any]]:
+    """Build the model from a local folder and load its weights."""
+    model_path = Path(model_path)
+    config = read_config(model_path)
+    try:
+        args = ModelArgs.from_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"{model_path / 'config.json'}: {e}") from None
+    model = Model(args)
+    weights = model.sanitize(load_weights(model_path))
+
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    default_mode = quant.get("mode", "affine") if isinstance(quant, dict) else "affine"
+    if any(k.endswith(".scales") for k in weights):
+        nn.quantize(
+            model,
+            class_predicate=lambda p, m: hasattr(m, "to_quantized")
+            and (_quantization_of(m, p, weights, default_mode) or False),
+        )
+
+    expected = dict(nn.utils.tree_flatten(model.parameters()))
+    if strict:
+        missing = sorted(set(expected) - set(weights))
+        if missing:
+            raise WeightsError(f"{model_path}: missing weight {missing[0]} ({len(missing)} missing in all)")
+        extra = sorted(set(weights) - set(expected))
+        if extra:
+            raise WeightsError(f"{model_path}: unexpected weight {extra[0]} ({len(extra)} unexpected in all)")
+    for k, v in weights.items():
+        if k in expected and expected[k].shape != v.shape:
+            raise WeightsError(
+                f"{model_path}: weight {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+            )
+    model.load_weights(list(weights.items()), strict=strict)
+    model.eval()
+    mx.eval(model.parameters())
+    return model, config
+
+
+def load_tokenizer(model_path: Union[str, Path], eos_token_ids=None):
+    from mlx_lm.tokenizer_utils import load as load_tok
+
+    return load_tok(Path(model_path), eos_token_ids=eos_token_ids)
+
+
+def load(path_or_hub_id: Union[str, Path], tokenizer: bool = True):
+    """Load ``(model, tokenizer)`` from a converted or Hugging Face DiffusionGemma folder or hub id."""
+    path = resolve_model_path(path_or_hub_id)
+    model, _ = load_model(path)
+    model.path = path
+    if not tokenizer:
+        return model, None
+    return model, load_tokenizer(path)

@@ -1,0 +1,390 @@
+"""DiffusionGemma in MLX: one set of weights, two passes.
+
+``encode`` runs the network causally over new tokens and appends their K/V to the
+prefix cache. ``denoise`` runs the same layers bidirectionally over a canvas that sees
+the whole cache, returns float32 soft-capped logits, and never writes the cache.
+
+The module tree mirrors the checkpoint's key names (``model.decoder.…``) so that the
+on-disk layout of mlx-community's conversions loads with only the expert split in
+``sanitize``. The encoder's layer scalars are the only weights not shared with the
+decoder; they live beside the decoder's as ``encoder_layer_scalar``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from .cache import PrefixCache, make_prefix_cache
+from .config import ModelArgs
+
+
+@partial(mx.compile, shapeless=True)
+def geglu(gate: mx.array, x: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * x
+
+
+@partial(mx.compile, shapeless=True)
+def softcap(x: mx.array, cap: float) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
+class RMSNormNoScale(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
+class GeGLU(nn.Module):
+    """SwitchGLU's activation slot: gelu(tanh) on the gate, times up."""
+
+    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
+        return geglu(gate, x)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Router(nn.Module):
+    """RMS-norm (no weight) * scale / sqrt(H), project, softmax over all experts in
+    float32, top-k, renormalise, times the chosen experts' ``per_expert_scale``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.top_k_experts
+        self.eps = args.rms_norm_eps
+        self.root_size = args.hidden_size**-0.5
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+
+    def __call__(self, x: mx.array):
+        x = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root_size
+        scores = self.proj(x).astype(mx.float32)
+        k = self.top_k
+        indices = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
+        # softmax over all experts then renormalising the top k equals a softmax over
+        # the top k scores.
+        weights = mx.softmax(mx.take_along_axis(scores, indices, axis=-1), axis=-1)
+        weights = weights * self.per_expert_scale[indices]
+        return indices, weights
+
+
+class Experts(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.switch_glu = SwitchGLU(
+            args.hidden_size, args.moe_intermediate_size, args.num_experts, activation=GeGLU()
+        )
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        y = self.switch_glu(x, indices)
+        return (y * weights[..., None].astype(y.dtype)).sum(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.is_full = args.is_full(layer_idx)
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.layer_kv_heads(layer_idx)
+        self.head_dim = args.layer_head_dim(layer_idx)
+        dim, eps, bias = args.hidden_size, args.rms_norm_eps, args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        if not self.is_full:  # full layers use K = V (before k_norm and RoPE)
+            self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
+        self.v_norm = RMSNormNoScale(eps)
+        rope = args.rope_parameters["full_attention" if self.is_full else "sliding_attention"]
+        self.rope = initialize_rope(
+            dims=self.head_dim,
+            base=rope.get("rope_theta", 10_000.0),
+            traditional=False,
+            scaling_config=rope,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def kv(self, x: mx.array, offset: int):
+        B, L, _ = x.shape
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if not self.is_full else k
+        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=offset)
+        v = self.v_norm(v).transpose(0, 2, 1, 3)
+        return k, v
+
+    def __call__(self, x: mx.array, cache, offset: int, mask, write: bool) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
+        k, v = self.kv(x, offset)
+        if write:
+            k, v = cache.append(k, v)
+        else:
+            pk, pv = cache.prefix()
+            if pk is not None:
+                k, v = mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class DecoderLayer(nn.Module):
+    """One transformer layer, used by both passes; only the layer scalar differs."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(H, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        self.input_layernorm = nn.RMSNorm(H, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+        self.encoder_layer_scalar = mx.ones((1,))
+
+    def __call__(self, x: mx.array, cache, offset: int, mask, write: bool) -> mx.array:
+        h = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), cache, offset, mask, write)
+        )
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        indices, weights = self.router(h)
+        moe = self.experts(self.pre_feedforward_layernorm_2(h), indices, weights)
+        moe = self.post_feedforward_layernorm_2(moe)
+        out = h + self.post_feedforward_layernorm(dense + moe)
+        return out * (self.encoder_layer_scalar if write else self.layer_scalar)
+
+
+class SelfConditioning(nn.Module):
+    """post_norm(e + down(gelu(gate(pre_norm(s))) * up(pre_norm(s)))), post_norm without weight."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.pre_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_norm = RMSNormNoScale(args.rms_norm_eps)
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, embeds: mx.array, signal: Optional[mx.array]) -> mx.array:
+        if signal is None:
+            # Zero signal: the MLP of zeros is zero (no biases), so only the norm remains.
+            return self.post_norm(embeds)
+        s = self.pre_norm(signal)
+        return self.post_norm(embeds + self.down_proj(geglu(self.gate_proj(s), self.up_proj(s))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+
+
+class DiffusionGemmaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.decoder = Decoder(args)
+
+
+def encoder_mask(n_new: int, offset: int, n_keys: int, window: Optional[int]):
+    """Causal mask for ``n_new`` queries at ``offset..``; keys end with the queries.
+
+    Sliding layers: key at position k is visible to query q when q - window < k <= q.
+    """
+    if window is None and n_keys == n_new:
+        return "causal" if n_new > 1 else None
+    q = mx.arange(offset, offset + n_new)[:, None]
+    k = mx.arange(offset + n_new - n_keys, offset + n_new)[None]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (k > q - window)
+    return mask
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DiffusionGemmaModel(args)
+        self.embed_scale = args.hidden_size**0.5
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.model.decoder
+
+    @property
+    def layers(self):
+        return self.model.decoder.layers
+
+    def make_cache(self) -> PrefixCache:
+        return make_prefix_cache(
+            [self.args.is_full(i) for i in range(self.args.num_hidden_layers)],
+            self.args.sliding_window,
+        )
+
+    def _embed(self, tokens: mx.array) -> mx.array:
+        h = self.decoder.embed_tokens(tokens)
+        return h * mx.array(self.embed_scale, dtype=h.dtype)
+
+    def encode(self, tokens: mx.array, cache: PrefixCache) -> None:
+        """Run the causal encoder over ``tokens`` [B, T] and append their K/V to ``cache``."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        T = tokens.shape[1]
+        offset = cache.offset
+        h = self._embed(tokens)
+        masks = {}
+        last = len(self.layers) - 1
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            if i == last:
+                # Only the last layer's K/V is ever read: skip its attention and FFN.
+                k, v = layer.self_attn.kv(layer.input_layernorm(h), offset)
+                c.append(k, v)
+                break
+            full = self.args.is_full(i)
+            n_keys = T + (offset if full else min(offset, self.args.sliding_window - 1))
+            key = (full, n_keys)
+            if key not in masks:
+                masks[key] = encoder_mask(T, offset, n_keys, None if full else self.args.sliding_window)
+            h = layer(h, c, offset, masks[key], write=True)
+        mx.eval([c.state for c in cache])
+
+    def hidden(
+        self,
+        canvas: mx.array,
+        cache: PrefixCache,
+        self_conditioning_logits: Optional[mx.array] = None,
+        self_conditioning_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
+        """The decoder's final hidden states for ``canvas`` [B, L]."""
+        if canvas.ndim == 1:
+            canvas = canvas[None]
+        h = self._embed(canvas)
+        signal = self_conditioning_embeddings
+        if signal is None and self_conditioning_logits is not None:
+            signal = self.soft_embeddings(mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1))
+        h = self.decoder.self_conditioning(h, signal)
+        offset = cache.offset
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c, offset, None, write=False)
+        return self.decoder.norm(h)
+
+    def denoise(
+        self,
+        canvas: mx.array,
+        cache: PrefixCache,
+        self_conditioning_logits: Optional[mx.array] = None,
+        self_conditioning_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Float32 soft-capped logits [B, L, V] for ``canvas``; the cache is only read.
+
+        ``self_conditioning_logits`` are the previous step's temperature-scaled logits
+        (or pass ``self_conditioning_embeddings`` already computed from them).
+        """
+        h = self.hidden(canvas, cache, self_conditioning_logits, self_conditioning_embeddings)
+        return self.lm_head(h)
+
+    def lm_head(self, h: mx.array) -> mx.array:
+        logits = self.decoder.embed_tokens.as_linear(h).astype(mx.float32)
+        cap = self.args.final_logit_softcapping
+        return softcap(logits, cap) if cap else logits
+
+    def soft_embeddings(self, probs: mx.array) -> mx.array:
+        """probs [.., V] (float32) @ embedding matrix * embedding scale, in the weights' dtype."""
+        emb = self.decoder.embed_tokens
+        if isinstance(emb, nn.QuantizedEmbedding):
+            dtype = emb.scales.dtype
+            out = mx.quantized_matmul(
+                probs.astype(dtype), emb.weight, emb.scales, emb.biases,
+                transpose=False, group_size=emb.group_size, bits=emb.bits, mode=emb.mode,
+            )
+        else:
+            dtype = emb.weight.dtype
+            out = probs.astype(dtype) @ emb.weight
+        return out * mx.array(self.embed_scale, dtype=dtype)
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """Checkpoint keys (HF or mlx-community layout) -> this module tree.
+
+        Shared weights may sit under the decoder prefix, the encoder prefix or both;
+        the decoder copy wins. The vision tower, the tied LM head and rotary buffers
+        are not part of the text model.
+        """
+        enc, dec = "model.encoder.language_model.", "model.decoder."
+        out: Dict[str, mx.array] = {}
+        from_encoder: Dict[str, mx.array] = {}
+        for k, v in weights.items():
+            if k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")):
+                continue
+            if k == "lm_head.weight" or "rotary_emb" in k:
+                continue
+            if k.startswith(enc):
+                rest = k[len(enc):]
+                if rest.endswith(".layer_scalar"):
+                    out[dec + rest[: -len("layer_scalar")] + "encoder_layer_scalar"] = v
+                else:
+                    from_encoder[dec + rest] = v
+                continue
+            out[k] = v
+        for k, v in from_encoder.items():
+            out.setdefault(k, v)
+
+        split = {}
+        for k in list(out):
+            for name in ("gate_up_proj", "down_proj"):
+                marker = f".experts.{name}"
+                if marker not in k:
+                    continue
+                base, suffix = k.split(marker)
+                suffix = suffix or ".weight"
+                v = out.pop(k)
+                prefix = f"{base}.experts.switch_glu"
+                if name == "down_proj":
+                    split[f"{prefix}.down_proj{suffix}"] = v
+                else:
+                    gate, up = mx.split(v, 2, axis=-2)
+                    split[f"{prefix}.gate_proj{suffix}"] = gate
+                    split[f"{prefix}.up_proj{suffix}"] = up
+        out.update(split)
+        return out
+
+    @property
+    def quant_predicate(self):
+        """Keep what is sensitive at 8 bits: router, embeddings/LM head, attention, dense MLP."""
+
+        def predicate(path: str, module: nn.Module):
+            if not hasattr(module, "to_quantized"):
+                return False
+            if "router" in path or "embed_tokens" in path or ".self_attn." in path:
+                return {"group_size": 64, "bits": 8}
+            return True
+
+        return predicate

@@ -1,0 +1,148 @@
+"""The PyTorch reference harness: tiny random DiffusionGemma models in transformers.
+
+Runs on CUDA when a GPU is present, else on the CPU. Everything here builds models from
+configs; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers.cache_utils import DynamicCache
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+TINY_TEXT = dict(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    sliding_window=8,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=32,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+    max_position_embeddings=4096,
+    eos_token_id=[1, 106, 50],
+    pad_token_id=0,
+    bos_token_id=2,
+)
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16)
+
+
+def tiny_config(canvas_length: int = 16, **text_overrides) -> DiffusionGemmaConfig:
+    text = {**TINY_TEXT, **text_overrides}
+    return DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION), canvas_length=canvas_length)
+
+
+def build_reference(config: DiffusionGemmaConfig, seed: int = 0,
+                    distinct_scalars: bool = True) -> DiffusionGemmaForBlockDiffusion:
+    """A float32 model with every weight random (norm weights around 1).
+
+    ``distinct_scalars`` makes the encoder's and decoder's layer scalars differ. For
+    routing without near-ties (exact checks), build the config with
+    ``top_k_experts == num_experts``: every expert is used and top-k is continuous.
+    """
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(config).eval().to(torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("router.scale"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("per_expert_scale"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                base = 0.5 + torch.rand(b.shape, generator=g)
+                if distinct_scalars and "encoder" in name:
+                    base = base + 0.3
+                b.copy_(base)
+    return model.to(DEVICE)
+
+
+def save_checkpoint(model: DiffusionGemmaForBlockDiffusion, path: Path, prefix: str = "decoder",
+                    shards: int = 2, extra_config: Optional[dict] = None) -> Path:
+    """Write an HF-style folder with the shared weights under ``prefix``.
+
+    ``decoder``: what transformers' save_pretrained writes (shared weights once, under
+    model.decoder); ``encoder``: shared weights under model.encoder.language_model;
+    ``both``: both copies. The encoder's layer scalars are always written.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    enc, dec = "model.encoder.language_model.", "model.decoder."
+    out = {}
+    for k, v in sd.items():
+        if k == "lm_head.weight":
+            continue
+        if k.startswith(enc):
+            if k.endswith("layer_scalar") or prefix in ("encoder", "both"):
+                out[k] = v
+            continue
+        if k.startswith(dec):
+            rest = k[len(dec):]
+            shared = not rest.startswith("self_conditioning") and not rest.endswith("layer_scalar")
+            if shared and prefix == "encoder":
+                continue
+            out[k] = v
+            continue
+        out[k] = v
+    # clone so shared storage never reaches safetensors
+    out = {k: v.clone() for k, v in out.items()}
+    keys = sorted(out)
+    n = max(1, min(shards, len(keys)))
+    weight_map = {}
+    for i in range(n):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = {k: out[k] for k in keys[i::n]}
+        save_file(part, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    cfg = model.config.to_dict()
+    cfg.update(extra_config or {})
+    (path / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
+    return path
+
+
+def _t(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), device=DEVICE)
+
+
+@torch.no_grad()
+def reference_encode(model, chunks: Sequence, cache: Optional[DynamicCache] = None) -> DynamicCache:
+    """Encode token chunks [B, T_i] one after the other into an HF cache (causal encoder)."""
+    if cache is None:
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    for ids in chunks:
+        ids = _t(ids).long()
+        offset = cache.get_seq_length()
+        pos = torch.arange(offset, offset + ids.shape[1], device=DEVICE)[None]
+        model.model.encoder(input_ids=ids, cache=cache, position_ids=pos)
+    return cache
+
+
+@torch.no_grad()
+def reference_denoise(model, canvas, cache: DynamicCache, self_conditioning_logits=None) -> np.ndarray:
+    """Decoder logits [B, L, V] (float32, soft-capped) for ``canvas``; the cache is only read."""
+    sc = None if self_conditioning_logits is None else _t(self_conditioning_logits).float()
+    out = model(decoder_input_ids=_t(canvas).long(), cache=cache, self_conditioning_logits=sc)
+    return out.logits.float().cpu().numpy()
