@@ -67,12 +67,10 @@ def build_reference(config: DiffusionGemmaConfig, seed: int = 0,
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
             elif p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5))
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                base = 0.5 + torch.rand(b.shape, generator=g)
-                if distinct_scalars and "encoder" in name:
-                    base = base + 0.3
-                b.copy_(base)
+        enc_layers = model.model.encoder.language_model.layers
+        for enc, dec in zip(enc_layers, model.model.decoder.layers):
+            dec.layer_scalar.copy_(0.5 + torch.rand(dec.layer_scalar.shape, generator=g))
+            enc.layer_scalar.copy_(dec.layer_scalar + (0.3 if distinct_scalars else 0.0))
     return model.to(DEVICE)
 
 
