@@ -7,3 +7,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# MLX's Linux CPU wheel links the reference (netlib) BLAS. Where OpenBLAS is installed,
+# run the whole session again with it preloaded: float32 matmuls get ~30x faster.
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def pytest_configure(config):
+    if (
+        sys.platform == "linux"
+        and os.path.exists(OPENBLAS)
+        and OPENBLAS not in os.environ.get("LD_PRELOAD", "")
+        and not os.environ.get("MLX_DGEMMA_NO_PRELOAD")
+        and not hasattr(config, "workerinput")
+    ):
+        env = dict(os.environ, LD_PRELOAD=OPENBLAS, MLX_DGEMMA_NO_PRELOAD="1")
+        os.execve(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[1:]], env)

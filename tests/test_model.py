@@ -93,7 +93,7 @@ def test_chunked_prefill_equals_single_prefill(decisive_pair):
     prompt, canvas = ids(rng, 1, 29), ids(rng, 1, 16)
     whole, _ = ours(model, [prompt], canvas)
     chunked, _ = ours(model, [prompt[:, :5], prompt[:, 5:6], prompt[:, 6:19], prompt[:, 19:]], canvas)
-    np.testing.assert_allclose(chunked, whole, atol=2e-5)
+    np.testing.assert_allclose(chunked, whole, atol=5e-5)
 
 
 def test_several_committed_canvases_extend_the_cache(pair):
@@ -115,7 +115,7 @@ def test_batch_of_two(pair):
     assert_logits_match(theirs(ref, [prompt], canvas), o)
     # each row equals its solo run
     solo, _ = ours(model, [prompt[1:]], canvas[1:])
-    np.testing.assert_allclose(o[1:], solo, atol=2e-5)
+    np.testing.assert_allclose(o[1:], solo, atol=5e-5)
 
 
 def test_denoise_never_changes_the_cache(pair):
