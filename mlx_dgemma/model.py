@@ -4,6 +4,17 @@
 prefix cache. ``denoise`` runs the same layers bidirectionally over a canvas that sees
 the whole cache, returns float32 soft-capped logits, and never writes the cache.
 
+API (stable; the drafter, generate and the server call it):
+  make_cache() -> PrefixCache; encode(tokens [B, T], cache);
+  denoise(canvas [B, L], cache, self_conditioning_logits=None,
+          self_conditioning_embeddings=None) -> float32 logits [B, L, V];
+  hidden(...) (same arguments) -> final hidden states; lm_head(h); soft_embeddings(probs);
+  sanitize(weights); quant_predicate.
+``cache`` in denoise/hidden is one PrefixCache shared by every canvas row, or a list of
+PrefixCache (batch 1 each), one per row, with prompts of different lengths: the server's
+ragged batch. Each layer's prefix K/V is then left-padded to the longest under a key
+mask, and each row's canvas positions start at its own ``cache.offset``.
+
 The module tree mirrors the checkpoint's key names (``model.decoder.…``) so that the
 on-disk layout of mlx-community's conversions loads with only the expert split in
 ``sanitize``. The encoder's layer scalars are the only weights not shared with the
@@ -14,7 +25,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +34,10 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from .cache import PrefixCache, make_prefix_cache
 from .config import ModelArgs
+
+# ``denoise``/``hidden`` take one PrefixCache (every canvas row shares it) or a list of
+# PrefixCache, one per canvas row, whose prompts may differ in length (ragged batch).
+CacheArg = Union[PrefixCache, Sequence[PrefixCache]]
 
 
 @partial(mx.compile, shapeless=True)
@@ -132,7 +147,10 @@ class Attention(nn.Module):
         v = self.v_norm(v).transpose(0, 2, 1, 3)
         return k, v
 
-    def __call__(self, x: mx.array, cache, offset: int, mask, write: bool) -> mx.array:
+    def __call__(self, x: mx.array, cache, offset, mask, write: bool) -> mx.array:
+        """``write``: ``cache`` is this layer's cache and gets the new K/V (encoder).
+        Otherwise ``cache`` is the (keys, values) prefix the canvas sees, ``offset`` an
+        int or a per-row [B] array of positions, ``mask`` None or a key mask (decoder)."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
@@ -140,8 +158,11 @@ class Attention(nn.Module):
         if write:
             k, v = cache.append(k, v)
         else:
-            pk, pv = cache.prefix()
+            pk, pv = cache
             if pk is not None:
+                if pk.shape[0] != B:  # one prompt, several canvases (seeds)
+                    pk = mx.broadcast_to(pk, (B, *pk.shape[1:]))
+                    pv = mx.broadcast_to(pv, (B, *pv.shape[1:]))
                 k, v = mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -167,7 +188,7 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
         self.encoder_layer_scalar = mx.ones((1,))
 
-    def __call__(self, x: mx.array, cache, offset: int, mask, write: bool) -> mx.array:
+    def __call__(self, x: mx.array, cache, offset, mask, write: bool) -> mx.array:
         h = x + self.post_attention_layernorm(
             self.self_attn(self.input_layernorm(x), cache, offset, mask, write)
         )
@@ -228,6 +249,56 @@ def encoder_mask(n_new: int, offset: int, n_keys: int, window: Optional[int]):
     return mask
 
 
+Prefix = Tuple[Optional[mx.array], Optional[mx.array], Optional[mx.array]]
+
+
+def decoder_prefixes(cache: CacheArg, B: int, L: int) -> Tuple[List[Prefix], Union[int, mx.array]]:
+    """Per layer (keys, values, mask) that a canvas of ``L`` tokens attends to, and the
+    canvas's first position (an int, or a [B] array when rows differ).
+
+    One ``PrefixCache``: its K/V as stored, no mask. A list of ``PrefixCache`` (one per
+    canvas row, each of batch 1, prompts of any lengths): each layer's prefixes are
+    left-padded with zeros to the longest, and a boolean key mask [B, 1, 1, P + L] hides
+    the padding; row b's canvas positions start at that row's ``offset``.
+    """
+    if isinstance(cache, PrefixCache):
+        return [(*c.prefix(), None) for c in cache], cache.offset
+    rows = list(cache)
+    if len(rows) != B:
+        raise ValueError(f"denoise: {len(rows)} prefix caches for a canvas of {B} rows (expected one per row)")
+    if not all(isinstance(r, PrefixCache) for r in rows):
+        raise ValueError("denoise: cache must be a PrefixCache or a list of PrefixCache, one per canvas row")
+    offsets = [r.offset for r in rows]
+    offset = offsets[0] if len(set(offsets)) == 1 else mx.array(offsets)
+    out: List[Prefix] = []
+    for layer in zip(*rows):
+        parts = [c.prefix() for c in layer]
+        for b, (k, _) in enumerate(parts):
+            if k is not None and k.shape[0] != 1:
+                raise ValueError(f"denoise: prefix cache {b} holds {k.shape[0]} rows; a list of caches needs one row each")
+        lens = [0 if k is None else k.shape[2] for k, _ in parts]
+        P = max(lens)
+        if P == 0:
+            out.append((None, None, None))
+            continue
+        k0, v0 = next((k, v) for k, v in parts if k is not None)
+        keys, values = [], []
+        for (k, v), n in zip(parts, lens):
+            if n < P:
+                pad = mx.zeros((1, k0.shape[1], P - n, k0.shape[3]), k0.dtype)
+                k = pad if k is None else mx.concatenate([pad, k], axis=2)
+                v = pad.astype(v0.dtype) if v is None else mx.concatenate([pad.astype(v0.dtype), v], axis=2)
+            keys.append(k)
+            values.append(v)
+        mask = None
+        if min(lens) < P:
+            pos = mx.arange(P + L)[None]
+            starts = mx.array([P - n for n in lens])[:, None]
+            mask = (pos >= starts)[:, None, None, :]
+        out.append((mx.concatenate(keys, axis=0), mx.concatenate(values, axis=0), mask))
+    return out, offset
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -280,7 +351,7 @@ class Model(nn.Module):
     def hidden(
         self,
         canvas: mx.array,
-        cache: PrefixCache,
+        cache: CacheArg,
         self_conditioning_logits: Optional[mx.array] = None,
         self_conditioning_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
@@ -292,15 +363,15 @@ class Model(nn.Module):
         if signal is None and self_conditioning_logits is not None:
             signal = self.soft_embeddings(mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1))
         h = self.decoder.self_conditioning(h, signal)
-        offset = cache.offset
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, c, offset, None, write=False)
+        prefixes, offset = decoder_prefixes(cache, canvas.shape[0], canvas.shape[1])
+        for layer, (pk, pv, mask) in zip(self.layers, prefixes):
+            h = layer(h, (pk, pv), offset, mask, write=False)
         return self.decoder.norm(h)
 
     def denoise(
         self,
         canvas: mx.array,
-        cache: PrefixCache,
+        cache: CacheArg,
         self_conditioning_logits: Optional[mx.array] = None,
         self_conditioning_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
