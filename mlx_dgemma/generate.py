@@ -1,0 +1,407 @@
+"""The block loop: prefill, then canvas after canvas, each committed block encoded.
+
+Semantics follow the reference's ``DiffusionGemmaGenerationMixin.generate``:
+
+- ``ceil(max_tokens / canvas_length)`` blocks at most (fewer if the context runs out);
+- each block is denoised by :mod:`mlx_dgemma.drafter`; the committed block (the last
+  argmax canvas) is finalised like ``_finalize_canvas``: a row whose block holds an EOS
+  id is finished, every token after its first EOS becomes pad, and every later block of
+  a finished row is all pad; generation stops when every row is finished;
+- the committed block is encoded into the prefix cache at the START of the next block
+  (as the reference does), so the final block is never encoded;
+- ``tokens_per_forward`` is ``_compute_tokens_per_forward``: non-pad generated tokens
+  divided by the row's decoder passes.
+
+Text APIs (:func:`stream_generate`, :func:`generate`) trim the output to ``max_tokens``
+tokens (the reference returns whole blocks); ``tokens_per_forward`` is still computed
+over the whole blocks, exactly as the reference computes it.
+
+Run ``python -m mlx_dgemma.generate --help`` for the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .drafter import BlockResult, DenoiseSettings, Draft, SettingsError, denoise_steps, load_generation_config
+
+DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
+
+
+class GenerateInputError(ValueError):
+    """Bad input to a generation call (one-line message)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reference pieces (pure functions, tested against the reference's own methods)
+
+
+def finalize_block(
+    tokens: np.ndarray, finished: np.ndarray, eos_token_ids: Sequence[int], pad_token_id: Optional[int]
+):
+    """The reference's ``_finalize_canvas`` on one committed block.
+
+    ``tokens`` [B, L] (copied), ``finished`` [B] rows finished in earlier blocks.
+    Returns ``(tokens, finished)`` after this block.
+    """
+    tokens = np.array(tokens, copy=True)
+    eos = np.asarray(list(eos_token_ids or []), dtype=np.int64)
+    this = np.isin(tokens, eos).any(-1) if eos.size else np.zeros(len(tokens), bool)
+    prev = np.asarray(finished, bool)
+    now = prev | this
+    if pad_token_id is not None and now.any():
+        tokens[prev] = pad_token_id
+        if eos.size and this.any():
+            is_eos = np.isin(tokens, eos)
+            cs = np.cumsum(is_eos, axis=-1)
+            tokens[(cs > 0) & ~((cs == 1) & is_eos)] = pad_token_id
+    return tokens, now
+
+
+def tokens_per_forward(generated: np.ndarray, passes: np.ndarray, pad_token_id: Optional[int]) -> np.ndarray:
+    """The reference's ``_compute_tokens_per_forward``: non-pad generated tokens / passes."""
+    generated = np.asarray(generated)
+    if pad_token_id is not None:
+        valid = (generated != pad_token_id).sum(-1)
+    else:
+        valid = np.full(generated.shape[0], generated.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return valid / np.asarray(passes, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# The token-level loop (what the server uses)
+
+
+@dataclass
+class Block:
+    """One committed block of a :func:`generate_blocks` run (all arrays per batch row)."""
+
+    index: int
+    tokens: np.ndarray  # [B, L] int32, finalised (pad after the first EOS)
+    steps: int  # denoising iterations of this block
+    passes: np.ndarray  # [B] decoder passes in this block (reference counting)
+    total_passes: np.ndarray  # [B] over all blocks so far
+    stopped_early: np.ndarray  # [B] bool, stable-and-confident stop in this block
+    finished: np.ndarray  # [B] bool, an EOS has been committed (this or an earlier block)
+    tokens_per_forward: np.ndarray  # [B] over all blocks so far (reference formula)
+    prompt_tokens: int  # tokens encoded before the first block (new tokens only)
+    prompt_time: float  # seconds to encode them
+    elapsed: float  # seconds since the prompt was encoded
+    last: bool  # no further block will follow
+
+
+def _as_batch(prompt_tokens) -> mx.array:
+    if isinstance(prompt_tokens, mx.array):
+        a = prompt_tokens
+    else:
+        a = mx.array(np.asarray(prompt_tokens, dtype=np.int32))
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2:
+        raise GenerateInputError(f"prompt tokens must be [T] or [B, T], got shape {tuple(a.shape)}")
+    return a.astype(mx.int32)
+
+
+def plan_blocks(model, new_tokens: int, cached: int, max_tokens: int) -> int:
+    """How many blocks to run: ceil(max_tokens / L), capped by max_position_embeddings."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise GenerateInputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    L, ctx = model.args.canvas_length, model.args.max_position_embeddings
+    used = cached + new_tokens
+    fit = (ctx - used) // L
+    if fit < 1:
+        raise GenerateInputError(
+            f"prompt of {used} tokens leaves no room for a {L}-token canvas in the model's context "
+            f"of {ctx} tokens (max_position_embeddings)"
+        )
+    return min(math.ceil(max_tokens / L), fit)
+
+
+def _events(
+    model,
+    prompt_tokens,
+    cache=None,
+    settings: Optional[DenoiseSettings] = None,
+    max_tokens: int = 256,
+    seeds: Union[int, Sequence[int]] = 0,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: Optional[int] = 0,
+    sample_fn=None,
+) -> Iterator[Union[Draft, Block]]:
+    tokens = _as_batch(prompt_tokens)
+    B, T = tokens.shape
+    seeds = [int(seeds)] * B if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    if len(seeds) != B:
+        raise GenerateInputError(f"{len(seeds)} seeds for a batch of {B} prompts")
+    if cache is None:
+        if T == 0:
+            raise GenerateInputError("empty prompt: nothing to generate from")
+        cache = model.make_cache()
+    settings = settings or DenoiseSettings()
+    n_blocks = plan_blocks(model, T, cache.offset, max_tokens)
+    L = model.args.canvas_length
+    finished = np.zeros(B, bool)
+    total_passes = np.zeros(B, np.int64)
+    generated: List[np.ndarray] = []
+    pending = tokens if T else None
+    prompt_time, t_start = 0.0, time.perf_counter()
+    for b in range(n_blocks):
+        if pending is not None:
+            t0 = time.perf_counter()
+            model.encode(pending, cache)  # evaluates the cache
+            if b == 0:
+                prompt_time = time.perf_counter() - t0
+                t_start = time.perf_counter()
+        res: BlockResult = yield from denoise_steps(
+            model, cache, settings, seeds, b, sample_fn=sample_fn, active=~finished
+        )
+        block, finished = finalize_block(np.array(res.tokens), finished, eos_token_ids, pad_token_id)
+        total_passes = total_passes + res.passes
+        generated.append(block)
+        last = bool(finished.all()) or b == n_blocks - 1
+        yield Block(
+            index=b,
+            tokens=block.astype(np.int32),
+            steps=res.steps,
+            passes=res.passes,
+            total_passes=total_passes.copy(),
+            stopped_early=res.stopped,
+            finished=finished.copy(),
+            tokens_per_forward=tokens_per_forward(np.concatenate(generated, -1), total_passes, pad_token_id),
+            prompt_tokens=T,
+            prompt_time=prompt_time,
+            elapsed=time.perf_counter() - t_start,
+            last=last,
+        )
+        if last:
+            return
+        pending = mx.array(block.astype(np.int32))
+        assert pending.shape == (B, L)
+
+
+def generate_blocks(
+    model,
+    prompt_tokens,
+    cache=None,
+    settings: Optional[DenoiseSettings] = None,
+    max_tokens: int = 256,
+    seeds: Union[int, Sequence[int]] = 0,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: Optional[int] = 0,
+    on_draft: Optional[Callable[[Draft], None]] = None,
+    sample_fn=None,
+) -> Iterator[Block]:
+    """Generate block by block from token ids; yields one :class:`Block` per committed block.
+
+    ``prompt_tokens``: [T] or [B, T] (list or mx.array): the tokens NOT yet in ``cache``.
+    ``cache``: a :class:`~mlx_dgemma.cache.PrefixCache` that may already hold a prefix
+    (multi-turn); only the new tokens are encoded. ``seeds``: one per row (an int: the same
+    seed for every row). Block ``b`` of the call keys the random streams with ``b``.
+
+    On return the cache holds the prefix, the prompt and every committed block except
+    the LAST one yielded (the reference encodes a block at the start of the next one), each
+    finalised (pad after the first EOS, all pad for rows finished earlier). To continue a
+    conversation, encode the last block (or its non-pad part) yourself.
+    """
+    for ev in _events(model, prompt_tokens, cache, settings, max_tokens, seeds, eos_token_ids,
+                      pad_token_id, sample_fn):
+        if isinstance(ev, Block):
+            yield ev
+        elif on_draft is not None:
+            on_draft(ev)
+
+
+# ---------------------------------------------------------------------------------------
+# Text APIs
+
+
+@dataclass
+class GenerationResponse:
+    """One item of :func:`stream_generate`.
+
+    ``kind == "block"``: ``text``/``thought`` are the NEW answer/thought text of this
+    block, ``tokens`` the block's kept tokens. ``kind == "draft"``: ``text`` is the whole
+    current canvas decoded (the argmax draft), ``step`` the denoising step.
+    """
+
+    kind: str
+    text: str
+    thought: str
+    tokens: List[int]
+    block: int
+    step: int
+    steps: int  # denoising steps of this block (so far, for drafts)
+    tokens_per_forward: float
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: Optional[str]  # "stop" (EOS), "length", or None while running
+    total_steps: int = 0  # denoising steps over all blocks so far
+
+
+def generation_defaults(model) -> Dict[str, Any]:
+    """generation_config.json of the model's folder (``model.path``), or {}."""
+    path = getattr(model, "path", None)
+    return load_generation_config(path) if path is not None else {}
+
+
+def resolve_ids(model, gen_cfg: Dict[str, Any]):
+    """EOS ids (a list) and the pad id: generation_config first, then config.json."""
+    eos = gen_cfg.get("eos_token_id")
+    if eos is None:
+        eos = model.args.eos_token_ids
+    eos = [int(e) for e in ([eos] if isinstance(eos, (int, np.integer)) else list(eos))]
+    pad = gen_cfg.get("pad_token_id", model.args.pad_token_id)
+    return eos, (None if pad is None else int(pad))
+
+
+def make_settings(model, settings: Optional[DenoiseSettings] = None, **overrides) -> DenoiseSettings:
+    if settings is not None:
+        return settings
+    try:
+        return DenoiseSettings.from_generation_config(generation_defaults(model), **overrides)
+    except SettingsError as e:
+        raise GenerateInputError(str(e)) from None
+
+
+def _peak_gb() -> float:
+    try:
+        return mx.get_peak_memory() / 1e9
+    except Exception:  # backends without memory accounting
+        return 0.0
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt,
+    max_tokens: int = 256,
+    seed: int = 0,
+    steps: Optional[int] = None,
+    entropy_bound: Optional[float] = None,
+    t_min: Optional[float] = None,
+    t_max: Optional[float] = None,
+    settings: Optional[DenoiseSettings] = None,
+    show_drafts: bool = False,
+    chat_template: bool = True,
+    thinking: bool = False,
+    system: Optional[str] = None,
+    sample_fn=None,
+) -> Iterator[GenerationResponse]:
+    """Generate text; yields one :class:`GenerationResponse` per committed block (and one
+    per denoising step with ``show_drafts``).
+
+    ``prompt``: a string (sent as a user turn through the chat template unless
+    ``chat_template=False``), a list of chat messages, or token ids. ``steps``,
+    ``entropy_bound``, ``t_min``, ``t_max`` override generation_config.json.
+    ``thinking`` switches Gemma 4's thinking mode (``enable_thinking``); thought text comes
+    in ``thought``, apart from the answer in ``text``.
+    """
+    from .chat import ThoughtParser, encode_prompt
+
+    if isinstance(prompt, str) and not prompt.strip():
+        raise GenerateInputError("empty prompt")
+    settings = make_settings(model, settings, max_denoising_steps=steps, entropy_bound=entropy_bound,
+                             t_min=t_min, t_max=t_max)
+    eos, pad = resolve_ids(model, generation_defaults(model))
+    ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system)
+    if not ids:
+        raise GenerateInputError("empty prompt")
+    parser = ThoughtParser(tokenizer, thinking=thinking, prompt_tokens=ids, stop_tokens=eos)
+    L = model.args.canvas_length
+    kept: List[int] = []
+    total_steps, block_steps = 0, 0
+    stats = dict(prompt_tps=0.0, generation_tps=0.0, tpf=0.0, prompt_time=0.0, t0=None)
+    try:
+        mx.reset_peak_memory()
+    except Exception:
+        pass
+    t_begin = time.perf_counter()
+
+    for ev in _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn):
+        if isinstance(ev, Draft):
+            block_steps = ev.step
+            if not show_drafts:
+                continue
+            canvas = [int(t) for t in np.array(ev.tokens[0])]
+            elapsed = time.perf_counter() - t_begin
+            yield GenerationResponse(
+                kind="draft", text=tokenizer.decode(canvas, skip_special_tokens=True), thought="",
+                tokens=canvas, block=ev.block, step=ev.step, steps=ev.step,
+                tokens_per_forward=stats["tpf"], prompt_tokens=len(ids), prompt_tps=stats["prompt_tps"],
+                generation_tokens=len(kept), generation_tps=stats["generation_tps"],
+                peak_memory=_peak_gb(), finish_reason=None, total_steps=total_steps + ev.step,
+            )
+            continue
+        total_steps += ev.steps
+        row = [int(t) for t in ev.tokens[0]]
+        room = max_tokens - len(kept)
+        hit_eos = any(t in eos for t in row[:room])
+        new = row[:room]
+        if pad is not None and ev.finished[0]:
+            # drop the pad tail after the first EOS
+            first = next((i for i, t in enumerate(new) if t in eos), None)
+            if first is not None:
+                new = new[: first + 1]
+        kept.extend(new)
+        parser.feed(new)
+        last = ev.last or len(kept) >= max_tokens or hit_eos
+        d = parser.deltas(final=last)
+        stats["prompt_tps"] = ev.prompt_tokens / ev.prompt_time if ev.prompt_time > 0 else 0.0
+        n_gen = sum(1 for t in kept if t != pad) if pad is not None else len(kept)
+        stats["generation_tps"] = n_gen / ev.elapsed if ev.elapsed > 0 else 0.0
+        stats["tpf"] = float(ev.tokens_per_forward[0])
+        reason = None
+        if last:
+            reason = "stop" if hit_eos else "length"
+        yield GenerationResponse(
+            kind="block", text=d["answer"], thought=d["thought"], tokens=new, block=ev.index,
+            step=ev.steps, steps=ev.steps, tokens_per_forward=stats["tpf"], prompt_tokens=len(ids),
+            prompt_tps=stats["prompt_tps"], generation_tokens=n_gen, generation_tps=stats["generation_tps"],
+            peak_memory=_peak_gb(), finish_reason=reason, total_steps=total_steps,
+        )
+        if last:
+            return
+
+
+def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False, **kwargs) -> str:
+    """The generated reply as one string (see :func:`stream_generate` for the arguments).
+
+    Never empty when the model wrote anything: if the answer is empty (the model used
+    only a thought channel, or ran out of tokens while thinking) the thought is returned.
+    """
+    kwargs.pop("show_drafts", None)
+    answer, thought, last = [], [], None
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+        answer.append(r.text)
+        thought.append(r.thought)
+        last = r
+    text = "".join(answer)
+    if not text.strip():
+        text = "".join(thought)
+    if verbose and last is not None:
+        print(format_stats(last), file=sys.stderr)
+    return text
+
+
+def format_stats(r: GenerationResponse) -> str:
+    blocks = r.block + 1
+    return (
+        f"prompt {r.prompt_tokens} tok @ {r.prompt_tps:.1f} tok/s | "
+        f"generated {r.generation_tokens} tok @ {r.generation_tps:.1f} tok/s | "
+        f"{blocks} block{'s' if blocks != 1 else ''}, {r.total_steps / blocks:.1f} steps/block | "
+        f"{r.tokens_per_forward:.2f} tok/forward | peak {r.peak_memory:.2f} GB"
+    )
