@@ -100,13 +100,11 @@ def _quantization_of(module: nn.Module, path: str, weights: Dict[str, mx.array],
     scales = weights.get(f"{path}.scales")
     if scales is None:
         return None
-    packed = weights[f"{path}.weight"]
-    in_dims = module.weight.shape[-1]
-    group_size = in_dims // scales.shape[-1]
-    bits = packed.shape[-1] * 32 // in_dims
-    if f"{path}.biases" not in weights and mode == "affine":
-        mode = "mxfp4" if bits == 4 else "mxfp8"
-    return {"group_size": group_size, "bits": bits, "mode": mode}
+    # Read the mode off the tensors (affine keeps biases and float scales): mxfp4 folders
+    # keep their 8-bit modules affine, whatever the top-level mode says.
+    from mlx_lm.utils import infer_quant_config
+
+    return infer_quant_config(path, module, weights)
 
 
 def load_model(model_path: Union[str, Path], strict: bool = True) -> Tuple[Model, Dict[str, Any]]:
