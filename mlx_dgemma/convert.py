@@ -160,8 +160,9 @@ def make_plan(src: Path, headers: Dict[Path, Dict[str, dict]], expected: Dict[st
     missing = sorted(set(expected) - set(text))
     if missing:
         raise WeightsError(f"{src}: missing weight {missing[0]} ({len(missing)} missing in all)")
-    for k in sorted(set(text) - set(expected)):
-        t = text[k]
+    extra = sorted(set(text) - set(expected))
+    if extra:
+        t = text[extra[0]]
         raise WeightsError(f"{t.file}: unexpected weight {t.src_key} (not in a model of this config)")
     for k, t in text.items():
         if t.shape != tuple(expected[k]):
@@ -169,8 +170,8 @@ def make_plan(src: Path, headers: Dict[Path, Dict[str, dict]], expected: Dict[st
                 f"{t.file}: {t.src_key} has shape {t.shape}, expected {tuple(expected[k])} "
                 f"for the config in {src / 'config.json'}"
             )
-    files = list(headers)
-    return sorted(chosen.values(), key=lambda t: (files.index(t.file), t.offset))
+    order = {f: i for i, f in enumerate(headers)}  # read each file front to back
+    return sorted(chosen.values(), key=lambda t: (order[t.file], t.offset))
 
 
 # ---------------------------------------------------------------------- quantization
@@ -457,9 +458,15 @@ def convert(
     plan = make_plan(src, headers, expected_shapes(args))
     target = DTYPES[dtype] if dtype else None
 
+    vision = [t for t in plan if t.vision]
+    if vision:
+        log(
+            f"[INFO] Vision tower: {len(vision)} tensors ({_human(sum(t.nbytes for t in vision))}) copied as they are, "
+            "not quantized: mlx-vlm uses them for images; mlx_dgemma loads the text model only."
+        )
     tmp, created = _prepare_output(dst, src, overwrite)
     try:
-        result = _write(src, tmp, plan, spec, target, max_shard_size, progress)
+        result = _write(tmp, plan, spec, target, max_shard_size, progress)
         quant_block = spec.block(plan) if spec else None
         folder.write_config(config, tmp, quant_block)
         result.files = folder.copy_support_files(src, tmp)
@@ -474,11 +481,6 @@ def convert(
         _remove_empty(created)
         raise
     result.path = dst
-    if result.vision_tensors:
-        log(
-            f"[INFO] Vision tower: {result.vision_tensors} tensors kept as they are (not quantized): "
-            "mlx-vlm uses them for images; mlx_dgemma loads the text model only."
-        )
     if spec:
         log(f"[INFO] Quantized {result.quantized} weights ({spec.describe()}): "
             f"{result.text_bits_per_weight:.3f} bits per text weight.")
@@ -486,7 +488,15 @@ def convert(
     return result
 
 
-def _write(src, tmp, plan, spec, target, max_shard_size, progress) -> ConvertResult:
+def _write(
+    tmp: Path,
+    plan: List[Tensor],
+    spec: Optional[QuantSpec],
+    target: Optional[mx.Dtype],
+    max_shard_size: int,
+    progress: bool,
+) -> ConvertResult:
+    """Stream every planned tensor through cast/quantize into shards under ``tmp``."""
     from tqdm import tqdm
 
     writer = ShardWriter(tmp, max_shard_size)
@@ -611,6 +621,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except (ConfigError, WeightsError, ConvertError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # what the checks above could not foresee: disk full, permissions
+        print(f"{prog}: error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; no output folder was written", file=sys.stderr)
