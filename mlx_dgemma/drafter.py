@@ -40,9 +40,10 @@ from .sampling import StepSample, probabilities, temperature
 
 # ---------------------------------------------------------------------------------------
 # Sampling indirection: the ONE place that picks the per-step sampling implementation.
-# The fused kernels (mlx_dgemma.kernels.sample_step) have identical semantics; switching
-# to them is this one line. Callers may also pass ``sample_fn=`` per call.
-from .sampling import sample_step_mlx as _sample_step  # noqa: E402
+# mlx_dgemma.kernels.sample_step: the fused Metal/CUDA kernel where one runs and passes its
+# self-check, else sample_step_mlx (same semantics). Callers may also pass ``sample_fn=``.
+from .kernels import sample_step as _sample_step  # noqa: E402
+from .kernels import soft_embeddings as _soft_embeddings  # noqa: E402
 # ---------------------------------------------------------------------------------------
 
 SampleFn = Callable[[mx.array, float, mx.array], StepSample]
@@ -70,7 +71,8 @@ class DenoiseSettings:
     ``stability_threshold`` or ``confidence_threshold`` set to ``None`` disables adaptive
     stopping (every block then runs ``max_denoising_steps`` steps), as in the reference.
     ``sc_top_k`` (opt-in, not in the reference): build the self-conditioning signal from
-    the ``k`` most likely tokens only (their exact probabilities, the tail dropped).
+    the ``k`` most likely tokens only (their exact probabilities; the tail mass on the mean
+    embedding row: ``mlx_dgemma.kernels.topk_soft_embeddings``).
     """
 
     max_denoising_steps: int = 48
@@ -250,9 +252,7 @@ def soft_embeddings_top_k(model, logits: mx.array, temp: float, lse: mx.array, k
 
 def self_conditioning(model, logits: mx.array, temp: float, sample: StepSample, settings: DenoiseSettings) -> mx.array:
     """The next step's self-conditioning embeddings from this step's logits."""
-    if settings.sc_top_k is not None and settings.sc_top_k < logits.shape[-1]:
-        return soft_embeddings_top_k(model, logits, temp, sample.lse, settings.sc_top_k)
-    return model.soft_embeddings(probabilities(logits, temp, sample.lse))
+    return _soft_embeddings(model, logits, temp, sample.lse, top_k=settings.sc_top_k)
 
 
 def denoise_steps(

@@ -631,3 +631,55 @@ def test_topk_bad_arguments(model):
         kernels.topk_soft_embeddings(model, logits, 1.0, lse, 0)
     with pytest.raises(ValueError, match="tail='zero'"):
         kernels.topk_soft_embeddings(model, logits, 1.0, lse, 4, tail="zero")
+
+
+# ---------------------------------------------------------------------------------------
+# the drafter with the kernels: same committed blocks as with the MLX path
+
+
+def run_drafter(model, sample_fn, sc_top_k=None, steps=8):
+    from mlx_dgemma.drafter import DenoiseSettings, denoise_block
+
+    cache = model.make_cache()
+    model.encode(mx.array([[2, 17, 33, 5, 80, 9]]), cache)
+    settings = DenoiseSettings(max_denoising_steps=steps, sc_top_k=sc_top_k)
+    drafts = []
+    res = denoise_block(model, cache, settings, [7], 0, on_draft=drafts.append, sample_fn=sample_fn)
+    return np.array(res.tokens), [np.array(d.tokens) for d in drafts], res
+
+
+@needs_cxx
+def test_drafter_commits_the_same_block_with_the_emulated_kernel(model, emulator):
+    want, want_drafts, _ = run_drafter(model, sample_step_mlx)
+    got, got_drafts, _ = run_drafter(model, emulate.make_sample_step(64, emulator))
+    np.testing.assert_array_equal(got, want)
+    assert len(got_drafts) == len(want_drafts) >= 2
+    for a, b in zip(got_drafts, want_drafts):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_drafter_uses_the_dispatch_and_the_sc_top_k_hook(monkeypatch, model):
+    fn = good_kernel()
+    register(monkeypatch, "cuda", lambda: fn)
+    exact, _, _ = run_drafter(model, None)  # sample_fn=None: the drafter's indirection
+    assert kernels.backend() == "cuda" and fn.calls[-1] == (1, 16, 160)
+    full, _, _ = run_drafter(model, None, sc_top_k=160)  # k >= V: exact
+    np.testing.assert_array_equal(full, exact)
+    seen = []
+    real = kernels.topk_soft_embeddings
+    monkeypatch.setattr("mlx_dgemma.kernels.selfcond.topk_soft_embeddings",
+                        lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    run_drafter(model, None, sc_top_k=12, steps=3)
+    assert seen and set(seen) == {12}
+
+
+@needs_metal
+def test_drafter_commits_the_same_block_with_the_metal_kernel(model):
+    np.testing.assert_array_equal(run_drafter(model, metal.make_sample_step())[0],
+                                  run_drafter(model, sample_step_mlx)[0])
+
+
+@needs_cuda
+def test_drafter_commits_the_same_block_with_the_cuda_kernel(model):
+    np.testing.assert_array_equal(run_drafter(model, cuda.make_sample_step())[0],
+                                  run_drafter(model, sample_step_mlx)[0])

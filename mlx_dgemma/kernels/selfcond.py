@@ -22,6 +22,7 @@ import weakref
 from typing import Dict, Optional, Tuple, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..sampling import probabilities
 
@@ -73,11 +74,36 @@ def topk_soft_embeddings(
     return out
 
 
+def _table_dtype(model) -> mx.Dtype:
+    emb = model.decoder.embed_tokens
+    return emb.scales.dtype if isinstance(emb, nn.QuantizedEmbedding) else emb.weight.dtype
+
+
+def _probs_fn(dtype: mx.Dtype):
+    """exp(logits / t - lse) cast to the table's dtype, compiled into one elementwise pass
+    (plain MLX runs divide, subtract, exp and cast as four passes over [B, L, V])."""
+    if dtype not in _PROBS:
+        def probs(logits: mx.array, t: mx.array, lse: mx.array) -> mx.array:
+            return probabilities(logits, t, lse).astype(dtype)
+
+        _PROBS[dtype] = mx.compile(probs)
+    return _PROBS[dtype]
+
+
+_PROBS: Dict[mx.Dtype, object] = {}
+
+
 def soft_embeddings(
     model, logits: mx.array, temp: Union[float, mx.array], lse: mx.array,
     top_k: Optional[int] = None, tail: str = "mean",
 ) -> mx.array:
-    """The self-conditioning signal for the next step: exact, or top-k when ``top_k``."""
+    """The self-conditioning signal for the next step: exact, or top-k when ``top_k``.
+
+    Exact is ``model.soft_embeddings(probabilities(logits, temp, lse))``, with the
+    probabilities computed in one compiled pass (temperature passed as an array so a new
+    temperature does not recompile).
+    """
     if top_k:
         return topk_soft_embeddings(model, logits, temp, lse, top_k, tail)
-    return model.soft_embeddings(probabilities(logits, temp, lse))
+    t = mx.array(temp, dtype=mx.float32)
+    return model.soft_embeddings(_probs_fn(_table_dtype(model))(logits, t, lse))
