@@ -44,7 +44,8 @@ def resolve_model_path(path_or_id: Union[str, Path]) -> Path:
             )
         )
     except Exception as e:  # network errors, unknown repos, gated repos
-        raise ConfigError(f"{s}: not a local folder, and the hub download failed ({type(e).__name__}: {e})".splitlines()[0]) from None
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{s}: not a local folder, and the hub download failed ({type(e).__name__}: {reason})") from None
 
 
 def _check_safetensors(f: Path) -> None:
