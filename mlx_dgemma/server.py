@@ -1,0 +1,494 @@
+"""OpenAI-compatible HTTP server for DiffusionGemma (FastAPI + uvicorn).
+
+    python -m mlx_dgemma.server --model PATH_OR_ID [--host 127.0.0.1] [--port 8080]
+        [--max-context N] [--cache-size-gb X] [--max-batch 4]
+
+Endpoints: POST /v1/chat/completions and /v1/completions (streaming by server-sent
+events, one chunk per committed block, or one JSON reply), GET /v1/models (with the
+context length the model really supports), GET /health.
+
+All MLX work happens on one scheduler thread (``serving.scheduler``) that batches the
+in-flight requests into one decoder pass per step and reuses encoder caches across the
+turns of a conversation (``serving.prompt_cache``). The HTTP side validates, tokenizes
+and turns committed blocks into text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
+
+from .chat import ThoughtParser, has_chat_template
+from .drafter import DenoiseSettings, SettingsError, load_generation_config
+from .serving.prompt_cache import PromptCacheStore
+from .serving.protocol import APIError, Parsed, parse_request
+from .serving.scheduler import Event, GenerationParams, GenerationRequest, Scheduler
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError:  # pragma: no cover - the message is the point
+    raise SystemExit("mlx_dgemma.server needs FastAPI and uvicorn: pip install 'mlx-dgemma[server]'") from None
+
+log = logging.getLogger("mlx_dgemma.server")
+
+# Field names under which clients look for the context window (OpenRouter, vLLM, LM
+# Studio, llama.cpp, LiteLLM...): all report the same number.
+CONTEXT_FIELDS = ("context_length", "max_model_len", "max_context_length", "context_window",
+                  "max_input_tokens", "n_ctx")
+
+
+class ServerState:
+    """The loaded model, its tokenizer, the limits and the scheduler."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_id: str,
+        model_path: Optional[Path] = None,
+        max_context: Optional[int] = None,
+        cache_size_gb: float = 4.0,
+        max_batch: int = 4,
+        prefill_chunk: int = 2048,
+        default_max_tokens: Optional[int] = None,
+        ignore_sampling_params: bool = False,
+        aliases: Sequence[str] = (),
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.aliases = {model_id, *aliases}
+        self.model_path = model_path
+        self.trained_context = int(model.args.max_position_embeddings)
+        if max_context is not None and max_context < 1:
+            raise ValueError(f"--max-context must be >= 1, got {max_context}")
+        self.max_context = min(self.trained_context, max_context or self.trained_context)
+        self.default_max_tokens = default_max_tokens
+        self.ignore_sampling_params = ignore_sampling_params
+        self.gen_config: Dict[str, Any] = load_generation_config(model_path) if model_path else {}
+        self.base_settings = DenoiseSettings.from_generation_config(self.gen_config)
+        eos = set(model.args.eos_token_ids)
+        g = self.gen_config.get("eos_token_id")
+        eos |= set([g] if isinstance(g, int) else (g or []))
+        eos |= set(getattr(tokenizer, "eos_token_ids", None) or [])
+        self.eos_token_ids = sorted(int(t) for t in eos)
+        if cache_size_gb < 0:
+            raise ValueError(f"--cache-size-gb must be >= 0, got {cache_size_gb}")
+        self.store = PromptCacheStore(int(cache_size_gb * (1 << 30)))
+        self.scheduler = Scheduler(model, self.store, max_batch=max_batch, prefill_chunk=prefill_chunk)
+        self.started = int(time.time())
+
+    def start(self) -> "ServerState":
+        self.scheduler.start()
+        return self
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    # ---- tokenization (HTTP threads; no MLX here) -----------------------------------
+    def chat_tokens(self, p: Parsed) -> Tuple[List[int], List[int]]:
+        """(prompt ids, snapshot positions): the end of the rendered history (before the
+        generation prompt) is where the next turn of this conversation will branch off."""
+        tok = self.tokenizer
+        if not has_chat_template(tok):
+            text = "\n".join(m["content"] for m in p.messages)
+            return list(tok.encode(text)), []
+
+        def render(gen: bool) -> List[int]:
+            ids = tok.apply_chat_template(p.messages, add_generation_prompt=gen, enable_thinking=p.thinking,
+                                          tokenize=True, **p.template_kwargs)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+
+        try:
+            full = render(True)
+            history = render(False) if p.messages[-1]["role"] != "assistant" else []
+        except Exception as e:  # jinja errors: roles out of order, bad kwargs ...
+            raise APIError(f"the chat template rejected the messages: {e}".splitlines()[0], param="messages") from None
+        n = 0
+        for a, b in zip(history, full):
+            if a != b:
+                break
+            n += 1
+        return full, ([n] if 0 < n < len(full) else [])
+
+    def completion_tokens(self, p: Parsed) -> List[int]:
+        if isinstance(p.prompt, str):
+            return [int(t) for t in self.tokenizer.encode(p.prompt)]
+        V = self.model.args.vocab_size
+        bad = next((t for t in p.prompt if not 0 <= t < V), None)
+        if bad is not None:
+            raise APIError(f"prompt token id {bad} is outside the vocabulary [0, {V})", param="prompt")
+        return list(p.prompt)
+
+    def params(self, p: Parsed, prompt: List[int], snapshot_at: Sequence[int], chat: bool) -> GenerationParams:
+        n = len(prompt)
+        limit = self.max_context
+        if n >= limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {n} tokens "
+                "(leave room for at least one generated token)",
+                param="messages" if chat else "prompt", code="context_length_exceeded")
+        room = limit - n
+        if p.max_tokens is not None:
+            if p.max_tokens > room:
+                field = "max_tokens"
+                raise APIError(
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{n + p.max_tokens} tokens ({n} in the prompt, {p.max_tokens} for the completion). "
+                    f"Please reduce the length of the prompt or of the completion (max_tokens <= {room}).",
+                    param=field, code="context_length_exceeded")
+            max_tokens = p.max_tokens
+        else:
+            max_tokens = min(room, self.default_max_tokens or room)
+        try:
+            settings = DenoiseSettings.from_generation_config(self.gen_config, **p.settings_overrides)
+        except SettingsError as e:
+            raise APIError(str(e)) from None
+        seed = p.seed if p.seed is not None else secrets.randbits(32)
+        return GenerationParams(
+            prompt=prompt, max_tokens=max_tokens, settings=settings, seed=seed,
+            eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at,
+            # For chat, the history snapshot serves both the next turn and a re-sent
+            # prompt (the generation prompt is a few tokens); do not store both.
+            snapshot_prompt=not (chat and snapshot_at),
+        )
+
+    def check_model(self, name: str) -> None:
+        if name not in self.aliases:
+            raise APIError(f"The model {name!r} does not exist: this server serves {self.model_id!r}",
+                           status=404, param="model", code="model_not_found")
+
+    def model_card(self) -> Dict[str, Any]:
+        card = {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "mlx-dgemma"}
+        for k in CONTEXT_FIELDS:
+            card[k] = self.max_context
+        card["max_position_embeddings"] = self.trained_context
+        card["canvas_length"] = self.model.args.canvas_length
+        card["meta"] = {"n_ctx_train": self.trained_context, "n_ctx": self.max_context,
+                        "n_vocab": self.model.args.vocab_size}
+        return card
+
+
+class PlainText:
+    """Raw completions: the decoded tokens, special tokens dropped (no thought channel)."""
+
+    thought = ""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens = tokenizer, []
+
+    def feed(self, tokens: Sequence[int]) -> None:
+        self.tokens.extend(int(t) for t in tokens)
+
+    @property
+    def answer(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True) if self.tokens else ""
+
+
+def _delta(full: str, sent: str) -> Tuple[str, str]:
+    """(new text, what counts as sent): text past ``sent``; if a decode changed earlier
+    text (rare with byte-level BPE), resend from where they differ."""
+    if full.startswith(sent):
+        return full[len(sent):], full
+    k = 0
+    while k < min(len(full), len(sent)) and full[k] == sent[k]:
+        k += 1
+    return full[k:], sent + full[k:]
+
+
+class Generation:
+    """One request in flight: submits it, turns committed blocks into text deltas."""
+
+    def __init__(self, state: ServerState, params: GenerationParams, text, stop: Sequence[str]):
+        self.state = state
+        self.params = params
+        self.text = text
+        self.stop = list(stop)
+        self.loop = asyncio.get_running_loop()
+        self.queue: "asyncio.Queue[Event]" = asyncio.Queue()
+        self.req = GenerationRequest(params, self._on_event)
+        self.tokens: List[int] = []
+        self.stats: Dict[str, Any] = {}
+        self.cached_tokens = 0
+        self.sent = {"thought": "", "answer": ""}
+        self.finish_reason: Optional[str] = None
+
+    def _on_event(self, ev: Event) -> None:  # scheduler thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+    def _deltas(self, final: bool) -> Tuple[Dict[str, str], Optional[str]]:
+        thought, answer = self.text.thought, self.text.answer
+        if not final:  # hold back a trailing incomplete UTF-8 character
+            thought, answer = thought.rstrip("\ufffd"), answer.rstrip("\ufffd")
+        finish = None
+        if self.stop:
+            hits = [i for i in (answer.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                answer, finish = answer[: min(hits)], "stop"
+            elif not final:  # a stop string may be completed by the next block
+                hold = max(len(s) for s in self.stop) - 1
+                answer = answer[: max(len(self.sent["answer"]), len(answer) - hold)]
+        out = {}
+        for name, full in (("thought", thought), ("answer", answer)):
+            out[name], self.sent[name] = _delta(full, self.sent[name])
+        return out, finish
+
+    async def run(self) -> AsyncIterator[Tuple[Dict[str, str], Optional[str], List[int]]]:
+        """Yields (deltas, None, block tokens) per committed block, then
+        (deltas, finish_reason, [])."""
+        self.state.scheduler.submit(self.req)
+        try:
+            while True:
+                ev = await self.queue.get()
+                if ev.kind == "prefilled":
+                    self.cached_tokens = int(ev.stats.get("cached_tokens", 0))
+                elif ev.kind == "error":
+                    raise APIError(ev.message, status=500)
+                elif ev.kind == "cancelled":
+                    self.finish_reason = self.finish_reason or "stop"
+                    return
+                elif ev.kind == "block":
+                    self.tokens.extend(ev.tokens)
+                    self.text.feed(ev.tokens)
+                    d, finish = self._deltas(final=False)
+                    if finish:
+                        self.finish_reason = finish
+                        self.req.cancel()
+                        yield d, None, ev.tokens
+                        yield {"thought": "", "answer": ""}, finish, []
+                        return
+                    yield d, None, ev.tokens
+                elif ev.kind == "done":
+                    self.stats = ev.stats
+                    d, finish = self._deltas(final=True)
+                    self.finish_reason = finish or ev.finish_reason
+                    yield d, self.finish_reason, []
+                    return
+        finally:
+            self.req.cancel()  # no-op when finished; drops the row when the client left
+
+    def usage(self) -> Dict[str, Any]:
+        n, c = len(self.params.prompt), len(self.tokens)
+        return {"prompt_tokens": n, "completion_tokens": c, "total_tokens": n + c,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"We could not parse the JSON body of your request: {e}") from None
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="mlx-dgemma", version="0.1.0")
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return _error(APIError(f"{request.method} {request.url.path}: {e.detail}", status=e.status_code,
+                               type="invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("internal error")
+        return _error(APIError(f"internal error: {type(e).__name__}: {e}".splitlines()[0], status=500))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": state.model_id, "max_context": state.max_context,
+                **state.scheduler.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [state.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        state.check_model(name)
+        return state.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _complete(request, chat=False)
+
+    async def _complete(request: Request, chat: bool):
+        p = parse_request(await _json_body(request), chat=chat,
+                          ignore_sampling=state.ignore_sampling_params, log=log)
+        state.check_model(p.model)
+        if chat:
+            prompt, snaps = await asyncio.to_thread(state.chat_tokens, p)
+            text = ThoughtParser(state.tokenizer, thinking=p.thinking, prompt_tokens=prompt,
+                                 stop_tokens=state.eos_token_ids)
+        else:
+            prompt, snaps = await asyncio.to_thread(state.completion_tokens, p), []
+            text = PlainText(state.tokenizer)
+        params = state.params(p, prompt, snaps, chat)
+        gen = Generation(state, params, text, p.stop)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        common = {"id": rid, "created": created, "model": state.model_id,
+                  "system_fingerprint": "mlx-dgemma", "seed": params.seed}
+        if p.stream:
+            return StreamingResponse(_stream(gen, p, chat, common), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _whole(request, gen, p, chat, common)
+
+    async def _whole(request: Request, gen: Generation, p: Parsed, chat: bool, common: dict):
+        thought, answer = [], []
+
+        async def watch():  # a client that hangs up frees its batch row
+            while True:
+                await asyncio.sleep(0.5)
+                if await request.is_disconnected():
+                    gen.req.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async for d, _, _ in gen.run():
+                thought.append(d["thought"])
+                answer.append(d["answer"])
+        finally:
+            watcher.cancel()
+        if chat:
+            msg: Dict[str, Any] = {"role": "assistant", "content": "".join(answer)}
+            if "".join(thought):
+                msg["reasoning_content"] = "".join(thought)
+            choice = {"index": 0, "message": msg, "finish_reason": gen.finish_reason, "logprobs": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": "".join(answer), "finish_reason": gen.finish_reason, "logprobs": None}
+            obj = "text_completion"
+        if p.return_token_ids:
+            choice["token_ids"] = gen.tokens
+            common = {**common, "prompt_token_ids": gen.params.prompt}
+        return {**common, "object": obj, "choices": [choice], "usage": gen.usage(), "x_stats": gen.stats}
+
+    async def _stream(gen: Generation, p: Parsed, chat: bool, common: dict):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: Dict[str, str], finish: Optional[str], first: bool = False, tokens=None) -> dict:
+            if chat:
+                d: Dict[str, Any] = {"role": "assistant"} if first else {}
+                if delta.get("thought"):
+                    d["reasoning_content"] = delta["thought"]
+                if delta.get("answer") or first or not finish:
+                    d["content"] = delta.get("answer", "")
+                c = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                c = {"index": 0, "text": delta.get("answer", ""), "finish_reason": finish, "logprobs": None}
+            if p.return_token_ids and tokens is not None:
+                c["token_ids"] = tokens
+            out = {**common, "object": obj, "choices": [c]}
+            if p.include_usage:
+                out["usage"] = None
+            return out
+
+        try:
+            if chat:
+                yield _sse(chunk({}, None, first=True))
+            async for d, finish, tokens in gen.run():
+                if finish is None:
+                    yield _sse(chunk(d, None, tokens=tokens))
+                else:
+                    if d["answer"] or d["thought"]:  # text held back until the end
+                        yield _sse(chunk(d, None))
+                    yield _sse(chunk({}, finish))
+            if p.include_usage:
+                yield _sse({**common, "object": obj, "choices": [], "usage": gen.usage(), "x_stats": gen.stats})
+        except APIError as e:
+            yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def _model_id(path_or_id: str) -> str:
+    p = Path(path_or_id)
+    return p.name if p.exists() else path_or_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mlx_dgemma.server", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="model folder or hub id")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--served-model-name", default=None, help="the id clients send (default: folder name or hub id)")
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="lower the advertised and enforced context (default: max_position_embeddings)")
+    ap.add_argument("--cache-size-gb", type=float, default=4.0, help="prompt-cache budget; 0 turns reuse off")
+    ap.add_argument("--max-batch", type=int, default=4, help="requests denoised together in one pass")
+    ap.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens encoded per step")
+    ap.add_argument("--default-max-tokens", type=int, default=None,
+                    help="when a request sets no max_tokens (default: the rest of the context)")
+    ap.add_argument("--ignore-sampling-params", action="store_true",
+                    help="ignore temperature/top_p/... instead of answering 400")
+    ap.add_argument("--log-level", default="info")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit("mlx_dgemma.server needs uvicorn: pip install 'mlx-dgemma[server]'") from None
+    from .config import ConfigError
+    from .loader import WeightsError, load
+
+    try:
+        model, tokenizer = load(args.model)
+    except (ConfigError, WeightsError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    model_id = args.served_model_name or _model_id(args.model)
+    try:
+        state = ServerState(
+            model, tokenizer, model_id, model_path=getattr(model, "path", None),
+            max_context=args.max_context, cache_size_gb=args.cache_size_gb, max_batch=args.max_batch,
+            prefill_chunk=args.prefill_chunk, default_max_tokens=args.default_max_tokens,
+            ignore_sampling_params=args.ignore_sampling_params, aliases=[args.model],
+        )
+    except (ValueError, SettingsError) as e:
+        raise SystemExit(f"error: {e}") from None
+    state.start()
+    log.info("serving %s on http://%s:%d (context %d tokens, batch %d)", model_id, args.host, args.port,
+             state.max_context, args.max_batch)
+    try:
+        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level.lower())
+    finally:
+        state.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""The server's machinery: request validation (``protocol``), the prompt-cache store
+(``prompt_cache``), the batch scheduler (``scheduler``) and tiny test models (``tiny``).
+The HTTP app and the command line are in :mod:`mlx_dgemma.server`."""

@@ -1,0 +1,408 @@
+"""The batch scheduler: one thread that owns every MLX call of the server.
+
+Each in-flight request is a *row*. Every iteration of the loop:
+
+1. admits waiting requests while fewer than ``max_batch`` rows are active, looking up
+   the longest cached prefix of each prompt (``PromptCacheStore``);
+2. encodes ONE chunk (``prefill_chunk`` tokens) of one row still prefilling, round
+   robin, so a long prompt never stalls the rows that are denoising;
+3. runs ONE decoder pass over every denoising row together: the canvases are stacked
+   into a [B, L] batch and each row brings its own prefix cache (``Model.denoise``'s
+   ragged list-of-caches path);
+4. samples each row with its own seed, block index and step counter (the random
+   streams are keyed per row by ``rng``, so a row's tokens do not depend on which
+   other rows share the pass), applies the drafter's acceptance, renoising and
+   adaptive stopping, and commits the rows whose block is done.
+
+A committed block goes to the request's event callback at once (streaming sends one
+chunk per block); unless the row is finished, it is then encoded into the row's cache
+and the next block starts. The per-row step mirrors ``drafter.denoise_steps`` for one
+row exactly (same helpers, same order of operations); tests check that a server reply
+equals the library's block loop under the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .. import drafter as _drafter
+from .. import rng
+from ..drafter import DenoiseSettings, entropy_bound_mask, initial_canvas
+from ..sampling import temperature
+from .prompt_cache import PromptCacheStore
+
+log = logging.getLogger("mlx_dgemma.server")
+
+
+@dataclass
+class GenerationParams:
+    prompt: List[int]
+    max_tokens: int
+    settings: DenoiseSettings
+    seed: int
+    eos_token_ids: Sequence[int]
+    # Extra prompt positions worth a cache snapshot (e.g. the end of the rendered chat
+    # history, before the generation prompt): the next turn of the conversation is
+    # likely to extend exactly that prefix.
+    snapshot_at: Sequence[int] = ()
+    snapshot_prompt: bool = True  # snapshot the whole prompt too
+    snapshot_reply: bool = True  # snapshot prompt + reply (+ EOS) when done
+
+
+@dataclass
+class Event:
+    """What the scheduler tells a request. ``kind``: "prefilled", "block", "done",
+    "cancelled" (the row was dropped after ``cancel()``) or "error"."""
+
+    kind: str
+    tokens: List[int] = field(default_factory=list)  # the block's new output tokens
+    finish_reason: Optional[str] = None  # "stop" (EOS) or "length"
+    message: str = ""
+    stats: Dict[str, float] = field(default_factory=dict)
+
+
+class GenerationRequest:
+    """One request handed to the scheduler. ``on_event`` is called from the scheduler
+    thread (it must be thread-safe and quick); ``cancel()`` drops the row at the next
+    iteration (client gone, a stop string matched)."""
+
+    def __init__(self, params: GenerationParams, on_event: Callable[[Event], None]):
+        self.params = params
+        self.on_event = on_event
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Row:
+    """A request's state inside the scheduler."""
+
+    def __init__(self, req: GenerationRequest, cache, cached: int):
+        p = req.params
+        self.req = req
+        self.prompt = np.asarray(p.prompt, dtype=np.int32)
+        self.cache = cache  # this row's own PrefixCache (never shared)
+        self.cached = cached  # prompt tokens taken from the prompt cache
+        self.pos = cached  # prompt tokens encoded so far
+        self.settings = p.settings
+        self.seed = int(p.seed)
+        self.eos = set(int(t) for t in p.eos_token_ids)
+        stops = {len(self.prompt)} if p.snapshot_prompt else set()
+        self.snapshots = sorted(s for s in set(p.snapshot_at) | stops if cached < s <= len(self.prompt))
+        self.generated: List[int] = []
+        self.block = 0
+        self.passes = 0
+        self.prefill_s = 0.0
+        self.t_first_block: Optional[float] = None
+        self._new_block_state()
+
+    def _new_block_state(self) -> None:
+        self.canvas = None
+        self.argmax: Optional[np.ndarray] = None
+        self.sc = None
+        self.n = self.settings.max_denoising_steps  # counts down, as in the reference
+        S = self.settings.stability_threshold or 0
+        self.history: Deque[np.ndarray] = deque(maxlen=max(S, 1))
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pos < len(self.prompt)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model,
+        store: Optional[PromptCacheStore] = None,
+        max_batch: int = 4,
+        prefill_chunk: int = 2048,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model = model
+        self.store = store if store is not None else PromptCacheStore(0)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.L = model.args.canvas_length
+        self.V = model.args.vocab_size
+        self._incoming: "queue.Queue[Optional[GenerationRequest]]" = queue.Queue()
+        self._jobs: "queue.Queue" = queue.Queue()
+        self._rows: List[Row] = []
+        self._waiting: Deque[GenerationRequest] = deque()
+        self._rr = 0  # round-robin index over prefilling rows
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self.batch_sizes: Counter = Counter()  # rows per decoder pass -> passes
+        self.completed = 0
+        self.prefill_tokens = 0
+        self.generated_tokens = 0
+        _materialize(model)
+
+    # ---- control (any thread) -------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._run, name="mlx-dgemma-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._incoming.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, req: GenerationRequest) -> None:
+        if self._stop.is_set():
+            raise RuntimeError("scheduler is stopped")
+        self._incoming.put(req)
+
+    def call(self, fn: Callable, timeout: Optional[float] = None):
+        """Run ``fn()`` on the scheduler thread (MLX streams are per thread) and return
+        its result; used by tests and benchmarks to touch the model or the store."""
+        done = threading.Event()
+        box: dict = {}
+
+        def job():
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # handed back to the caller
+                box["error"] = e
+            done.set()
+
+        self._jobs.put(job)
+        self._incoming.put(None)  # wake the loop
+        if not done.wait(timeout):
+            raise TimeoutError("scheduler did not run the job in time")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def stats(self) -> dict:
+        return {
+            "active": len(self._rows),
+            "waiting": len(self._waiting) + self._incoming.qsize(),
+            "max_batch": self.max_batch,
+            "completed": self.completed,
+            "decoder_passes": sum(self.batch_sizes.values()),
+            "rows_per_pass": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "max_rows_per_pass": max(self.batch_sizes, default=0),
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prompt_cache": self.store.stats(),
+        }
+
+    # ---- the loop (scheduler thread) ------------------------------------------------
+    def _run(self) -> None:
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        while not self._stop.is_set():
+            busy = bool(self._rows or self._waiting)
+            try:  # sleep only when idle
+                item = self._incoming.get_nowait() if busy else self._incoming.get(timeout=0.5)
+            except queue.Empty:
+                item = None
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                try:
+                    item = self._incoming.get_nowait()
+                except queue.Empty:
+                    break
+            while not self._jobs.empty():
+                self._jobs.get_nowait()()
+            try:
+                self._iteration()
+            except Exception as e:  # never let one bad step kill the server
+                log.error("scheduler step failed: %s\n%s", e, traceback.format_exc())
+                for row in self._rows:
+                    self._emit(row.req, Event("error", message=f"generation failed: {type(e).__name__}: {e}"))
+                self._rows = []
+        for row in self._rows:
+            self._emit(row.req, Event("error", message="server shutting down"))
+        for req in self._waiting:
+            self._emit(req, Event("error", message="server shutting down"))
+
+    def _emit(self, req: GenerationRequest, ev: Event) -> None:
+        try:
+            req.on_event(ev)
+        except Exception:  # a broken consumer must not stop the loop
+            log.exception("event callback failed")
+
+    def _iteration(self) -> None:
+        for r in [r for r in self._rows if r.req.cancelled.is_set()]:
+            self._rows.remove(r)
+            self._emit(r.req, Event("cancelled"))
+        while self._waiting and len(self._rows) < self.max_batch:
+            req = self._waiting.popleft()
+            if req.cancelled.is_set():
+                self._emit(req, Event("cancelled"))
+            else:
+                self._admit(req)
+        prefilling = [r for r in self._rows if r.prefilling]
+        if prefilling:
+            self._rr %= len(prefilling)
+            self._prefill_chunk(prefilling[self._rr])
+            self._rr += 1
+        denoising = [r for r in self._rows if not r.prefilling]
+        if denoising:
+            self._denoise_step(denoising)
+
+    def _admit(self, req: GenerationRequest) -> None:
+        p = req.params
+        n, cache = self.store.lookup(p.prompt)
+        if cache is None:
+            cache = self.model.make_cache()
+        row = Row(req, cache, n)
+        self._rows.append(row)
+        if not row.prefilling:
+            self._prefilled(row)
+
+    def _prefill_chunk(self, row: Row) -> None:
+        t0 = time.perf_counter()
+        end = min(row.pos + self.prefill_chunk, len(row.prompt))
+        while row.snapshots and row.snapshots[0] <= row.pos:
+            row.snapshots.pop(0)
+        if row.snapshots and row.snapshots[0] < end:
+            end = row.snapshots[0]  # cut the chunk where a snapshot is wanted
+        self.model.encode(mx.array(row.prompt[None, row.pos:end]), row.cache)
+        self.prefill_tokens += end - row.pos
+        row.pos = end
+        if row.snapshots and row.snapshots[0] == end:
+            row.snapshots.pop(0)
+            self.store.insert(row.prompt[:end], row.cache)
+        row.prefill_s += time.perf_counter() - t0
+        if not row.prefilling:
+            self._prefilled(row)
+
+    def _prefilled(self, row: Row) -> None:
+        self._emit(row.req, Event("prefilled", stats={"cached_tokens": row.cached, "prefill_s": row.prefill_s}))
+
+    def _denoise_step(self, rows: List[Row]) -> None:
+        model, L, V = self.model, self.L, self.V
+        for r in rows:
+            if r.canvas is None:
+                r.canvas = initial_canvas([r.seed], r.block, L, V)
+        B = len(rows)
+        canvas = rows[0].canvas if B == 1 else mx.concatenate([r.canvas for r in rows])
+        scs = [r.sc for r in rows]
+        if all(s is None for s in scs):
+            sc = None
+        else:
+            # A zero signal is exactly the "no self-conditioning" input (the MLP of zeros
+            # is zero, there are no biases), so rows on their first step can share a pass.
+            z = next(s for s in scs if s is not None)
+            sc = mx.concatenate([mx.zeros_like(z) if s is None else s for s in scs]) if B > 1 else scs[0]
+        cache = rows[0].cache if B == 1 else [r.cache for r in rows]
+        logits = model.denoise(canvas, cache, self_conditioning_embeddings=sc)
+        sample_fn = _drafter._sample_step  # the drafter's choice (MLX ops or fused kernels)
+        outs = []
+        for i, r in enumerate(rows):
+            st = r.settings
+            lg = logits if B == 1 else logits[i : i + 1]
+            t = temperature(r.n, st.max_denoising_steps, st.t_min, st.t_max)
+            s = sample_fn(lg, t, rng.position_keys([r.seed], rng.SAMPLE, r.block, r.n, L))
+            accept = entropy_bound_mask(s.entropy, st.entropy_bound)
+            renoise = rng.random_tokens(rng.position_keys([r.seed], rng.RENOISE, r.block, r.n, L), V)
+            new_canvas = mx.where(accept, s.sampled, renoise)
+            new_sc = _drafter.self_conditioning(model, lg, t, s, st)
+            outs.append((new_canvas, s.argmax, new_sc, s.entropy.mean(-1)))
+        mx.eval(outs)
+        self.batch_sizes[B] += 1
+        for r, (new_canvas, argmax, new_sc, ent) in zip(rows, outs):
+            st = r.settings
+            r.passes += 1
+            a = np.array(argmax)[0]
+            done = False
+            if st.adaptive_stopping:
+                S = st.stability_threshold
+                stable = S == 0 or (len(r.history) == S and all(np.array_equal(h, a) for h in r.history))
+                if S:
+                    r.history.append(a)
+                done = bool(stable and np.array(ent)[0] < st.confidence_threshold)
+            r.canvas, r.argmax, r.sc = new_canvas, a, new_sc
+            r.n -= 1
+            if done or r.n == 0:
+                self._commit(r)
+
+    def _commit(self, row: Row) -> None:
+        """The row's block is done: hand its tokens out, then finish or go on."""
+        p = row.req.params
+        block = [int(t) for t in row.argmax]
+        room = p.max_tokens - len(row.generated)
+        eos_at = next((i for i, t in enumerate(block) if t in row.eos), None)
+        finish = None
+        keep = block
+        if eos_at is not None and eos_at < room:
+            out, keep, finish = block[:eos_at], block[: eos_at + 1], "stop"
+        elif len(block) >= room:
+            out, keep, finish = block[:room], block[:room], "length"
+        else:
+            out = block
+        now = time.perf_counter()
+        if row.t_first_block is None:
+            row.t_first_block = now
+        row.generated.extend(out)
+        self.generated_tokens += len(out)
+        stats = {"block": row.block, "passes": row.passes}
+        self._emit(row.req, Event("block", tokens=out, stats=stats))
+        if finish is not None:
+            self._rows.remove(row)
+            self.completed += 1
+            req = row.req
+            self._emit(req, Event("done", finish_reason=finish, stats=self._final_stats(row, now)))
+            if p.snapshot_reply and self.store.enabled and keep and not req.cancelled.is_set():
+                # The next turn most likely re-sends prompt + reply (+ EOS): keep it.
+                self.model.encode(mx.array([keep]), row.cache)
+                self.store.insert(np.concatenate([row.prompt, np.asarray(row.generated[: len(row.generated) - len(out)] + keep, np.int32)]), row.cache)
+            return
+        self.model.encode(mx.array([block]), row.cache)
+        row.block += 1
+        row._new_block_state()
+
+    def _final_stats(self, row: Row, now: float) -> Dict[str, float]:
+        t0 = row.req.submitted
+        n = len(row.generated)
+        return {
+            "cached_tokens": row.cached,
+            "prompt_tokens": int(len(row.prompt)),
+            "completion_tokens": n,
+            "blocks": row.block + 1,
+            "decoder_passes": row.passes,
+            "tokens_per_forward": n / row.passes if row.passes else 0.0,
+            "prefill_s": row.prefill_s,
+            "time_to_first_block_s": (row.t_first_block or now) - t0,
+            "total_s": now - t0,
+        }
+
+
+def prefill(model, cache, tokens: Sequence[int], chunk: int = 2048) -> None:
+    """Encode ``tokens`` into ``cache`` ``chunk`` tokens at a time. Memory stays bounded
+    by the chunk: sliding layers keep only their window, and attention scores are
+    [chunk, cached + chunk] per head instead of [T, T]."""
+    toks = np.asarray(tokens, dtype=np.int32)
+    for i in range(0, len(toks), chunk):
+        model.encode(mx.array(toks[None, i : i + chunk]), cache)
+
+
+def _materialize(model) -> None:
+    """Evaluate every array the model holds, private ones too (rope frequencies): MLX
+    streams are per thread, and a lazy array made on the loading thread cannot be
+    evaluated on the scheduler thread."""
+    arrays = []
+    for _, mod in model.named_modules():
+        for v in list(mod.values()) + list(vars(mod).values()):
+            if isinstance(v, mx.array):
+                arrays.append(v)
+    mx.eval(arrays)

@@ -1,0 +1,345 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client.
+
+A tiny random DiffusionGemma (built by the PyTorch reference harness) with a byte-level
+tokenizer is served on 127.0.0.1 (a free port) by uvicorn in a thread; the fixture
+starts and stops it. Canvases are 16 tokens and blocks take at most 8 steps, so every
+request runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import http.client as httplib
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai", reason="the server tests need the openai client (pip install -e '.[test]')")
+pytest.importorskip("fastapi", reason="the server needs FastAPI (pip install -e '.[server]')")
+uvicorn = pytest.importorskip("uvicorn", reason="the server needs uvicorn (pip install -e '.[server]')")
+
+import mlx.core as mx  # noqa: E402
+
+import mlx_dgemma  # noqa: E402
+from mlx_dgemma.drafter import DenoiseSettings  # noqa: E402
+from mlx_dgemma.server import ServerState, create_app  # noqa: E402
+from mlx_dgemma.serving import tiny  # noqa: E402
+
+CONTEXT = 262144  # the released checkpoint's max_position_embeddings
+L = 16  # canvas length of the test model
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+
+    from tests.reference.hf_reference import build_reference, save_checkpoint, tiny_config
+
+    path = tmp_path_factory.mktemp("tiny-server-model")
+    V = tiny.byte_vocab_size() + 9
+    cfg = tiny_config(L, vocab_size=V, max_position_embeddings=CONTEXT, **tiny.TOKEN_IDS)
+    ref = build_reference(cfg, seed=0)
+    # A random self-conditioning MLP amplifies float rounding about 5x per denoising
+    # step, so caches that differ in the last bit (a prompt encoded in other chunks, a
+    # prefix padded for a ragged batch) soon give other tokens. Scaled down it is
+    # contractive, as a trained model's is meant to be: then "same tokens" is a fair
+    # test of reuse and batching, and float noise alone cannot fail it.
+    with torch.no_grad():
+        ref.model.decoder.self_conditioning.down_proj.weight.mul_(0.3)
+    save_checkpoint(ref, path)
+    tiny.write_byte_tokenizer(path, V)
+    tiny.write_generation_config(path, max_denoising_steps=STEPS)
+    return path
+
+
+class Running:
+    def __init__(self, state: ServerState):
+        self.state = state
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        state.start()
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.state.stop()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    model, tok = mlx_dgemma.load(model_dir)
+    run = Running(ServerState(model, tok, "tiny", model_path=model_dir, cache_size_gb=1.0, max_batch=4,
+                              prefill_chunk=512))
+    yield run
+    run.stop()
+
+
+def http(server, method, path, body=None, raw: bytes = None):
+    """(status, parsed JSON) of one plain HTTP request (no client library in the way)."""
+    conn = httplib.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read() or b"null")
+    conn.close()
+    return out
+
+
+def chat(server, messages, **kw):
+    kw.setdefault("max_tokens", 3 * L)
+    return server.client.chat.completions.create(model="tiny", messages=messages, **kw)
+
+
+def test_models_reports_true_context_length(server, model_dir):
+    models = server.client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    card = models[0].model_dump()
+    for key in ("context_length", "max_model_len", "max_context_length"):
+        assert card[key] == CONTEXT, key
+    assert server.client.models.retrieve("tiny").model_dump()["context_length"] == CONTEXT
+    status, body = http(server, "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    # --max-context lowers it, never raises it
+    st = server.state
+    low = ServerState(st.model, st.tokenizer, "x", max_context=5000, cache_size_gb=0)
+    assert low.model_card()["context_length"] == 5000
+    high = ServerState(st.model, st.tokenizer, "x", max_context=10 * CONTEXT, cache_size_gb=0)
+    assert high.model_card()["max_model_len"] == CONTEXT
+
+
+def test_chat_stream_and_whole_agree_one_chunk_per_block(server):
+    msgs = [{"role": "user", "content": "Write something."}]
+    whole = chat(server, msgs, seed=11, max_tokens=3 * L)
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.prompt_tokens > 0
+    assert whole.usage.completion_tokens <= 3 * L
+    blocks = whole.model_extra["x_stats"]["blocks"]
+    chunks = list(chat(server, msgs, seed=11, max_tokens=3 * L, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    body = [c for c in chunks[1:] if c.choices and c.choices[0].finish_reason is None]
+    assert len(body) == blocks  # one chunk per committed block
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # a different seed gives a different reply
+    assert chat(server, msgs, seed=12).choices[0].message.content != whole.choices[0].message.content
+
+
+def _library_tokens(server, prompt, seed, max_tokens):
+    """The library's block loop (mlx_dgemma.generate.generate_blocks), cold, on the
+    scheduler thread (MLX streams are per thread)."""
+    from mlx_dgemma.generate import generate_blocks
+
+    st = server.state
+
+    def run():
+        out = []
+        for b in generate_blocks(st.model, prompt, settings=DenoiseSettings(max_denoising_steps=STEPS),
+                                 max_tokens=max_tokens, seeds=seed, eos_token_ids=st.eos_token_ids):
+            row = [int(t) for t in b.tokens[0]]
+            out.extend(row)
+            if b.finished[0]:
+                out = out[: next(i for i, t in enumerate(out) if t in st.eos_token_ids)]
+                break
+        return out[:max_tokens]
+
+    return st.scheduler.call(run, timeout=60)
+
+
+def test_reply_equals_library_generate(server):
+    prompt = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 51, 52]
+    r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=4 * L, seed=5,
+                                         extra_body={"return_token_ids": True})
+    want = _library_tokens(server, prompt, 5, 4 * L)
+    assert r.choices[0].model_extra["token_ids"] == want
+    assert r.usage.completion_tokens == len(want)
+    assert r.choices[0].text == server.state.tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_multi_turn_reuses_cache_and_matches_cold_start(server):
+    st = server.state
+    msgs = [{"role": "system", "content": "You are terse. " * 8}, {"role": "user", "content": "First question?"}]
+    r1 = chat(server, msgs, seed=1)
+    msgs2 = msgs + [{"role": "assistant", "content": r1.choices[0].message.content},
+                    {"role": "user", "content": "And a second one?"}]
+    warm = chat(server, msgs2, seed=2)
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    # The template prefills an empty thought channel, so turn 1's prompt is not a prefix
+    # of turn 2; the snapshot at the end of turn 1's history is.
+    hist1 = len(st.tokenizer.apply_chat_template(msgs, add_generation_prompt=False, tokenize=True))
+    assert cached >= hist1 > 0
+    msgs3 = msgs2 + [{"role": "assistant", "content": warm.choices[0].message.content},
+                     {"role": "user", "content": "Third?"}]
+    warm3 = chat(server, msgs3, seed=3)
+    assert warm3.usage.prompt_tokens_details.cached_tokens > cached
+    st.scheduler.call(st.store.clear)
+    cold = chat(server, msgs2, seed=2)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == warm.choices[0].message.content
+    st.scheduler.call(st.store.clear)
+    cold3 = chat(server, msgs3, seed=3)
+    assert cold3.choices[0].message.content == warm3.choices[0].message.content
+
+
+def test_exact_continuation_reuses_prompt_and_reply(server):
+    """A raw completion that re-sends prompt + reply + more reuses all of it (the reply
+    snapshot), and returns what a cold start returns."""
+    st = server.state
+    prompt = [2] + list(range(60, 90))
+    r1 = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=2 * L, seed=7,
+                                          extra_body={"return_token_ids": True})
+    assert r1.choices[0].finish_reason in ("length", "stop")
+    reply = r1.choices[0].model_extra["token_ids"]
+    assert len(reply) == r1.usage.completion_tokens
+    if r1.choices[0].finish_reason == "stop":
+        reply = reply + [tiny.EOS]
+    follow = prompt + reply + [91, 92, 93]
+    warm = server.client.completions.create(model="tiny", prompt=follow, max_tokens=L, seed=8)
+    assert warm.usage.prompt_tokens_details.cached_tokens == len(prompt) + len(reply)
+    st.scheduler.call(st.store.clear)
+    cold = server.client.completions.create(model="tiny", prompt=follow, max_tokens=L, seed=8)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].text == warm.choices[0].text
+
+
+def test_concurrent_requests_share_passes_and_match_solo(server):
+    st = server.state
+    reqs = [
+        dict(messages=[{"role": "user", "content": "a" * (5 + 13 * i)}], seed=100 + i, max_tokens=4 * L)
+        for i in range(4)
+    ]
+    solo = [chat(server, **r).choices[0].message.content for r in reqs]
+    before = dict(st.scheduler.batch_sizes)
+    with ThreadPoolExecutor(4) as ex:
+        together = list(ex.map(lambda r: chat(server, **r).choices[0].message.content, reqs))
+    assert together == solo
+    after = st.scheduler.batch_sizes
+    batched = sum(n for k, n in after.items() if k >= 2) - sum(n for k, n in before.items() if k >= 2)
+    assert batched > 0, f"no decoder pass held two rows: {after}"
+
+
+def test_bad_requests_get_4xx_and_server_keeps_answering(server):
+    url = "/v1/chat/completions"
+    status, body = http(server, "POST", url, raw=b'{"model": "tiny", "messages": [')
+    assert status == 400 and "JSON" in body["error"]["message"]
+
+    msgs = [{"role": "user", "content": "hi"}]
+    cases = [
+        (dict(model="nope", messages=msgs), 404, "nope"),
+        (dict(model="tiny", messages=msgs, max_tokens=CONTEXT), 400, "max_tokens"),
+        (dict(model="tiny", messages=[{"role": "user", "content": "x" * CONTEXT}]), 400, "context length"),
+        (dict(model="tiny", messages=msgs, temperature=0.2), 400, "temperature"),
+        (dict(model="tiny", messages=msgs, top_p=0.9), 400, "top_p"),
+        (dict(model="tiny", messages=msgs, n=2), 400, "n=2"),
+        (dict(model="tiny", messages=msgs, steps=0), 400, "max_denoising_steps"),
+        (dict(model="tiny", messages=msgs, t_min=0.9, t_max=0.5), 400, "t_max"),
+        (dict(model="tiny", messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
+        (dict(model="tiny"), 400, "messages"),
+    ]
+    for body, status, word in cases:
+        got, reply = http(server, "POST", url, body)
+        assert got == status, (body.keys(), reply)
+        err = reply["error"]
+        assert word.lower() in err["message"].lower(), err
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(server, msgs, temperature=0.0)
+    assert "t_min/t_max" in str(e.value)
+    # benign fields and neutral values are accepted
+    ok = chat(server, msgs, seed=1, max_tokens=L, n=1, user="u", temperature=1, top_p=1,
+              stream_options=None, extra_body={"steps": 4, "entropy_bound": 0.2})
+    assert ok.choices[0].finish_reason in ("stop", "length")
+    assert http(server, "GET", "/health")[1]["status"] == "ok"
+    assert http(server, "GET", "/v1/nowhere")[0] == 404
+
+
+def test_agent_budget_of_64k_tokens_is_accepted(server):
+    """An agent-style request: a 64K-token completion budget on a model whose context
+    holds it. Read the first block, then hang up: the row must be dropped."""
+    st = server.state
+    conn = httplib.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"}, body=json.dumps({
+        "model": "tiny", "messages": [{"role": "user", "content": "Plan the project."}],
+        "max_tokens": 65536, "stream": True, "seed": 4,
+    }))
+    resp = conn.getresponse()
+    assert resp.status == 200
+    line = resp.fp.readline()
+    while not line.startswith(b"data: "):
+        line = resp.fp.readline()
+    first = json.loads(line[6:])
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    line = resp.fp.readline()
+    while not line.startswith(b"data: "):
+        line = resp.fp.readline()
+    assert json.loads(line[6:])["choices"][0]["finish_reason"] is None  # a first block arrived
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.time() + 20
+    while st.scheduler.stats()["active"]:
+        assert time.time() < deadline, "the hung-up request kept its row"
+        time.sleep(0.05)
+
+
+def test_stop_strings_cut_the_reply(server):
+    msgs = [{"role": "user", "content": "Say things."}]
+    full = chat(server, msgs, seed=21, max_tokens=3 * L).choices[0].message.content
+    assert len(full) > 12
+    stop = full[10:13]
+    cut = chat(server, msgs, seed=21, max_tokens=3 * L, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       chat(server, msgs, seed=21, max_tokens=3 * L, stop=stop, stream=True) if c.choices)
+    assert streamed == full[: full.find(stop)]
+
+
+def test_long_prompt_is_prefilled_in_chunks_with_bounded_memory(server):
+    """A long prompt goes in ``prefill_chunk`` pieces (512 here) between decoder passes:
+    sliding layers keep only their window, the chunked cache equals a one-shot encode,
+    and peak memory stays below the one-shot's. (32K prompts: benchmarks/bench_server.py.)"""
+    st = server.state
+    n = 2048
+    prompt = [2] + [int(t) for t in np.random.default_rng(0).integers(10, 200, n - 1)]
+    r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=L, seed=3)
+    assert r.usage.prompt_tokens == n and r.usage.completion_tokens > 0
+    args = st.model.args
+
+    def check():
+        from mlx_dgemma.serving.scheduler import prefill
+
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        cache = st.model.make_cache()
+        prefill(st.model, cache, prompt, chunk=256)
+        chunked_peak = mx.get_peak_memory()
+        lengths = [c.prefix()[0].shape[2] for c in cache]
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        one = st.model.make_cache()
+        st.model.encode(mx.array([prompt]), one)
+        one_peak = mx.get_peak_memory()
+        diff = max(float(mx.abs(a.prefix()[0] - b.prefix()[0]).max()) for a, b in zip(cache, one))
+        return lengths, diff, chunked_peak, one_peak
+
+    lengths, diff, chunked_peak, one_peak = st.scheduler.call(check, timeout=120)
+    for i, n_kept in enumerate(lengths):
+        assert n_kept == (n if args.is_full(i) else args.sliding_window - 1)
+    assert diff < 1e-4
+    assert chunked_peak < one_peak / 2, (chunked_peak, one_peak)
