@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 CHANNEL_OPEN = "<|channel>"
 CHANNEL_CLOSE = "<channel|>"
-_CHANNEL_NAME = re.compile(r"^(thought|thinking|analysis)[ \t]*\n?")
+_NAMES = ("thought", "thinking", "analysis")
+_CHANNEL_NAME = re.compile(r"^(%s)[ \t]*\n?" % "|".join(_NAMES))
 
 Prompt = Union[str, Sequence[Dict[str, str]], Sequence[int]]
 
@@ -113,30 +114,40 @@ class ThoughtParser:
     def _decode(self, ids: List[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
-    def _texts(self):
+    def _texts(self, final: bool = True):
         for kind, ids in self._segments:
             text = self._decode(ids)
-            yield kind, (_CHANNEL_NAME.sub("", text, count=1) if kind == "thought" else text)
+            if kind == "thought":
+                if not final and text and any(n.startswith(text) and n != text for n in _NAMES):
+                    text = ""  # maybe the start of the channel's name: wait for more tokens
+                text = _CHANNEL_NAME.sub("", text, count=1)
+            yield kind, text
+
+    def _thought(self, final: bool = True) -> str:
+        if not self.thinking:
+            return ""
+        return "\n".join(t for k, t in self._texts(final) if k == "thought" and t.strip())
+
+    def _answer(self, final: bool = True) -> str:
+        if self.thinking:
+            return "".join(t for k, t in self._texts(final) if k == "answer")
+        return "".join(t for k, t in self._texts(final) if k == "answer" or t.strip())
 
     @property
     def thought(self) -> str:
         """The thought text (thinking on); empty thought channels are dropped."""
-        if not self.thinking:
-            return ""
-        return "\n".join(t for k, t in self._texts() if k == "thought" and t.strip())
+        return self._thought()
 
     @property
     def answer(self) -> str:
         """The reply. Thinking off: everything the model wrote, minus channel syntax."""
-        if self.thinking:
-            return "".join(t for k, t in self._texts() if k == "answer")
-        return "".join(t for k, t in self._texts() if k == "answer" or t.strip())
+        return self._answer()
 
     def deltas(self, final: bool = False) -> Dict[str, str]:
         """New thought/answer text since the last call. A trailing incomplete UTF-8
         character (decoded as U+FFFD) is held back until more tokens arrive."""
         out = {}
-        for name, text in (("thought", self.thought), ("answer", self.answer)):
+        for name, text in (("thought", self._thought(final)), ("answer", self._answer(final))):
             if not final:
                 text = text.rstrip("\ufffd")
             prev = self._sent[name]

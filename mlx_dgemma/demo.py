@@ -1,0 +1,284 @@
+"""``--model demo``: a small DiffusionGemma with RANDOM (untrained) weights, built locally.
+
+Nothing is downloaded: a byte-level BPE tokenizer is trained with the ``tokenizers``
+library on a few paragraphs shipped here, a Gemma-like chat template is written beside it,
+and the weights are drawn at random. The folder has the converted layout (config.json
+with ``model_type: diffusion_gemma`` and a ``text_config``, Hugging Face key names,
+safetensors with an index, tokenizer files, chat_template.jinja, generation_config.json)
+and is loaded through :func:`mlx_dgemma.load`, so the demo runs the same code path as a
+real checkpoint: prefill, block diffusion, streaming, drafts, stats.
+
+The output is gibberish by construction. The random weights give peaked predictions (so
+the sampler accepts several tokens per step, as with a trained model), and special or
+non-ASCII byte tokens are made unlikely so the text prints cleanly. Random weights never
+settle into a stable canvas, so every block runs all its steps: the demo's
+generation_config uses 16 denoising steps and a 128-token canvas (the released
+checkpoint: 48 and 256) so that it finishes in seconds on a CPU.
+
+The folder lives in ``$MLX_DGEMMA_CACHE/demo`` (default ``~/.cache/mlx_dgemma/demo``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+CACHE_ENV = "MLX_DGEMMA_CACHE"
+DEMO_VERSION = 1  # bump when the recipe changes: cached demos are rebuilt
+UNTRAINED_NOTICE = "demo model: random, UNTRAINED weights -- the text is gibberish; it shows the pipeline at work"
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
+PAD, EOS, BOS, TURN_CLOSE = 0, 1, 2, 5
+
+# A Gemma 4-like chat template: <|think|> in the system turn switches thinking on;
+# with thinking off the generation prompt carries an empty thought channel.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set thinking = enable_thinking is defined and enable_thinking -%}"
+    "{%- set has_system = messages and messages[0]['role'] == 'system' -%}"
+    "{%- if thinking or has_system -%}"
+    "{{- '<|turn>system\\n' -}}"
+    "{%- if thinking -%}{{- '<|think|>\\n' -}}{%- endif -%}"
+    "{%- if has_system -%}{{- messages[0]['content'] | trim -}}{%- endif -%}"
+    "{{- '<turn|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] != 'system' -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<|turn>' + role + '\\n' + (message['content'] | trim) + '<turn|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|turn>model\\n' -}}"
+    "{%- if not thinking -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+CORPUS = """\
+DiffusionGemma writes text in blocks. A causal encoder reads the prompt and keeps its keys
+and values in a cache. A bidirectional decoder with the same weights then starts from a
+canvas of random tokens and denoises it over a few dozen steps: at each step it predicts
+every position at once, keeps the predictions it is most sure of, and draws fresh noise
+for the rest. When the canvas stops changing and the model is confident, the block is
+committed, encoded into the cache, and the next block begins.
+The sampler accepts the tokens with the lowest entropy whose summed uncertainty stays
+under a small bound, so easy stretches of text settle in one step and hard ones take many.
+The temperature falls linearly from the first step to the last. The previous step's
+predictions are fed back to the decoder as a soft embedding, which is called
+self-conditioning.
+MLX runs the same program on Apple silicon, on the CPU and on CUDA GPUs. Arrays are lazy:
+nothing is computed until a value is needed, and memory is shared between the processor
+and the graphics cores on a Mac.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.
+One, two, three, four, five, six, seven, eight, nine, ten. Monday, Tuesday, Wednesday,
+Thursday, Friday, Saturday, Sunday. January, February, March, April, May, June, July.
+Hello! How are you today? I am fine, thank you. What would you like to talk about?
+Let us think step by step. First, read the question. Then, write the answer clearly.
+"""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlx_dgemma").expanduser()
+
+
+def demo_path() -> Path:
+    return cache_root() / "demo"
+
+
+def demo_config(vocab_size: int, canvas_length: int = 128) -> Dict:
+    text = dict(
+        model_type="diffusion_gemma_text",
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        global_head_dim=64,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        sliding_window=128,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=64,
+        max_position_embeddings=4096,
+        final_logit_softcapping=30.0,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1000000.0},
+        },
+        eos_token_id=[EOS, TURN_CLOSE],
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+    )
+    return dict(
+        model_type="diffusion_gemma",
+        architectures=["DiffusionGemmaForBlockDiffusion"],
+        canvas_length=canvas_length,
+        text_config=text,
+        tie_word_embeddings=True,
+        mlx_dgemma_demo={"version": DEMO_VERSION, "untrained": True, "note": UNTRAINED_NOTICE},
+    )
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on CORPUS (deterministic, no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, t
+    return tok
+
+
+def _printable_token_mask(tok, vocab_size: int) -> np.ndarray:
+    """True for tokens that decode to plain printable ASCII (with spaces/newlines)."""
+    ok = np.zeros(vocab_size, bool)
+    for i in range(len(SPECIAL_TOKENS), min(vocab_size, tok.get_vocab_size())):
+        s = tok.decode([i], skip_special_tokens=False)
+        ok[i] = bool(s) and all(32 <= ord(c) < 127 or c == "\n" for c in s) and "\ufffd" not in s
+    return ok
+
+
+def _hf_keys(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Our module tree -> the converted folder's Hugging Face key names."""
+    out = {}
+    enc, dec = "model.encoder.language_model.", "model.decoder."
+    for k, v in weights.items():
+        if ".experts.switch_glu." in k:
+            base, rest = k.split(".experts.switch_glu.")
+            if rest.startswith("gate_proj"):
+                up = weights[k.replace("gate_proj", "up_proj")]
+                out[f"{base}.experts.gate_up_proj.weight"] = mx.concatenate([v, up], axis=-2)
+            elif rest.startswith("down_proj"):
+                out[f"{base}.experts.down_proj.weight"] = v
+            continue
+        if k.endswith(".encoder_layer_scalar"):
+            out[enc + k[len(dec): -len("encoder_layer_scalar")] + "layer_scalar"] = v
+            continue
+        out[k] = v
+    return out
+
+
+def build_demo(path: Path, seed: int = 0, vocab_size: int = 512, canvas_length: int = 128) -> Path:
+    """Write the demo model folder at ``path`` (replacing it)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from .config import ModelArgs
+    from .model import Model
+
+    path = Path(path)
+    tok = build_tokenizer(vocab_size)
+    V = tok.get_vocab_size()
+    config = demo_config(V, canvas_length)
+    args = ModelArgs.from_config(config)
+    mx.random.seed(seed)
+    model = Model(args)
+    r = np.random.RandomState(seed)
+    H = args.hidden_size
+    # Peaked predictions: large tied embeddings make confident logits (the drafter then
+    # accepts many tokens per step and stops early, as with a trained model); special and
+    # non-printable byte tokens get tiny rows so they are rarely predicted.
+    emb = (r.randn(V, H) * 1.5).astype(np.float32)
+    emb[~_printable_token_mask(tok, V)] *= 0.02
+    params = {"model.decoder.embed_tokens.weight": mx.array(emb)}
+    for k, v in tree_flatten(model.parameters()):
+        if k in params:
+            continue
+        if k.endswith("layer_scalar"):
+            params[k] = mx.array(np.full(v.shape, 1.0, np.float32))
+        elif "norm" in k or k.endswith("router.scale") or k.endswith("per_expert_scale"):
+            params[k] = mx.array((1.0 + 0.1 * r.randn(*v.shape)).astype(np.float32))
+        else:  # projections: fan-in scaled
+            params[k] = mx.array((r.randn(*v.shape) * v.shape[-1] ** -0.5).astype(np.float32))
+    # weak self-conditioning, as in a trained model that mostly trusts the canvas
+    for name in ("down_proj",):
+        k = f"model.decoder.self_conditioning.{name}.weight"
+        params[k] = params[k] * 0.1
+    weights = _hf_keys(params)
+
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=str(path.parent) if path.parent.exists() else None))
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        total = sum(v.nbytes for v in weights.values())
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": {k: "model.safetensors" for k in sorted(weights)}},
+            indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(dict(
+            # the released checkpoint's settings, except 16 steps (not 48): random weights
+            # never settle, and the demo should finish in seconds on a CPU
+            max_new_tokens=256, max_denoising_steps=16, sampler_config={"entropy_bound": 0.1},
+            t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
+            eos_token_id=[EOS, TURN_CLOSE], pad_token_id=PAD, bos_token_id=BOS,
+        ), indent=2))
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(dict(
+            tokenizer_class="PreTrainedTokenizerFast",
+            bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+            additional_special_tokens=SPECIAL_TOKENS[4:],
+            model_max_length=args.max_position_embeddings,
+            clean_up_tokenization_spaces=False,
+        ), indent=2))
+        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        (tmp / "README.md").write_text(
+            "# DiffusionGemma demo (untrained)\n\n" + UNTRAINED_NOTICE + "\n\nBuilt by `mlx_dgemma.demo`.\n"
+        )
+        if path.exists():
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def is_current(path: Path) -> bool:
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (cfg.get("mlx_dgemma_demo") or {}).get("version") == DEMO_VERSION
+
+
+def ensure_demo(path: Optional[Path] = None, log: Callable[[str], None] = print) -> Path:
+    """The demo folder, built on first use (and after a recipe change)."""
+    path = Path(path) if path is not None else demo_path()
+    if not is_current(path):
+        log(f"building the demo model (random weights, local tokenizer) in {path} ...")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_demo(path)
+    return path
+
+
+def load_demo(log: Callable[[str], None] = print):
+    """``(model, tokenizer)`` of the demo model, building it first if needed."""
+    from .loader import load
+
+    return load(ensure_demo(log=log))
