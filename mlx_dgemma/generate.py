@@ -559,7 +559,7 @@ def resolve_model(spec: str, log: Callable[[str], None]):
             except ImportError as e:
                 raise ConfigError(f"{spec}: converting needs mlx_dgemma.convert, which is unavailable ({e})") from None
             log(f"{spec}: converting to 4-bit MLX in {dest} (first use only) ...")
-            convert(spec, dest, quantize=True, q_bits=4)
+            convert(spec, dest, quantize=True, q_bits=4, log=log)
         spec = str(dest)
     elif not local.exists():
         log(f"{spec}: loading from the hub (downloaded once, then cached) ...")
