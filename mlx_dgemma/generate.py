@@ -321,23 +321,19 @@ def stream_generate(
     if not ids:
         raise GenerateInputError("empty prompt")
     parser = ThoughtParser(tokenizer, thinking=thinking, prompt_tokens=ids, stop_tokens=eos)
-    L = model.args.canvas_length
     kept: List[int] = []
-    total_steps, block_steps = 0, 0
-    stats = dict(prompt_tps=0.0, generation_tps=0.0, tpf=0.0, prompt_time=0.0, t0=None)
+    total_steps = 0
+    stats = dict(prompt_tps=0.0, generation_tps=0.0, tpf=0.0)
     try:
         mx.reset_peak_memory()
-    except Exception:
+    except Exception:  # backends without memory accounting
         pass
-    t_begin = time.perf_counter()
 
     for ev in _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn):
         if isinstance(ev, Draft):
-            block_steps = ev.step
             if not show_drafts:
                 continue
             canvas = [int(t) for t in np.array(ev.tokens[0])]
-            elapsed = time.perf_counter() - t_begin
             yield GenerationResponse(
                 kind="draft", text=tokenizer.decode(canvas, skip_special_tokens=True), thought="",
                 tokens=canvas, block=ev.block, step=ev.step, steps=ev.step,
@@ -348,14 +344,11 @@ def stream_generate(
             continue
         total_steps += ev.steps
         row = [int(t) for t in ev.tokens[0]]
-        room = max_tokens - len(kept)
-        hit_eos = any(t in eos for t in row[:room])
-        new = row[:room]
-        if pad is not None and ev.finished[0]:
-            # drop the pad tail after the first EOS
-            first = next((i for i, t in enumerate(new) if t in eos), None)
-            if first is not None:
-                new = new[: first + 1]
+        new = row[: max_tokens - len(kept)]
+        first = next((i for i, t in enumerate(new) if t in eos), None)
+        hit_eos = first is not None
+        if hit_eos:  # keep the EOS, drop what follows (pad, as _finalize_canvas made it)
+            new = new[: first + 1]
         kept.extend(new)
         parser.feed(new)
         last = ev.last or len(kept) >= max_tokens or hit_eos
