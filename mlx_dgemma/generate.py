@@ -460,7 +460,7 @@ class TerminalView:
         self.clear_draft()
         if not text:
             return
-        width = max(self._size().columns, 10)
+        width = max(self._size().columns, 1)
         if dim and self.tty:
             self.out.write(self.DIM)
         self._put(text, width)
@@ -473,7 +473,7 @@ class TerminalView:
             return
         self.clear_draft()
         size = self._size()
-        width, lines = max(size.columns, 10), max(size.lines, 4)
+        width, lines = max(size.columns, 1), max(size.lines, 4)
         if self.col >= width:  # pending wrap: start the draft on the next line
             self.out.write("\r\n")
             self.col = 0

@@ -58,9 +58,10 @@ def test_help(env):
 
 
 def test_demo_run_prints_text_and_stats(env):
-    r = run_cli(["--model", "demo", "--prompt", "Hello", "--max-tokens", "20", "--steps", "4"], env)
+    r = run_cli(["--model", "demo", "--prompt", "Hello", "--max-tokens", "20", "--steps", "4", "--show-drafts"], env)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 5  # generated text
+    assert "\x1b" not in r.stdout and "not a terminal" in r.stderr  # drafts need a TTY
     assert "UNTRAINED" in r.stderr
     stats = r.stderr.strip().splitlines()[-1]
     for part in ("prompt", "tok/s", "generated 20 tok", "steps/block", "tok/forward", "peak", "length"):
@@ -220,3 +221,92 @@ def test_thought_parser_prefilled_open_channel_and_utf8(demo_model):
     p.feed(_ids(tok, "<channel|>", "ok"))
     got += p.deltas(final=True)["thought"]
     assert got == word and p.answer == "ok"
+
+
+# --- the in-place draft view, on a minimal terminal emulator ------------------------------------
+
+
+class FakeTerminal:
+    """Autowrap (pending-wrap at the last column), \\n, \\r, CSI n A / n C / J, SGR ignored."""
+
+    def __init__(self, width, height=40):
+        self.w, self.h = width, height
+        self.rows = [[" "] * width for _ in range(height)]
+        self.scrolled = []  # lines that scrolled off the top
+        self.r = self.c = 0
+        self.pending = False
+
+    def _newline(self):
+        self.r += 1
+        if self.r == self.h:  # scroll
+            self.scrolled.append(self.rows.pop(0))
+            self.rows.append([" "] * self.w)
+            self.r -= 1
+
+    def write(self, s):
+        i = 0
+        while i < len(s):
+            ch = s[i]
+            if ch == "\x1b":
+                j = i + 2
+                while not s[j].isalpha():
+                    j += 1
+                arg, op = s[i + 2:j], s[j]
+                n = int(arg) if arg.isdigit() else 1
+                if op == "A":
+                    self.r = max(self.r - n, 0)
+                elif op == "C":
+                    self.c = min(self.c + n, self.w - 1)
+                elif op == "J":
+                    self.rows[self.r][self.c:] = [" "] * (self.w - self.c)
+                    for k in range(self.r + 1, self.h):
+                        self.rows[k] = [" "] * self.w
+                if op != "m":  # cursor moves end a pending wrap; colours do not
+                    self.pending = False
+                i = j + 1
+                continue
+            if ch == "\n":
+                self._newline()
+                self.c, self.pending = 0, False
+            elif ch == "\r":
+                self.c, self.pending = 0, False
+            else:
+                if self.pending:
+                    self._newline()
+                    self.c, self.pending = 0, False
+                self.rows[self.r][self.c] = ch
+                if self.c == self.w - 1:
+                    self.pending = True
+                else:
+                    self.c += 1
+            i += 1
+
+    def flush(self):
+        pass
+
+    def text(self):
+        return "\n".join("".join(r).rstrip() for r in self.scrolled + self.rows).rstrip()
+
+
+@pytest.mark.parametrize("width, height", [(7, 40), (10, 40), (23, 40), (9, 6)])
+def test_terminal_view_redraws_drafts_in_place(width, height, monkeypatch):
+    import os as _os
+
+    from mlx_dgemma.generate import TerminalView
+
+    term = FakeTerminal(width, height)  # height 6: drafts are cut to fit the screen
+    monkeypatch.setattr("shutil.get_terminal_size", lambda *a: _os.terminal_size((width, height)))
+    view = TerminalView(term, tty=True)
+    plain = FakeTerminal(width, height)
+    r = np.random.RandomState(width)
+    for block in range(4):
+        for step in range(3):
+            n = int(r.randint(0, 60))
+            draft = "".join(r.choice(list("ab cd\nef\tg")) for _ in range(n))
+            view.draft(f"[{block}.{step}]", draft)
+        chunk = "".join(r.choice(list("xyz \n")) for _ in range(int(r.randint(0, 2 * width + 3))))
+        view.committed(chunk)
+        plain.write(chunk)
+    view.draft("[end]", "a long last draft " * 3)
+    view.clear_draft()
+    assert term.text() == plain.text()
