@@ -405,14 +405,15 @@ METAL_TYPES = {"uint": "uint", "uint3": "uint3"}
 def test_metal_and_cuda_differ_only_in_primitives():
     for mod in (metal, cuda, emulate):
         header, source = template.build(mod.PRIMITIVES)
-        assert header.endswith(template.COMMON_HEADER) and source.endswith(template.COMMON_BODY)
+        assert header == mod.PRIMITIVES.prelude + template.COMMON_HEADER
+        assert source == template.COMMON_SHARED + mod.PRIMITIVES.indices + template.COMMON_BODY
         defined = set(re.findall(r"#define (DG_\w+)", mod.PRIMITIVES.prelude))
         assert MACROS <= defined, MACROS - defined
         assert re.findall(r"const uint32_t (dg_\w+) =", mod.PRIMITIVES.indices) == INDICES
     assert metal.HEADER == metal.PRIMITIVES.prelude + template.COMMON_HEADER
-    assert cuda.SOURCE == cuda.PRIMITIVES.indices + template.COMMON_BODY
+    assert cuda.SOURCE == template.COMMON_SHARED + cuda.PRIMITIVES.indices + template.COMMON_BODY
     # the common text uses no backend spelling
-    common = template.COMMON_HEADER + template.COMMON_BODY
+    common = template.COMMON_HEADER + template.COMMON_SHARED + template.COMMON_BODY
     for word in ("threadgroup_barrier", "__syncthreads", "__shfl", "simd_shuffle", "metal::", "expf", "logf"):
         assert word not in common
 

@@ -170,7 +170,9 @@ DG_FN DgState dg_simd_reduce(DgState st) {
 # ---------------------------------------------------------------------------------
 # Kernel body (after the backend's index statements). Inputs: logits [rows, VOCAB]
 # float32, temp [1] float32, keys [rows] uint32. Outputs: four [rows] arrays.
-COMMON_BODY = r"""
+# Shared memory first in the function body (Metal wants threadgroup variables declared at
+# kernel function scope; first is the most conservative place).
+COMMON_SHARED = r"""
   DG_SHARED float sh_m[32];
   DG_SHARED float sh_s[32];
   DG_SHARED float sh_w[32];
@@ -178,7 +180,9 @@ COMMON_BODY = r"""
   DG_SHARED int sh_ai[32];
   DG_SHARED float sh_sv[32];
   DG_SHARED int sh_si[32];
+"""
 
+COMMON_BODY = r"""
   const float t = temp[0];
   const uint32_t key = keys[dg_row];
   const int64_t base = (int64_t)dg_row * (int64_t)VOCAB;
@@ -230,7 +234,7 @@ COMMON_BODY = r"""
 
 def build(prims: Primitives) -> Tuple[str, str]:
     """(header, source) for ``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel``."""
-    return prims.prelude + COMMON_HEADER, prims.indices + COMMON_BODY
+    return prims.prelude + COMMON_HEADER, COMMON_SHARED + prims.indices + COMMON_BODY
 
 
 def kernel_name(header: str, source: str) -> str:
