@@ -30,9 +30,15 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> float:
 def sample_step_mlx(logits: mx.array, temp: float, keys: mx.array) -> StepSample:
     """logits [B, L, V] float32; keys [B, L] uint32 from ``rng.position_keys(.., rng.SAMPLE, ..)``."""
     x = logits.astype(mx.float32) / temp
-    lse = mx.logsumexp(x, axis=-1)
-    p = mx.exp(x - lse[..., None])
-    entropy = lse - (p * x).sum(-1)
+    # Sums relative to the max, as the fused kernels keep them: ``lse - sum(p * x)`` would
+    # cancel catastrophically on nearly one-hot rows (x reaches 30 / t_min = 75).
+    m = mx.max(x, axis=-1, keepdims=True)
+    xs = x - m
+    e = mx.exp(xs)
+    s = e.sum(-1)
+    log_s = mx.log(s)
+    lse = m[..., 0] + log_s
+    entropy = log_s - mx.where(e > 0, e * xs, 0.0).sum(-1) / s
     argmax = mx.argmax(x, axis=-1).astype(mx.int32)
     sampled = mx.argmax(x + rng.gumbel(keys, x.shape[-1]), axis=-1).astype(mx.int32)
     return StepSample(sampled, argmax, entropy, lse)
