@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from mlx.utils import tree_flatten
 
 from . import folder
 from .config import ConfigError, ModelArgs, read_config
-from .loader import WeightsError, resolve_model_path, weight_files
+from .loader import WeightsError, read_header, resolve_model_path, weight_files
 from .model import Model
 
 ENC = "model.encoder.language_model."
@@ -73,29 +72,6 @@ class Tensor:
     @property
     def vision(self) -> bool:
         return self.out_key.startswith(VISION)
-
-
-def read_header(f: Path) -> Dict[str, dict]:
-    """A safetensors file's header, checked against the file's size (one-line errors)."""
-    try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise WeightsError(f"{f}: truncated safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if 8 + n > size:
-                raise WeightsError(f"{f}: truncated safetensors file (header says {n} bytes, file has {size})")
-            header = json.loads(fh.read(n))
-    except OSError as e:
-        raise WeightsError(f"{f}: cannot be read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise WeightsError(f"{f}: not a safetensors file (bad header)") from None
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise WeightsError(f"{f}: truncated safetensors file (expected {8 + n + end} bytes, found {size})")
-    return header
 
 
 def target_key(key: str) -> Optional[Tuple[str, int]]:

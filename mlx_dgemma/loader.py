@@ -48,23 +48,27 @@ def resolve_model_path(path_or_id: Union[str, Path]) -> Path:
         raise ConfigError(f"{s}: not a local folder, and the hub download failed ({type(e).__name__}: {reason})") from None
 
 
-def _check_safetensors(f: Path) -> None:
-    """Fail with one line on a file too short for its own header."""
-    size = f.stat().st_size
-    with open(f, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise WeightsError(f"{f}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise WeightsError(f"{f}: truncated safetensors file (header says {n} bytes, file has {size})")
-        try:
+def read_header(f: Path) -> Dict[str, dict]:
+    """A safetensors file's header, checked against the file's size (one-line errors)."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise WeightsError(f"{f}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise WeightsError(f"{f}: truncated safetensors file (header says {n} bytes, file has {size})")
             header = json.loads(fh.read(n))
-        except json.JSONDecodeError:
-            raise WeightsError(f"{f}: not a safetensors file (bad header)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as e:
+        raise WeightsError(f"{f}: cannot be read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise WeightsError(f"{f}: not a safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise WeightsError(f"{f}: truncated safetensors file (expected {8 + n + end} bytes, found {size})")
+    return header
 
 
 def weight_files(model_path: Path) -> list:
@@ -88,7 +92,7 @@ def weight_files(model_path: Path) -> list:
 def load_weights(model_path: Path) -> Dict[str, mx.array]:
     weights: Dict[str, mx.array] = {}
     for f in weight_files(model_path):
-        _check_safetensors(f)
+        read_header(f)
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:
