@@ -237,19 +237,6 @@ def entropy_bound_mask(entropy: mx.array, bound: float) -> mx.array:
     return mx.put_along_axis(mx.zeros(sel.shape, dtype=mx.bool_), order, sel, axis=-1)
 
 
-def soft_embeddings_top_k(model, logits: mx.array, temp: float, lse: mx.array, k: int) -> mx.array:
-    """Self-conditioning from the ``k`` most likely tokens: their exact probabilities
-    (from the full log-sum-exp) times their embedding rows; the tail mass is dropped.
-    Hook for the kernels' fused version."""
-    x = logits.astype(mx.float32) / temp
-    k = min(k, x.shape[-1])
-    idx = mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k]
-    p = mx.exp(mx.take_along_axis(x, idx, axis=-1) - lse[..., None])
-    rows = model.decoder.embed_tokens(idx)  # dequantized rows for quantized embeddings
-    out = (p[..., None].astype(rows.dtype) * rows).sum(-2)
-    return out * mx.array(model.embed_scale, dtype=rows.dtype)
-
-
 def self_conditioning(model, logits: mx.array, temp: float, sample: StepSample, settings: DenoiseSettings) -> mx.array:
     """The next step's self-conditioning embeddings from this step's logits."""
     return _soft_embeddings(model, logits, temp, sample.lse, top_k=settings.sc_top_k)

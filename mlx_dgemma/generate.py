@@ -296,6 +296,7 @@ def stream_generate(
     t_max: Optional[float] = None,
     settings: Optional[DenoiseSettings] = None,
     show_drafts: bool = False,
+    sc_top_k: Optional[int] = None,
     chat_template: bool = True,
     thinking: bool = False,
     system: Optional[str] = None,
@@ -306,7 +307,8 @@ def stream_generate(
 
     ``prompt``: a string (sent as a user turn through the chat template unless
     ``chat_template=False``), a list of chat messages, or token ids. ``steps``,
-    ``entropy_bound``, ``t_min``, ``t_max`` override generation_config.json.
+    ``entropy_bound``, ``t_min``, ``t_max`` override generation_config.json; ``sc_top_k``
+    opts into top-k self-conditioning (``DenoiseSettings.sc_top_k``).
     ``thinking`` switches Gemma 4's thinking mode (``enable_thinking``); thought text comes
     in ``thought``, apart from the answer in ``text``.
     """
@@ -315,7 +317,7 @@ def stream_generate(
     if isinstance(prompt, str) and not prompt.strip():
         raise GenerateInputError("empty prompt")
     settings = make_settings(model, settings, max_denoising_steps=steps, entropy_bound=entropy_bound,
-                             t_min=t_min, t_max=t_max)
+                             t_min=t_min, t_max=t_max, sc_top_k=sc_top_k)
     eos, pad = resolve_ids(model, generation_defaults(model))
     ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system)
     if not ids:
@@ -521,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens accepted per step: higher accepts more (default: generation_config, else 0.1)")
     p.add_argument("--t-min", type=float, default=None, help="temperature at the last step (default: 0.4)")
     p.add_argument("--t-max", type=float, default=None, help="temperature at the first step (default: 0.8)")
+    p.add_argument("--sc-top-k", type=int, default=None, metavar="K",
+                   help="approximate self-conditioning from the K most likely tokens per position "
+                        "(faster, opt-in; default: exact)")
     return p
 
 
@@ -604,7 +609,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             model, tokenizer, args.prompt, max_tokens=args.max_tokens, seed=args.seed, steps=args.steps,
             entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
             show_drafts=args.show_drafts and tty, chat_template=not args.no_chat_template,
-            thinking=args.thinking, system=args.system,
+            thinking=args.thinking, system=args.system, sc_top_k=args.sc_top_k,
         )
         steps_cap = args.steps or make_settings(model, None, entropy_bound=args.entropy_bound, t_min=args.t_min,
                                                 t_max=args.t_max).max_denoising_steps
