@@ -15,7 +15,26 @@ from mlx_lm.models.cache import KVCache
 
 
 class FullCache(KVCache):
-    """Grows without bound; ``prefix()`` is what the decoder attends to."""
+    """Grows without bound; ``prefix()`` is what the decoder attends to.
+
+    ``version`` changes whenever the stored K/V may have changed (append, trim, state
+    load): the decoder keeps per-block work (prefix views, compiled step) keyed by it.
+    """
+
+    version = 0
+
+    @property
+    def state(self):
+        return super().state
+
+    @state.setter
+    def state(self, v):
+        KVCache.state.fset(self, v)
+        self.version += 1
+
+    def trim(self, n):
+        self.version += 1
+        return super().trim(n)
 
     def prefix(self) -> Tuple[Optional[mx.array], Optional[mx.array]]:
         if self.keys is None:
@@ -24,6 +43,7 @@ class FullCache(KVCache):
 
     def append(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
         """Store new K/V; return every cached K/V including the new ones."""
+        self.version += 1
         return self.update_and_fetch(keys, values)
 
 
@@ -35,6 +55,7 @@ class SlidingCache:
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0
+        self.version = 0  # see FullCache.version
 
     def prefix(self) -> Tuple[Optional[mx.array], Optional[mx.array]]:
         return self.keys, self.values
@@ -49,6 +70,7 @@ class SlidingCache:
         The encoder masks the returned keys with the sliding window itself.
         """
         self.offset += keys.shape[2]
+        self.version += 1
         if self.keys is not None:
             keys = mx.concatenate([self.keys, keys], axis=2)
             values = mx.concatenate([self.values, values], axis=2)
@@ -64,6 +86,7 @@ class SlidingCache:
     @state.setter
     def state(self, v):
         self.keys, self.values = v
+        self.version += 1
 
     @property
     def meta_state(self):
@@ -94,6 +117,11 @@ class PrefixCache(list):
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self)
+
+    @property
+    def version(self) -> tuple:
+        """Changes whenever any layer's stored K/V may have changed."""
+        return tuple(c.version for c in self)
 
     def copy(self) -> "PrefixCache":
         """A copy that can be extended without changing this one (arrays are immutable)."""

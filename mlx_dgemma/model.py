@@ -29,8 +29,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 from .cache import PrefixCache, make_prefix_cache
 from .config import ModelArgs
@@ -102,16 +103,92 @@ class Router(nn.Module):
         return indices, weights
 
 
+def _expert_matmul(lin: nn.Module, x: mx.array, e: int) -> mx.array:
+    """x [n, in] through expert ``e`` of a (Quantized)SwitchLinear: [n, out]."""
+    if isinstance(lin, QuantizedSwitchLinear):
+        y = mx.quantized_matmul(
+            x, lin.weight[e], lin.scales[e], None if lin.biases is None else lin.biases[e],
+            transpose=True, group_size=lin.group_size, bits=lin.bits, mode=lin.mode,
+        )
+    else:
+        y = x @ lin.weight[e].T
+    if "bias" in lin:
+        y = y + lin.bias[e]
+    return y
+
+
+def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> mx.array:
+    """SwitchGLU(x, indices) as one dense GEMM per expert over the rows routed to it.
+
+    ``gather_mm`` on MLX's CPU backend runs one matrix-vector product per (token, expert)
+    pair, reading the expert's weights once per pair (256 tokens x top-8 = 2,048 reads
+    of each projection per layer); grouping reads every used expert's weights once. The
+    group sizes are read back to the host, so this path cannot run inside mx.compile.
+    """
+    *lead, K = indices.shape
+    H = x.shape[-1]
+    flat = indices.reshape(-1)
+    order = mx.argsort(flat)
+    counts = np.bincount(np.array(flat), minlength=glu.gate_proj.weight.shape[0])
+    xs = x.reshape(-1, H)[order // K]
+    outs, start = [], 0
+    for e in np.flatnonzero(counts):
+        n = int(counts[e])
+        xe = xs[start : start + n]
+        start += n
+        gate = _expert_matmul(glu.gate_proj, xe, int(e))
+        up = _expert_matmul(glu.up_proj, xe, int(e))
+        outs.append(_expert_matmul(glu.down_proj, glu.activation(up, gate), int(e)))
+    y = mx.concatenate(outs)[mx.argsort(order)]
+    return y.reshape(*lead, K, y.shape[-1])
+
+
 class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.switch_glu = SwitchGLU(
             args.hidden_size, args.moe_intermediate_size, args.num_experts, activation=GeGLU()
         )
+        # "gather": SwitchGLU's gather_mm (sorted by expert when >= 64 pairs), the right
+        # kernel on GPUs; "grouped": grouped_switch_glu, for the CPU backend.
+        self.dispatch = "gather"
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        y = self.switch_glu(x, indices)
+        glu = self.switch_glu
+        if self.dispatch == "grouped" and getattr(glu.gate_proj, "global_scale", None) is None:
+            y = grouped_switch_glu(glu, x, indices)
+        else:
+            y = glu(x, indices)
         return (y * weights[..., None].astype(y.dtype)).sum(-2)
+
+
+def _partial_attention(q: mx.array, k: mx.array, v: mx.array, mask: Optional[mx.array]):
+    """Unnormalised attention of grouped queries q [B, Hkv, R*L, D] over k, v [b, Hkv, S, D]:
+    (row max, sum of exp, exp-weighted values). ``mask`` [B, 1, 1, S] hides keys."""
+    s = q @ k.swapaxes(-1, -2)
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf)
+    # finite floor: a row with every key hidden gives weight 0, not NaN
+    m = mx.maximum(s.max(-1, keepdims=True), -1e30)
+    e = mx.exp(s - m)
+    return m, e.sum(-1, keepdims=True), e @ v
+
+
+def merged_attention(q: mx.array, pk: mx.array, pv: mx.array, k: mx.array, v: mx.array,
+                     mask: Optional[mx.array]) -> mx.array:
+    """softmax(q [k_prefix; k]^T) [v_prefix; v] without concatenating K/V: attention over
+    the prefix and over the canvas separately, merged by their log-sum-exp. Scale 1.
+    ``mask``: None or [B, 1, 1, P + L] (True = visible). Returns [B, H, L, D]."""
+    B, H, L, D = q.shape
+    Hkv, P = k.shape[1], pk.shape[2]
+    qg = q.reshape(B, Hkv, (H // Hkv) * L, D)  # query heads grouped by their KV head
+    # decoder_prefixes' masks only ever hide prefix padding: the canvas is always visible
+    m1, l1, o1 = _partial_attention(qg, pk, pv, None if mask is None else mask[..., :P])
+    m2, l2, o2 = _partial_attention(qg, k, v, None)
+    m = mx.maximum(m1, m2)
+    a1, a2 = mx.exp(m1 - m), mx.exp(m2 - m)
+    out = (o1 * a1 + o2 * a2) / (l1 * a1 + l2 * a2)
+    return out.reshape(B, H, L, D).astype(q.dtype)
 
 
 class Attention(nn.Module):
@@ -130,6 +207,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
         self.v_norm = RMSNormNoScale(eps)
+        # Decoder: attend to the prefix in place and merge with the canvas partial by
+        # log-sum-exp (merged_attention) instead of concatenating K/V every step.
+        self.merge_prefix = False
         rope = args.rope_parameters["full_attention" if self.is_full else "sliding_attention"]
         self.rope = initialize_rope(
             dims=self.head_dim,
@@ -157,14 +237,19 @@ class Attention(nn.Module):
         k, v = self.kv(x, offset)
         if write:
             k, v = cache.append(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         else:
             pk, pv = cache
-            if pk is not None:
+            if pk is None:
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+            elif self.merge_prefix:
+                out = merged_attention(q, pk, pv, k, v, mask)
+            else:
                 if pk.shape[0] != B:  # one prompt, several canvases (seeds)
                     pk = mx.broadcast_to(pk, (B, *pk.shape[1:]))
                     pv = mx.broadcast_to(pv, (B, *pv.shape[1:]))
                 k, v = mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -299,6 +384,35 @@ def decoder_prefixes(cache: CacheArg, B: int, L: int) -> Tuple[List[Prefix], Uni
     return out, offset
 
 
+class DecoderStep:
+    """One block's decoder: the prefixes, positions and compiled forwards for one cache
+    state. Callable as ``step(canvas, signal, head)``; see ``Model.decoder_step``."""
+
+    def __init__(self, model: "Model", prefixes: List[Prefix], offset, key, rows=None):
+        self.model, self.prefixes, self.offset, self.key, self.rows = model, prefixes, offset, key, rows
+        # materialise padded / concatenated prefixes once, not inside every step's graph
+        mx.eval([a for p in prefixes for a in p if a is not None] + ([offset] if isinstance(offset, mx.array) else []))
+        self._compiled: Dict[tuple, Any] = {}
+
+    def _forward(self, signal_given: bool, head: bool):
+        model, prefixes, offset = self.model, self.prefixes, self.offset
+        if signal_given:
+            return lambda canvas, signal: model._decode(canvas, signal, prefixes, offset, head)
+        return lambda canvas: model._decode(canvas, None, prefixes, offset, head)
+
+    def __call__(self, canvas: mx.array, signal: Optional[mx.array], head: bool) -> mx.array:
+        model = self.model
+        args = (canvas,) if signal is None else (canvas, signal)
+        # grouped experts read group sizes back to the host: not traceable
+        if not model.compile_decoder or model.expert_dispatch == "grouped":
+            return self._forward(signal is not None, head)(*args)
+        key = (signal is not None, head, model.merge_prefix)
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compiled[key] = mx.compile(self._forward(signal is not None, head))
+        return fn(*args)
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -306,6 +420,14 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = DiffusionGemmaModel(args)
         self.embed_scale = args.hidden_size**0.5
+        # Speed switches (outputs agree within float rounding either way; the tests
+        # compare both settings; benchmarks/README.md has what each wins). Defaults per
+        # backend: on GPUs the compiled decoder step with gather_mm experts; on the CPU
+        # backend, where compiling buys nothing measurable and costs seconds of C++
+        # builds, eager steps with experts grouped into one GEMM per expert.
+        gpu = mx.default_device() == mx.gpu
+        self.compile_decoder = gpu
+        self.expert_dispatch = "gather" if gpu else "grouped"
 
     @property
     def decoder(self) -> Decoder:
@@ -348,6 +470,69 @@ class Model(nn.Module):
             h = layer(h, c, offset, masks[key], write=True)
         mx.eval([c.state for c in cache])
 
+    # -- the decoder pass ------------------------------------------------------------
+    # Within a block the prefix is constant, so everything derived from it (each layer's
+    # prefix K/V view, the ragged batch's padding and mask, the canvas positions) is built
+    # once per (cache state, batch, canvas length) and kept in a DecoderStep, which also
+    # holds the compiled forward (mx.compile: one graph, fused element-wise work, no
+    # Python per layer per step). ``compile_decoder = False`` runs the same code eagerly.
+
+    @property
+    def expert_dispatch(self) -> str:
+        return self.layers[0].experts.dispatch if self.layers else "gather"
+
+    @expert_dispatch.setter
+    def expert_dispatch(self, mode: str) -> None:
+        if mode not in ("gather", "grouped"):
+            raise ValueError(f"expert_dispatch must be 'gather' or 'grouped', got {mode!r}")
+        for layer in self.layers:
+            layer.experts.dispatch = mode
+
+    @property
+    def merge_prefix(self) -> bool:
+        return self.layers[0].self_attn.merge_prefix if self.layers else False
+
+    @merge_prefix.setter
+    def merge_prefix(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.self_attn.merge_prefix = bool(on)
+
+    def decoder_step(self, cache: CacheArg, B: int, L: int) -> "DecoderStep":
+        """The per-block decoder state for ``cache`` (memoised; rebuilt when it changes)."""
+        if isinstance(cache, PrefixCache):
+            key = (B, L, cache.version)
+            memo = getattr(cache, "_decoder_step", None)
+            if memo is None or memo.key != key:
+                memo = DecoderStep(self, *decoder_prefixes(cache, B, L), key=key)
+                cache._decoder_step = memo
+            return memo
+        rows = list(cache)
+        if not all(isinstance(r, PrefixCache) for r in rows):
+            raise ValueError("denoise: cache must be a PrefixCache or a list of PrefixCache, one per canvas row")
+        key = (B, L, tuple((id(r), r.version) for r in rows))
+        memo = self.__dict__.get("_ragged_step")
+        if memo is None or memo.key != key:
+            # ``rows`` stays referenced by the step, so the ids in its key stay unique
+            memo = DecoderStep(self, *decoder_prefixes(rows, B, L), key=key, rows=rows)
+            object.__setattr__(self, "_ragged_step", memo)
+        return memo
+
+    def _decode(self, canvas, signal, prefixes, offset, head: bool) -> mx.array:
+        h = self.decoder.self_conditioning(self._embed(canvas), signal)
+        for layer, (pk, pv, mask) in zip(self.layers, prefixes):
+            h = layer(h, (pk, pv), offset, mask, write=False)
+        h = self.decoder.norm(h)
+        return self.lm_head(h) if head else h
+
+    def _run_decoder(self, canvas, cache, sc_logits, sc_embeddings, head: bool) -> mx.array:
+        if canvas.ndim == 1:
+            canvas = canvas[None]
+        signal = sc_embeddings
+        if signal is None and sc_logits is not None:
+            signal = self.soft_embeddings(mx.softmax(sc_logits.astype(mx.float32), axis=-1))
+        step = self.decoder_step(cache, canvas.shape[0], canvas.shape[1])
+        return step(canvas, signal, head)
+
     def hidden(
         self,
         canvas: mx.array,
@@ -356,17 +541,7 @@ class Model(nn.Module):
         self_conditioning_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
         """The decoder's final hidden states for ``canvas`` [B, L]."""
-        if canvas.ndim == 1:
-            canvas = canvas[None]
-        h = self._embed(canvas)
-        signal = self_conditioning_embeddings
-        if signal is None and self_conditioning_logits is not None:
-            signal = self.soft_embeddings(mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1))
-        h = self.decoder.self_conditioning(h, signal)
-        prefixes, offset = decoder_prefixes(cache, canvas.shape[0], canvas.shape[1])
-        for layer, (pk, pv, mask) in zip(self.layers, prefixes):
-            h = layer(h, (pk, pv), offset, mask, write=False)
-        return self.decoder.norm(h)
+        return self._run_decoder(canvas, cache, self_conditioning_logits, self_conditioning_embeddings, False)
 
     def denoise(
         self,
@@ -380,8 +555,7 @@ class Model(nn.Module):
         ``self_conditioning_logits`` are the previous step's temperature-scaled logits
         (or pass ``self_conditioning_embeddings`` already computed from them).
         """
-        h = self.hidden(canvas, cache, self_conditioning_logits, self_conditioning_embeddings)
-        return self.lm_head(h)
+        return self._run_decoder(canvas, cache, self_conditioning_logits, self_conditioning_embeddings, True)
 
     def lm_head(self, h: mx.array) -> mx.array:
         logits = self.decoder.embed_tokens.as_linear(h).astype(mx.float32)
