@@ -468,9 +468,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from .loader import WeightsError, load
 
     try:
-        model, tokenizer = load(args.model)
+        try:  # the generate CLI's resolver: "demo", hub ids, Google's unconverted checkpoints
+            from .generate import resolve_model
+        except ImportError:
+            resolve_model = None
+        if resolve_model is not None:
+            model, tokenizer, _ = resolve_model(args.model, log.info)
+        else:
+            model, tokenizer = load(args.model)
     except (ConfigError, WeightsError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {e}".splitlines()[0]) from None
     model_id = args.served_model_name or _model_id(args.model)
     try:
         state = ServerState(

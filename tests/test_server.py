@@ -343,3 +343,45 @@ def test_long_prompt_is_prefilled_in_chunks_with_bounded_memory(server):
         assert n_kept == (n if args.is_full(i) else args.sliding_window - 1)
     assert diff < 1e-4
     assert chunked_peak < one_peak / 2, (chunked_peak, one_peak)
+
+
+def test_prompt_cache_store_longest_prefix_lru_and_isolation(server):
+    """Longest exact prefix wins; entries are never changed by extending a lookup's
+    copy; least recently used entries go first when the byte budget is exceeded."""
+    from mlx_dgemma.serving.prompt_cache import PromptCacheStore
+
+    model = server.state.model
+
+    def run():
+        toks = [2] + list(range(30, 90))
+        caches = {}
+        for n in (10, 40, 61):
+            c = model.make_cache()
+            model.encode(mx.array([toks[:n]]), c)
+            caches[n] = c
+        per = {n: c.nbytes for n, c in caches.items()}
+        store = PromptCacheStore(per[10] + per[40] + per[61])
+        for n in (10, 40, 61):
+            assert store.insert(toks[:n], caches[n])
+        out = {"longest": store.lookup(toks + [5])[0], "exact": store.lookup(toks[:40])[0],
+               "diverged": store.lookup(toks[:20] + [7] * 30)[0], "none": store.lookup([9, 9])[0]}
+        n, c = store.lookup(toks[:50])
+        before = [np.array(x.prefix()[0]) for x in store._entries[1].cache]
+        model.encode(mx.array([toks[40:50]]), c)  # extend the copy
+        after = [np.array(x.prefix()[0]) for x in store._entries[1].cache]
+        out["copy_n"] = n
+        out["isolated"] = all(np.array_equal(a, b) for a, b in zip(before, after))
+        out["copy_offset"] = c.offset
+        store.lookup(toks[:12])  # touch the 10-token entry: the 61-token one is now oldest
+        c5 = model.make_cache()
+        model.encode(mx.array([[2, 3, 4, 5, 6]]), c5)
+        store.insert([2, 3, 4, 5, 6], c5)
+        out["lengths"] = sorted(store.entry_lengths())
+        out["bytes_ok"] = store.nbytes <= store.max_bytes
+        return out
+
+    out = server.state.scheduler.call(run, timeout=60)
+    assert (out["longest"], out["exact"], out["diverged"], out["none"]) == (61, 40, 10, 0)
+    assert out["copy_n"] == 40 and out["copy_offset"] == 50 and out["isolated"]
+    assert 61 not in out["lengths"] and 10 in out["lengths"] and 5 in out["lengths"]
+    assert out["bytes_ok"]
