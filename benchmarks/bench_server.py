@@ -125,9 +125,10 @@ def text_of_tokens(n: int, seed: int = 0) -> str:
 
 
 def ttfb(client, messages, max_tokens: int, seed: int):
-    """(seconds to the first committed block, reply text, usage) of a streamed chat request."""
+    """(seconds to the first committed block, reply text, usage, server stats) of a
+    streamed chat request."""
     t0 = time.perf_counter()
-    first, text, usage = None, [], None
+    first, text, usage, stats = None, [], None, {}
     for ch in client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, seed=seed,
                                              stream=True, stream_options={"include_usage": True}):
         if ch.choices and ch.choices[0].delta.content is not None and ch.choices[0].delta.role is None:
@@ -136,7 +137,8 @@ def ttfb(client, messages, max_tokens: int, seed: int):
             text.append(ch.choices[0].delta.content)
         if ch.usage:
             usage = ch.usage
-    return first, "".join(text), usage
+            stats = (ch.model_extra or {}).get("x_stats") or {}
+    return first, "".join(text), usage, stats
 
 
 def bench_reuse(model: Path, system_tokens: int, canvas: int, repeats: int) -> List[dict]:
@@ -144,17 +146,19 @@ def bench_reuse(model: Path, system_tokens: int, canvas: int, repeats: int) -> L
     for label, extra in (("reuse", []), ("no reuse", ["--cache-size-gb", "0"])):
         srv = Server(model, *extra)
         try:
-            times, cached = [], []
+            times, cached, prefill = [], [], []
             for rep in range(repeats):
                 msgs = [{"role": "system", "content": text_of_tokens(system_tokens, rep)}]
                 for turn in range(3):
                     msgs.append({"role": "user", "content": f"Question {turn + 1} of run {rep}?"})
-                    t, reply, usage = ttfb(srv.client, msgs, canvas, seed=turn)
+                    t, reply, usage, stats = ttfb(srv.client, msgs, canvas, seed=turn)
                     msgs.append({"role": "assistant", "content": reply})
                 times.append(t)
                 cached.append(usage.prompt_tokens_details.cached_tokens)
+                prefill.append(stats.get("prefill_s", float("nan")))
             rows.append({"bench": "turn3_ttfb", "mode": label, "prompt_tokens": usage.prompt_tokens,
-                         "cached_tokens": cached[-1], "ttfb_s": sorted(times)[len(times) // 2], "all_s": times})
+                         "cached_tokens": cached[-1], "ttfb_s": sorted(times)[len(times) // 2], "all_s": times,
+                         "prefill_s": sorted(prefill)[len(prefill) // 2]})
             print(json.dumps(rows[-1]), flush=True)
         finally:
             srv.close()
@@ -268,7 +272,7 @@ def table(rows: List[dict]) -> str:
     for r in rows:
         if r["bench"] == "turn3_ttfb":
             out.append(f"| turn 3, {r['mode']} | {r['prompt_tokens']} prompt tokens, {r['cached_tokens']} cached "
-                       f"| time to first block {r['ttfb_s']:.2f} s |")
+                       f"| prefill {r['prefill_s']:.2f} s | time to first block {r['ttfb_s']:.2f} s |")
         elif r["bench"] == "throughput":
             out.append(f"| {r['concurrency']} concurrent | {r['tokens']} tokens in {r['wall_s']:.1f} s "
                        f"| {r['tok_s']:.1f} tok/s | rows per pass {r['rows_per_pass']} |")

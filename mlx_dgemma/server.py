@@ -484,7 +484,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             model, tokenizer, model_id, model_path=getattr(model, "path", None),
             max_context=args.max_context, cache_size_gb=args.cache_size_gb, max_batch=args.max_batch,
             prefill_chunk=args.prefill_chunk, default_max_tokens=args.default_max_tokens,
-            ignore_sampling_params=args.ignore_sampling_params, aliases=[args.model],
+            ignore_sampling_params=args.ignore_sampling_params,
+            aliases=[args.model, Path(args.model).name, _model_id(args.model)],
         )
     except (ValueError, SettingsError) as e:
         raise SystemExit(f"error: {e}") from None
