@@ -221,18 +221,20 @@ def test_exact_continuation_reuses_prompt_and_reply(server):
 
 def test_concurrent_requests_share_passes_and_match_solo(server):
     st = server.state
+    # six requests for four batch rows: two wait in the queue; prompts of other lengths
     reqs = [
-        dict(messages=[{"role": "user", "content": "a" * (5 + 13 * i)}], seed=100 + i, max_tokens=4 * L)
-        for i in range(4)
+        dict(messages=[{"role": "user", "content": "a" * (5 + 13 * i)}], seed=100 + i, max_tokens=(2 + i % 3) * L)
+        for i in range(6)
     ]
     solo = [chat(server, **r).choices[0].message.content for r in reqs]
     before = dict(st.scheduler.batch_sizes)
-    with ThreadPoolExecutor(4) as ex:
+    with ThreadPoolExecutor(6) as ex:
         together = list(ex.map(lambda r: chat(server, **r).choices[0].message.content, reqs))
     assert together == solo
     after = st.scheduler.batch_sizes
     batched = sum(n for k, n in after.items() if k >= 2) - sum(n for k, n in before.items() if k >= 2)
     assert batched > 0, f"no decoder pass held two rows: {after}"
+    assert max(after) <= st.scheduler.max_batch
 
 
 def test_bad_requests_get_4xx_and_server_keeps_answering(server):
