@@ -227,11 +227,11 @@ def test_concurrent_requests_share_passes_and_match_solo(server):
         for i in range(6)
     ]
     solo = [chat(server, **r).choices[0].message.content for r in reqs]
-    before = dict(st.scheduler.batch_sizes)
+    before = {int(k): v for k, v in st.scheduler.stats()["rows_per_pass"].items()}
     with ThreadPoolExecutor(6) as ex:
         together = list(ex.map(lambda r: chat(server, **r).choices[0].message.content, reqs))
     assert together == solo
-    after = st.scheduler.batch_sizes
+    after = {int(k): v for k, v in st.scheduler.stats()["rows_per_pass"].items()}
     batched = sum(n for k, n in after.items() if k >= 2) - sum(n for k, n in before.items() if k >= 2)
     assert batched > 0, f"no decoder pass held two rows: {after}"
     assert max(after) <= st.scheduler.max_batch

@@ -147,6 +147,7 @@ class Scheduler:
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self.batch_sizes: Counter = Counter()  # rows per decoder pass -> passes
+        self._stats_lock = threading.Lock()  # /health reads while the loop counts
         self.completed = 0
         self.prefill_tokens = 0
         self.generated_tokens = 0
@@ -191,14 +192,16 @@ class Scheduler:
         return box["value"]
 
     def stats(self) -> dict:
+        with self._stats_lock:
+            sizes = dict(self.batch_sizes)
         return {
             "active": len(self._rows),
             "waiting": len(self._waiting) + self._incoming.qsize(),
             "max_batch": self.max_batch,
             "completed": self.completed,
-            "decoder_passes": sum(self.batch_sizes.values()),
-            "rows_per_pass": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "max_rows_per_pass": max(self.batch_sizes, default=0),
+            "decoder_passes": sum(sizes.values()),
+            "rows_per_pass": {str(k): v for k, v in sorted(sizes.items())},
+            "max_rows_per_pass": max(sizes, default=0),
             "prefill_tokens": self.prefill_tokens,
             "generated_tokens": self.generated_tokens,
             "prompt_cache": self.store.stats(),
@@ -319,7 +322,8 @@ class Scheduler:
             new_sc = _drafter.self_conditioning(model, lg, t, s, st)
             outs.append((new_canvas, s.argmax, new_sc, s.entropy.mean(-1)))
         mx.eval(outs)
-        self.batch_sizes[B] += 1
+        with self._stats_lock:
+            self.batch_sizes[B] += 1
         for r, (new_canvas, argmax, new_sc, ent) in zip(rows, outs):
             st = r.settings
             r.passes += 1
