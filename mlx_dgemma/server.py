@@ -224,6 +224,7 @@ class Generation:
         self.cached_tokens = 0
         self.sent = {"thought": "", "answer": ""}
         self.finish_reason: Optional[str] = None
+        self.done = False
 
     def _on_event(self, ev: Event) -> None:  # scheduler thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
@@ -271,13 +272,15 @@ class Generation:
                         return
                     yield d, None, ev.tokens
                 elif ev.kind == "done":
+                    self.done = True
                     self.stats = ev.stats
                     d, finish = self._deltas(final=True)
                     self.finish_reason = finish or ev.finish_reason
                     yield d, self.finish_reason, []
                     return
         finally:
-            self.req.cancel()  # no-op when finished; drops the row when the client left
+            if not self.done:  # the client left, or a stop string matched: free the row
+                self.req.cancel()
 
     def usage(self) -> Dict[str, Any]:
         n, c = len(self.params.prompt), len(self.tokens)

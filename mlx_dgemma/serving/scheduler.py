@@ -365,8 +365,9 @@ class Scheduler:
             self._rows.remove(row)
             self.completed += 1
             req = row.req
+            wanted = not req.cancelled.is_set()  # read before "done": consumers may cancel after it
             self._emit(req, Event("done", finish_reason=finish, stats=self._final_stats(row, now)))
-            if p.snapshot_reply and self.store.enabled and keep and not req.cancelled.is_set():
+            if p.snapshot_reply and self.store.enabled and keep and wanted:
                 # The next turn most likely re-sends prompt + reply (+ EOS): keep it.
                 self.model.encode(mx.array([keep]), row.cache)
                 self.store.insert(np.concatenate([row.prompt, np.asarray(row.generated[: len(row.generated) - len(out)] + keep, np.int32)]), row.cache)
