@@ -256,8 +256,14 @@ class Scheduler:
         prefilling = [r for r in self._rows if r.prefilling]
         if prefilling:
             self._rr %= len(prefilling)
-            self._prefill_chunk(prefilling[self._rr])
+            row = prefilling[self._rr]
             self._rr += 1
+            try:
+                self._prefill_chunk(row)
+            except Exception as e:  # e.g. out of memory on one huge prompt: fail that one only
+                log.error("prefill failed: %s", e)
+                self._rows.remove(row)
+                self._emit(row.req, Event("error", message=f"prefill failed: {type(e).__name__}: {e}"))
         denoising = [r for r in self._rows if not r.prefilling]
         if denoising:
             self._denoise_step(denoising)
