@@ -1,7 +1,7 @@
 """Where our denoising step's time goes, and A/B of the decoder's speed switches.
 
     python benchmarks/breakdown.py --config mid [--prompt 64] [--bits 4]
-    python benchmarks/breakdown.py --config mid --ab compile_decoder,merge_prefix
+    python benchmarks/breakdown.py --config mid --ab compile_decoder,merge_prefix,expert_dispatch=gather:grouped
 
 Uses the checkpoint ``run.py`` built (``--work``, default /tmp/mlx_dgemma_bench). Each
 part is timed alone (inputs evaluated first, output evaluated), median of ``--repeats``
@@ -155,25 +155,72 @@ def vocab_passes() -> list:
 
 def ab(args) -> dict:
     model, cache, canvas, logits, sc = setup(args)
-    switches = [s for s in args.ab.split(",") if s]
     res = {}
-    for sw in switches:
+    for spec in [s for s in args.ab.split(",") if s]:
+        # "name" toggles a bool switch; "name=a:b" compares two values
+        sw, _, vals = spec.partition("=")
+        a_val, b_val = vals.split(":") if vals else (False, True)
         base = getattr(model, sw)
-        times = {False: [], True: []}
+        times = {a_val: [], b_val: []}
         fn = lambda: model.denoise(canvas, cache, self_conditioning_embeddings=sc)  # noqa: E731
-        for on in (False, True):  # warm both (compile happens here)
-            setattr(model, sw, on)
+        for v in times:  # warm both (compiles happen here)
+            setattr(model, sw, v)
             mx.eval(fn())
         for _ in range(args.repeats):
-            for on in (False, True):
-                setattr(model, sw, on)
+            for v in times:
+                setattr(model, sw, v)
                 t = time.perf_counter()
                 mx.eval(fn())
-                times[on].append(time.perf_counter() - t)
+                times[v].append(time.perf_counter() - t)
         setattr(model, sw, base)
-        off, on = (1000 * statistics.median(times[k]) for k in (False, True))
-        res[sw] = {"off_ms": round(off, 1), "on_ms": round(on, 1), "on/off": round(on / off, 3)}
+        a_ms, b_ms = (1000 * statistics.median(times[k]) for k in (a_val, b_val))
+        res[sw] = {"a": str(a_val), "b": str(b_val), "a_ms": round(a_ms, 1), "b_ms": round(b_ms, 1),
+                   "b/a": round(b_ms / a_ms, 3)}
     return res
+
+
+def fused_drafter(logits, temp, keys):
+    """What-if (not used by the package): the drafter's vocabulary work in one compiled
+    pass sharing one exp: lse, entropy and the self-conditioning probabilities from
+    e = exp(x - max); the sample by the exponential race argmax(e / -log u), which picks
+    the same token as Gumbel-max argmax(x - log(-log u)) with the same u."""
+    x = logits / temp
+    m = x.max(-1, keepdims=True)
+    e = mx.exp(x - m)
+    z = e.sum(-1, keepdims=True)
+    lse = m + mx.log(z)
+    p = e / z
+    entropy = lse[..., 0] - (p * x).sum(-1)
+    argmax = mx.argmax(x, axis=-1).astype(mx.int32)
+    u = rng.uniform_from_bits(rng.token_bits(keys, x.shape[-1]))
+    sampled = mx.argmax(e / -mx.log(u), axis=-1).astype(mx.int32)
+    return sampled, argmax, entropy, lse[..., 0], p
+
+
+def drafter_ab(args) -> dict:
+    """Current drafter vocabulary work (sample_step_mlx + probabilities) vs fused_drafter."""
+    model, cache, canvas, logits, sc = setup(args)
+    L = model.args.canvas_length
+    keys = rng.position_keys([0], rng.SAMPLE, 0, 10, L)
+    temp = temperature(10, 48)
+    compiled = mx.compile(fused_drafter)
+    t_arr = mx.array(temp, dtype=mx.float32)
+
+    def current():
+        s = sample_step_mlx(logits, temp, keys)
+        return (*s, probabilities(logits, temp, s.lse))
+
+    a, b = current(), compiled(logits, t_arr, keys)
+    mx.eval(a, b)
+    same = {"sampled_equal": float((a[0] == b[0]).mean()), "argmax_equal": float((a[1] == b[1]).mean()),
+            "entropy_max_diff": float(mx.abs(a[2] - b[2]).max()), "probs_max_diff": float(mx.abs(a[4] - b[4]).max())}
+    times = {"current": [], "fused": []}
+    for _ in range(args.repeats):
+        for name, fn in (("current", current), ("fused", lambda: compiled(logits, t_arr, keys))):
+            t = time.perf_counter()
+            mx.eval(fn())
+            times[name].append(1000 * (time.perf_counter() - t))
+    return {**{k: round(statistics.median(v), 1) for k, v in times.items()}, **same}
 
 
 def main(argv=None):
@@ -183,13 +230,17 @@ def main(argv=None):
     p.add_argument("--bits", type=int, default=0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--work", default="/tmp/mlx_dgemma_bench")
-    p.add_argument("--ab", default="", help="comma list of Model switches to A/B (e.g. compile_decoder)")
+    p.add_argument("--ab", default="", help="Model switches to A/B: name (bool) or name=a:b, comma separated")
     p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--drafter-ab", action="store_true", help="current vs fused drafter vocabulary work")
     args = p.parse_args(argv)
-    if args.ab:
+    if args.drafter_ab:
+        res = drafter_ab(args)
+        print(res)
+    elif args.ab:
         res = ab(args)
         for k, v in res.items():
-            print(f"{k:24s} off {v['off_ms']:9.1f} ms   on {v['on_ms']:9.1f} ms   on/off {v['on/off']:.3f}")
+            print(f"{k:18s} {v['a']:>8s} {v['a_ms']:9.1f} ms   {v['b']:>8s} {v['b_ms']:9.1f} ms   b/a {v['b/a']:.3f}")
     else:
         res = parts(args)
         for k, v in res.items():

@@ -125,12 +125,14 @@ def switched(model, **settings):
     return Ctx()
 
 
-PLAIN = dict(compile_decoder=False, expert_dispatch="gather", merge_prefix=False)
+PLAIN = dict(compile_decoder=False, expert_dispatch="gather", merge_prefix=False, numpy_softcap=False)
 VARIANTS = [
-    dict(compile_decoder=True, expert_dispatch="gather", merge_prefix=False),
-    dict(compile_decoder=False, expert_dispatch="grouped", merge_prefix=False),
-    dict(compile_decoder=False, expert_dispatch="gather", merge_prefix=True),
-    dict(compile_decoder=True, expert_dispatch="gather", merge_prefix=True),
+    dict(PLAIN, compile_decoder=True),
+    dict(PLAIN, expert_dispatch="grouped"),
+    dict(PLAIN, merge_prefix=True),
+    dict(PLAIN, numpy_softcap=True),
+    dict(PLAIN, compile_decoder=True, merge_prefix=True),
+    dict(compile_decoder=False, expert_dispatch="grouped", merge_prefix=False, numpy_softcap=True),
 ]
 
 
