@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import secrets
-import sys
 import time
 import uuid
 from pathlib import Path
