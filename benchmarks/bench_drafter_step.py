@@ -5,7 +5,7 @@
     python benchmarks/bench_drafter_step.py --sc-error           # top-k error on random models
     MLX_DGEMMA_SAMPLER=mlx python benchmarks/bench_drafter_step.py   # force the MLX path
 
-On Linux CPUs preload OpenBLAS for the float32 matmul (see docs/kernels.md):
+On Linux CPUs preload OpenBLAS for the float32 matmul (see mlx_dgemma/kernels/README.md):
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python benchmarks/...
 
 Timings are the median of ``--runs`` runs after ``--warmup`` runs, each ending in mx.eval.

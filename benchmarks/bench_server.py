@@ -14,7 +14,7 @@ stopping and every block runs ``--steps`` passes). ``prefill`` runs in this proc
 the ``tiny`` config (hidden 64, 4 layers, sliding window 8) and reports tokens/s, peak
 MLX memory and the cache's size.
 
-Results print as JSON lines and a Markdown table (docs/server.md quotes them).
+Results print as JSON lines and a Markdown table (the README (Serving) quotes them).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ positive factor changes nothing, and leaving the weights as they are keeps the t
 part equal, term for term, to the corresponding part of the exact sum. The missing tail
 mass ``1 - sum(top-k p)`` is given to the mean embedding row (``tail="mean"``, the
 default: right in expectation when the tail is spread evenly, and a large win on flat
-distributions) or dropped (``tail="drop"``). Measured error and speed: docs/kernels.md.
+distributions) or dropped (``tail="drop"``). Measured error and speed: mlx_dgemma/kernels/README.md.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ do not depend on scheduling.
 
 Keeping ``w`` relative to the running max (instead of ``sum p * x`` as the MLX path
 does) avoids the cancellation in ``lse - sum p x`` for nearly one-hot rows; the two
-agree to float32 rounding (see docs/kernels.md).
+agree to float32 rounding (see mlx_dgemma/kernels/README.md).
 
 The Gumbel noise hashes exactly the counters of ``mlx_dgemma.rng.gumbel``:
 ``u = ((lowbias32(key ^ token) >> 8) + 0.5) * 2^-24``, ``g = -log(-log(u))``, so the

@@ -5,7 +5,7 @@ the field and says why in one line, in OpenAI's error shape::
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
 
-Field policy (documented in docs/server.md):
+Field policy (documented in the README (Serving)):
 
 - mapped to the drafter: ``max_tokens`` / ``max_completion_tokens``, ``seed``,
   ``steps`` (= ``max_denoising_steps``), ``entropy_bound``, ``t_min``, ``t_max``,
