@@ -55,7 +55,10 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 
 BACKENDS = ("reference", "mlx_dgemma", "mlx-vlm")
-MLX_BACKENDS = ("mlx_dgemma", "mlx-vlm")
+# "mlx_dgemma+np": ours with the drafter's vocabulary passes through NumPy
+# (benchmarks/cpu_sampler.py), a what-if for a CPU sampling kernel; opt in with --backends.
+ALL_BACKENDS = BACKENDS + ("mlx_dgemma+np",)
+MLX_BACKENDS = ("mlx_dgemma", "mlx-vlm", "mlx_dgemma+np")
 
 
 def temperature(n: int, N: int) -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BACKENDS, CONFIGS, MLX_BACKENDS, mlx_env, torch_env  # noqa: E402
+from common import ALL_BACKENDS, BACKENDS, CONFIGS, MLX_BACKENDS, mlx_env, torch_env  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "worker.py"
@@ -96,14 +96,14 @@ def table(records: List[dict]) -> str:
         cells.setdefault((r["config"], r["bits"], r["prompt"]), {})[r["backend"]] = r
     for (config, bits, prompt), by in cells.items():
         ours, ref, vlm = by.get("mlx_dgemma"), by.get("reference"), by.get("mlx-vlm")
-        for name in BACKENDS:
+        for name in ALL_BACKENDS:
             r = by.get(name)
             if not r:
                 continue
             e2e = r.get("e2e") or {}
             peak = r.get("peak_mlx_gb") if r.get("peak_mlx_gb") else r.get("peak_rss_gb")
             extra = ["", "", "", ""]
-            if name == "mlx_dgemma":
+            if name.startswith("mlx_dgemma"):
                 extra = [
                     ratio(r["step_ms"], ref and ref["step_ms"]), ratio(r["step_ms"], vlm and vlm["step_ms"]),
                     ratio(r["block_ms"], ref and ref["block_ms"]), ratio(r["block_ms"], vlm and vlm["block_ms"]),
@@ -127,14 +127,15 @@ def chart(records: List[dict], path: Path) -> None:
     groups = sorted({(r["config"], r["bits"], r["prompt"]) for r in records},
                     key=lambda g: (list(CONFIGS).index(g[0]), g[1], g[2]))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.2))
-    width = 0.8 / len(BACKENDS)
-    colors = {"reference": "#9e9e9e", "mlx_dgemma": "#1f77b4", "mlx-vlm": "#ff7f0e"}
-    for i, name in enumerate(BACKENDS):
+    names = [b for b in ALL_BACKENDS if any(r["backend"] == b for r in records)]
+    width = 0.8 / len(names)
+    colors = {"reference": "#9e9e9e", "mlx_dgemma": "#1f77b4", "mlx-vlm": "#ff7f0e", "mlx_dgemma+np": "#2ca02c"}
+    for i, name in enumerate(names):
         xs, ys = [], []
         for j, g in enumerate(groups):
             r = next((r for r in records if (r["config"], r["bits"], r["prompt"]) == g and r["backend"] == name), None)
             if r and r.get("step_ms"):
-                xs.append(j + (i - 1) * width)
+                xs.append(j + (i - (len(names) - 1) / 2) * width)
                 ys.append(r["step_ms"])
         ax.bar(xs, ys, width, label=name, color=colors[name])
     ax.set_xticks(range(len(groups)))
@@ -152,7 +153,8 @@ def main(argv=None) -> None:
     p.add_argument("--configs", default="tiny,mid", help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--prompts", default="64", help="prompt lengths, e.g. 64,2048")
     p.add_argument("--bits", default="0,4", help="0 = float32; 4 = 4-bit (MLX backends, tiny and mid only)")
-    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help=f"comma list of {', '.join(ALL_BACKENDS)} (the last is a what-if, see cpu_sampler.py)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="repeat the sweep, interleaving backends")
@@ -171,8 +173,8 @@ def main(argv=None) -> None:
             p.error(f"--configs: unknown configuration {c!r} (expected {', '.join(CONFIGS)})")
     backends = [b for b in args.backends.split(",") if b]
     for b in backends:
-        if b not in BACKENDS:
-            p.error(f"--backends: unknown backend {b!r} (expected {', '.join(BACKENDS)})")
+        if b not in ALL_BACKENDS:
+            p.error(f"--backends: unknown backend {b!r} (expected {', '.join(ALL_BACKENDS)})")
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -170,6 +170,13 @@ def bench_ours(args) -> dict:
         from mlx_dgemma import kernels
 
         sample_fn, sampler = kernels.sample_step, "kernels:" + kernels.backend()
+    soft = None
+    if args.backend == "mlx_dgemma+np":  # what-if: a NumPy CPU "kernel" (cpu_sampler.py)
+        import mlx_dgemma.drafter as drafter_mod
+        from cpu_sampler import sample_step_numpy, soft_embeddings_numpy
+
+        sample_fn, sampler, soft = sample_step_numpy, "numpy (prototype)", soft_embeddings_numpy
+        drafter_mod._soft_embeddings = soft_embeddings_numpy
 
     ckpt = Path(args.ckpt)
     t = now()
@@ -202,7 +209,10 @@ def bench_ours(args) -> dict:
         accept = entropy_bound_mask(s.entropy, ENTROPY_BOUND)
         renoise = rng.random_tokens(rng.position_keys(seeds, rng.RENOISE, 0, n, L), V)
         new = mx.where(accept, s.sampled, renoise)
-        sc = model.soft_embeddings(probabilities(logits, temp, s.lse))
+        if soft is not None:
+            sc = soft(model, logits, temp, s.lse)
+        else:
+            sc = model.soft_embeddings(probabilities(logits, temp, s.lse))
         return new, s.argmax, sc, s.entropy.mean(-1), accept
 
     # 1. whole steps, through the drafter generate() uses
@@ -474,7 +484,8 @@ def bench_reference(args) -> dict:
     )
 
 
-BENCH = {"mlx_dgemma": bench_ours, "mlx-vlm": bench_vlm, "reference": bench_reference}
+BENCH = {"mlx_dgemma": bench_ours, "mlx_dgemma+np": bench_ours, "mlx-vlm": bench_vlm,
+         "reference": bench_reference}
 
 
 def main(argv=None) -> None:

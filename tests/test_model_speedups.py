@@ -189,3 +189,28 @@ def test_decoder_step_is_rebuilt_when_the_cache_changes(model):
         c_new.state = c_old.state
         c_new.offset = c_old.offset
     close(np.array(model.denoise(canvas, again)), after)
+
+
+def test_numpy_cpu_sampler_prototype_matches_sample_step_mlx():
+    """benchmarks/cpu_sampler.py (the CPU 'kernel' what-if) keeps sample_step_mlx's tokens."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from cpu_sampler import sample_step_numpy, soft_embeddings_numpy
+
+    from mlx_dgemma import rng
+    from mlx_dgemma.sampling import probabilities, sample_step_mlx
+
+    model = tiny_model(7)
+    logits = mx.tanh(mx.random.normal((2, 16, 160)) * 2) * 30
+    keys = rng.position_keys([3, 4], rng.SAMPLE, 0, 5, 16)
+    for temp in (0.45, 0.8):
+        a, b = sample_step_mlx(logits, temp, keys), sample_step_numpy(logits, temp, keys)
+        assert (np.array(a.sampled) == np.array(b.sampled)).all()
+        assert (np.array(a.argmax) == np.array(b.argmax)).all()
+        assert np.allclose(np.array(a.entropy), np.array(b.entropy), atol=1e-4)
+        assert np.allclose(np.array(a.lse), np.array(b.lse), atol=1e-4)
+        want = model.soft_embeddings(probabilities(logits, temp, a.lse))
+        got = soft_embeddings_numpy(model, logits, temp, a.lse)
+        assert float(mx.abs(want - got).max()) <= 1e-4
