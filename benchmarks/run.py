@@ -148,6 +148,14 @@ def chart(records: List[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def save(samples: Dict[tuple, List[dict]], out: Path) -> List[dict]:
+    records = [merge(v) for v in samples.values()]
+    meta = {"argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": os.uname().machine,
+            "cpus": os.cpu_count(), "platform": sys.platform}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    return records
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Benchmark mlx_dgemma, the PyTorch reference and mlx-vlm.")
     p.add_argument("--configs", default="tiny,mid", help=f"comma list of {', '.join(CONFIGS)}")
@@ -160,6 +168,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="repeat the sweep, interleaving backends")
     p.add_argument("--e2e-steps", type=int, default=None, help="denoising steps per block end to end "
                    "(default per config: tiny 48, mid 16, real-layer 4; 0 skips)")
+    p.add_argument("--e2e-quantized", action="store_true", help="also run end to end at 4 bits")
     p.add_argument("--sampler", choices=["mlx", "kernels"], default="mlx", help="our sampling step")
     p.add_argument("--work", default=os.environ.get("MLX_DGEMMA_BENCH_WORK", "/tmp/mlx_dgemma_bench"),
                    help="where the random checkpoints are kept")
@@ -192,11 +201,14 @@ def main(argv=None) -> None:
                     for backend in backends:
                         if bits and backend not in MLX_BACKENDS:
                             continue
+                        # quantized matmuls run at a few GFLOP/s on CPUs: no end-to-end there
+                        # unless asked (--e2e-quantized)
+                        e2e_cell = e2e if (not bits or args.e2e_quantized) else 0
                         cmd = [sys.executable, str(WORKER), "bench", "--backend", backend, "--config", config,
                                "--ckpt", str(ckpt), "--prompt", str(prompt), "--bits", str(bits),
                                "--group-size", "32" if config == "tiny" else "64",
                                "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-                               "--e2e-steps", str(e2e), "--sampler", args.sampler]
+                               "--e2e-steps", str(e2e_cell), "--sampler", args.sampler]
                         env = mlx_env() if backend in MLX_BACKENDS else torch_env()
                         print(f"[round {rnd + 1}] {config} bits={bits or 'f32'} prompt={prompt} {backend} ...",
                               flush=True)
@@ -204,10 +216,8 @@ def main(argv=None) -> None:
                         if r:
                             print(f"    step {r['step_ms']} ms, block {r['block_ms']} ms", flush=True)
                             samples.setdefault((config, bits, prompt, backend), []).append(r)
-    records = [merge(v) for v in samples.values()]
-    meta = {"argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": os.uname().machine,
-            "cpus": os.cpu_count(), "platform": sys.platform}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+                            save(samples, out)  # a long sweep keeps what it has measured
+    records = save(samples, out)
     md = table(records)
     (out / "results.md").write_text(md + "\n")
     print(md)

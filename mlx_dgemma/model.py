@@ -442,6 +442,7 @@ class Model(nn.Module):
         self.compile_decoder = gpu
         self.expert_dispatch = "grouped" if big_experts and not gpu else "gather"
         self.numpy_softcap = not gpu  # see numpy_softcap (not traceable: eager steps only)
+        self.prefill_chunk = 512  # encode(): tokens per encoder pass (0 = all at once)
 
     @property
     def decoder(self) -> Decoder:
@@ -462,9 +463,23 @@ class Model(nn.Module):
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
     def encode(self, tokens: mx.array, cache: PrefixCache) -> None:
-        """Run the causal encoder over ``tokens`` [B, T] and append their K/V to ``cache``."""
+        """Run the causal encoder over ``tokens`` [B, T] and append their K/V to ``cache``.
+
+        Long inputs go through in chunks of ``prefill_chunk`` tokens (the same result:
+        each chunk attends causally to the cache and itself). A sliding layer then scores
+        each chunk against at most ``sliding_window - 1 + chunk`` keys instead of all
+        ``T``, and a full layer skips most of the masked upper triangle.
+        """
         if tokens.ndim == 1:
             tokens = tokens[None]
+        T, chunk = tokens.shape[1], self.prefill_chunk
+        if chunk and T > chunk:
+            for start in range(0, T, chunk):
+                self._encode(tokens[:, start : start + chunk], cache)
+            return
+        self._encode(tokens, cache)
+
+    def _encode(self, tokens: mx.array, cache: PrefixCache) -> None:
         T = tokens.shape[1]
         offset = cache.offset
         h = self._embed(tokens)

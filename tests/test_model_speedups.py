@@ -214,3 +214,21 @@ def test_numpy_cpu_sampler_prototype_matches_sample_step_mlx():
         want = model.soft_embeddings(probabilities(logits, temp, a.lse))
         got = soft_embeddings_numpy(model, logits, temp, a.lse)
         assert float(mx.abs(want - got).max()) <= 1e-4
+
+
+def test_chunked_prefill_equals_one_pass(model):
+    rng = np.random.default_rng(6)
+    prompt = mx.array(rng.integers(0, 160, (1, 45)))
+    canvas = mx.array(rng.integers(0, 160, (1, 16)))
+    with switched(model, prefill_chunk=0):
+        whole = model.make_cache()
+        model.encode(prompt, whole)
+        want = np.array(model.denoise(canvas, whole))
+    with switched(model, prefill_chunk=16):  # 16 + 16 + 13, across the sliding window of 8
+        chunked = model.make_cache()
+        model.encode(prompt, chunked)
+        got = np.array(model.denoise(canvas, chunked))
+    assert chunked.offset == whole.offset == 45
+    for a, b in zip(chunked, whole):
+        close(np.array(a.state[0]), np.array(b.state[0]))
+    close(got, want)
