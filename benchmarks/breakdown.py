@@ -71,10 +71,14 @@ def parts(args) -> dict:
     V, L, R = a.vocab_size, a.canvas_length, args.repeats
     out = {}
     model.compile_decoder = False  # parts are timed eagerly; the whole step both ways
-    out["step forward (eager)"] = timed(lambda: model.denoise(canvas, cache, self_conditioning_embeddings=sc), R)
-    model.compile_decoder = True
-    out["step forward (compiled)"] = timed(lambda: model.denoise(canvas, cache, self_conditioning_embeddings=sc), R)
+    out["step forward (defaults)"] = timed(lambda: model.denoise(canvas, cache, self_conditioning_embeddings=sc), R)
+    # compiling needs the traceable paths: gather_mm experts, MLX softcap
+    saved = model.expert_dispatch, model.numpy_softcap
+    model.compile_decoder, model.expert_dispatch, model.numpy_softcap = True, "gather", False
+    out["step forward (compiled, gather experts, MLX softcap)"] = timed(
+        lambda: model.denoise(canvas, cache, self_conditioning_embeddings=sc), R)
     model.compile_decoder = False
+    model.expert_dispatch, model.numpy_softcap = saved
 
     dec = model.decoder
     out["embed + self-conditioning MLP"] = timed(lambda: dec.self_conditioning(model._embed(canvas), sc), R)
