@@ -15,6 +15,11 @@ PrefixCache (batch 1 each), one per row, with prompts of different lengths: the 
 ragged batch. Each layer's prefix K/V is then left-padded to the longest under a key
 mask, and each row's canvas positions start at its own ``cache.offset``.
 
+Speed switches (attributes of Model; outputs agree within float rounding; defaults per
+backend, see benchmarks/README.md): ``compile_decoder`` (GPUs), ``expert_dispatch``
+("gather" | "grouped": CPU with large experts), ``numpy_softcap`` (CPU),
+``merge_prefix`` (off), ``prefill_chunk`` (512 tokens per encoder pass).
+
 The module tree mirrors the checkpoint's key names (``model.decoder.…``) so that the
 on-disk layout of mlx-community's conversions loads with only the expert split in
 ``sanitize``. The encoder's layer scalars are the only weights not shared with the
