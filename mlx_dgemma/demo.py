@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -164,32 +162,12 @@ def _printable_token_mask(tok, vocab_size: int) -> np.ndarray:
     return ok
 
 
-def _hf_keys(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    """Our module tree -> the converted folder's Hugging Face key names."""
-    out = {}
-    enc, dec = "model.encoder.language_model.", "model.decoder."
-    for k, v in weights.items():
-        if ".experts.switch_glu." in k:
-            base, rest = k.split(".experts.switch_glu.")
-            if rest.startswith("gate_proj"):
-                up = weights[k.replace("gate_proj", "up_proj")]
-                out[f"{base}.experts.gate_up_proj.weight"] = mx.concatenate([v, up], axis=-2)
-            elif rest.startswith("down_proj"):
-                out[f"{base}.experts.down_proj.weight"] = v
-            continue
-        if k.endswith(".encoder_layer_scalar"):
-            out[enc + k[len(dec): -len("encoder_layer_scalar")] + "layer_scalar"] = v
-            continue
-        out[k] = v
-    return out
-
-
 def build_demo(path: Path, seed: int = 0, vocab_size: int = 512, canvas_length: int = 128) -> Path:
     """Write the demo model folder at ``path`` (replacing it)."""
-    import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from .config import ModelArgs
+    from .folder import hf_weights, write_model_folder
     from .model import Model
 
     path = Path(path)
@@ -220,42 +198,28 @@ def build_demo(path: Path, seed: int = 0, vocab_size: int = 512, canvas_length: 
     for name in ("down_proj",):
         k = f"model.decoder.self_conditioning.{name}.weight"
         params[k] = params[k] * 0.1
-    weights = _hf_keys(params)
 
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=str(path.parent) if path.parent.exists() else None))
-    try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        total = sum(v.nbytes for v in weights.values())
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": {k: "model.safetensors" for k in sorted(weights)}},
-            indent=1))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(dict(
-            # the released checkpoint's settings, except 16 steps (not 48): random weights
-            # never settle, and the demo should finish in seconds on a CPU
-            max_new_tokens=256, max_denoising_steps=16, sampler_config={"entropy_bound": 0.1},
-            t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
-            eos_token_id=[EOS, TURN_CLOSE], pad_token_id=PAD, bos_token_id=BOS,
-        ), indent=2))
-        tok.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(dict(
+    def write_tokenizer(dst: Path) -> None:
+        tok.save(str(dst / "tokenizer.json"))
+        (dst / "tokenizer_config.json").write_text(json.dumps(dict(
             tokenizer_class="PreTrainedTokenizerFast",
             bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
             additional_special_tokens=SPECIAL_TOKENS[4:],
             model_max_length=args.max_position_embeddings,
             clean_up_tokenization_spaces=False,
         ), indent=2))
-        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-        (tmp / "README.md").write_text(
-            "# DiffusionGemma demo (untrained)\n\n" + UNTRAINED_NOTICE + "\n\nBuilt by `mlx_dgemma.demo`.\n"
-        )
-        if path.exists():
-            shutil.rmtree(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    write_model_folder(
+        path, config, hf_weights(params), tokenizer=write_tokenizer, chat_template=CHAT_TEMPLATE,
+        generation_config=dict(
+            # the released checkpoint's settings, except 16 steps (not 48): random weights
+            # never settle, and the demo should finish in seconds on a CPU
+            max_new_tokens=256, max_denoising_steps=16, sampler_config={"entropy_bound": 0.1},
+            t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
+            eos_token_id=[EOS, TURN_CLOSE], pad_token_id=PAD, bos_token_id=BOS,
+        ),
+        readme="# DiffusionGemma demo (untrained)\n\n" + UNTRAINED_NOTICE + "\n\nBuilt by `mlx_dgemma.demo`.\n",
+    )
     return path
 
 

@@ -75,16 +75,13 @@ def write_random_model(path, text_config: Dict[str, Any], canvas_length: int = 2
     from mlx.utils import tree_flatten
 
     from ..config import ModelArgs
+    from ..folder import hf_weights, write_model_folder
     from ..model import Model
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "diffusion_gemma", "canvas_length": canvas_length,
               "text_config": {"model_type": "diffusion_gemma_text", **TOKEN_IDS, **text_config}}
     mx.random.seed(seed)
     model = Model(ModelArgs.from_config(config))
-    weights = dict(tree_flatten(model.parameters()))
-    weights = {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (path / "config.json").write_text(json.dumps(config, indent=1))
+    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
+    path = write_model_folder(path, config, hf_weights(weights))
     return path

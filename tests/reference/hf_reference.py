@@ -82,10 +82,8 @@ def save_checkpoint(model: DiffusionGemmaForBlockDiffusion, path: Path, prefix: 
     model.decoder); ``encoder``: shared weights under model.encoder.language_model;
     ``both``: both copies. The encoder's layer scalars are always written.
     """
-    from safetensors.torch import save_file
+    from mlx_dgemma.folder import write_model_folder
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     enc, dec = "model.encoder.language_model.", "model.decoder."
     out = {}
@@ -104,21 +102,18 @@ def save_checkpoint(model: DiffusionGemmaForBlockDiffusion, path: Path, prefix: 
             out[k] = v
             continue
         out[k] = v
-    # clone so shared storage never reaches safetensors
-    out = {k: v.clone() for k, v in out.items()}
-    keys = sorted(out)
-    n = max(1, min(shards, len(keys)))
-    weight_map = {}
-    for i in range(n):
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        part = {k: out[k] for k in keys[i::n]}
-        save_file(part, str(path / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     cfg = model.config.to_dict()
     cfg.update(extra_config or {})
-    (path / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
-    return path
+    cfg = json.loads(json.dumps(cfg, default=str))
+    return write_model_folder(path, cfg, {k: _to_mlx(v) for k, v in out.items()}, shards=shards)
+
+
+def _to_mlx(t: torch.Tensor):
+    import mlx.core as mx
+
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16
+        return mx.array(t.float().numpy()).astype(mx.bfloat16)
+    return mx.array(t.numpy())
 
 
 def _t(x) -> torch.Tensor:
