@@ -82,6 +82,7 @@ def _checkpointed(layer: nn.Module, fn: Callable) -> Callable:
 
 def encoder_pass(model: Model, tokens: mx.array, checkpoint: bool = False):
     """The causal encoder over ``tokens`` [B, T]: per-layer (K, V) and its logits [B, T, V]."""
+    prepare_for_training(model)
     args = model.args
     T = tokens.shape[1]
     h = model._embed(tokens)
@@ -118,6 +119,7 @@ def decoder_masks(model: Model, starts: mx.array, T: int, L: int) -> Tuple[mx.ar
 def decoder_pass(model: Model, canvas: mx.array, signal: Optional[mx.array], kv, masks, offset,
                  checkpoint: bool = False) -> mx.array:
     """Decoder logits [B, L, V] for ``canvas`` over the given per-layer K/V and key masks."""
+    prepare_for_training(model)
     h = model.decoder.self_conditioning(model._embed(canvas), signal)
     for i, (layer, (k, v)) in enumerate(zip(model.layers, kv)):
         mask = masks[0] if model.args.is_full(i) else masks[1]
@@ -159,7 +161,6 @@ def objective(
     corrupt, noise = batch["corrupt"], batch["noise"]
     B, T = tokens.shape
     L = corrupt.shape[1]
-    prepare_for_training(model)
 
     kv, enc_logits = encoder_pass(model, tokens, checkpoint)
     valid = mx.arange(1, T)[None] < lengths[:, None]  # next-token pairs inside the sequence
