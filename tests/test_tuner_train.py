@@ -101,3 +101,176 @@ def test_lora_learns_the_replies_and_survives_fuse_and_export(tmp_path):
         out = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
         got.append(htok.decode(out, skip_special_tokens=True))
     assert got == want
+
+
+def examples(tok, n=8):
+    from mlx_dgemma.tuner.datasets import chat_example
+
+    rows = [chat(f"Question {i}: {'x' * (3 * i)}?", f"Answer {i}{'!' * i}") for i in range(n)]
+    return [chat_example(tok, r["messages"], source=f"row {i}") for i, r in enumerate(rows)]
+
+
+def test_router_is_frozen_and_full_fine_tuning_trains_the_rest(tiny, tmp_path):
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_dgemma.tuner import TrainingArgs, objective, setup_fine_tuning, train
+    from mlx_dgemma.tuner.datasets import BatchSpec, make_batch
+
+    model, tok = mlx_dgemma.load(tiny)
+    data = examples(tok, 4)
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    # the router does get a gradient from the objective ...
+    model.unfreeze()
+    spec = BatchSpec(model.args.canvas_length, model.args.vocab_size, tok.eos_token_id, 0)
+    g = dict(tree_flatten(nn.value_and_grad(model, lambda m, b: objective(m, b).loss)(
+        model, make_batch(data, [0, 1, 2, 3], 1, spec, data))[1]))
+    assert float(mx.abs(g["model.decoder.layers.0.router.proj.weight"]).max()) > 0
+    # ... which training never applies
+    setup_fine_tuning(model, "full")
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert not [k for k in trainable if ".router." in k or k.endswith("layer_scalar")]
+    for k in ("model.decoder.embed_tokens.weight", "model.decoder.self_conditioning.gate_proj.weight",
+              "model.decoder.layers.1.experts.switch_glu.down_proj.weight", "model.decoder.norm.weight"):
+        assert k in trainable
+    train(model, optim.Adam(1e-2), data, None,
+          TrainingArgs(batch_size=4, iters=3, adapter_file=str(tmp_path / "a.safetensors"), steps_per_report=3),
+          log=lambda *a, **k: None)
+    after = dict(tree_flatten(model.parameters()))
+    for k, v in before.items():
+        moved = not np.array_equal(v, np.array(after[k]))
+        assert moved == (k in trainable), f"{k}: {'changed' if moved else 'unchanged'}"
+    saved = mx.load(str(tmp_path / "a.safetensors"))
+    assert set(saved) == set(trainable)
+
+
+def one_line_error(capsys, rc, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    for n in needles:
+        assert str(n) in err[0], err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("case", ["malformed", "no_assistant", "empty", "missing", "long_prompt", "bad_format"])
+def test_bad_data_is_a_one_line_error_naming_file_and_line(tiny, tmp_path, capsys, case):
+    good = [chat(p, r) for p, r in PAIRS]
+    rows = {"malformed": [good[0], '{"messages": [', good[1]],
+            "no_assistant": [good[0], {"messages": [{"role": "user", "content": "hi"}]}],
+            "empty": [], "missing": None, "long_prompt": [good[0], chat("y" * 300, "ok")],
+            "bad_format": [{"question": "hi", "answer": "there"}]}[case]
+    data = write_data(tmp_path / "d", rows)
+    train_file = data / "train.jsonl"
+    rc = run_lora("--model", tiny, "--train", "--data", data, "--iters", 1, "--batch-size", 1,
+                  "--max-seq-length", 256, "--adapter-path", tmp_path / "ad")
+    needles = {"malformed": [f"{train_file}:2:", "not valid JSON"],
+               "no_assistant": [f"{train_file}:2:", "no assistant turn"],
+               "empty": [str(train_file), "empty"], "missing": [str(train_file), "missing"],
+               "long_prompt": [f"{train_file}:2:", "--max-seq-length 256"],
+               "bad_format": [f"{train_file}:1:", "unknown record format"]}[case]
+    one_line_error(capsys, rc, *needles)
+    assert not (tmp_path / "ad" / "adapters.safetensors").exists()
+
+
+def test_bad_flags_and_adapters_are_one_line_errors(tiny, tmp_path, capsys):
+    data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS], test=[chat(p, r) for p, r in PAIRS])
+    rc = run_lora("--model", tiny, "--train", "--data", data, "--resume-adapter-file", tmp_path / "nope.safetensors")
+    one_line_error(capsys, rc, "--resume-adapter-file", "nope.safetensors")
+    rc = run_lora("--model", tiny, "--train", "--data", tmp_path / "nowhere")
+    one_line_error(capsys, rc, "--data", "nowhere")
+
+    ad = tmp_path / "ad"  # adapters of rank 4 for the tiny model
+    (tmp_path / "c.yaml").write_text("lora_parameters: {rank: 4}\n")
+    assert run_lora("--model", tiny, "--train", "--data", data, "--iters", 1, "--batch-size", 2,
+                    "--adapter-path", ad, "-c", tmp_path / "c.yaml", "--no-plot") == 0
+    capsys.readouterr()
+    # another model: the recorded shapes differ
+    other = tiny_model(tmp_path / "other", hidden_size=64, intermediate_size=128)
+    rc = run_lora("--model", other, "--test", "--data", data, "--adapter-path", ad)
+    one_line_error(capsys, rc, "adapter_config.json", "hidden_size 128", "has 64")
+    # another rank: the config says 8, the tensors are rank 4
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["lora_parameters"]["rank"] = 8
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    rc = run_lora("--model", tiny, "--test", "--data", data, "--adapter-path", ad)
+    one_line_error(capsys, rc, "adapters.safetensors", "shape", "rank")
+    with pytest.raises(mlx_dgemma.WeightsError, match="rank"):
+        mlx_dgemma.load(tiny, adapter_path=ad)
+    # and as --resume-adapter-file of a rank-8 run
+    (tmp_path / "c8.yaml").write_text("lora_parameters: {rank: 8}\n")
+    rc = run_lora("--model", tiny, "--train", "--data", data, "--iters", 1, "--resume-adapter-file",
+                  ad / "adapters.safetensors", "-c", tmp_path / "c8.yaml", "--adapter-path", tmp_path / "ad8")
+    one_line_error(capsys, rc, "adapters.safetensors", "shape")
+    (tmp_path / "bad.yaml").write_text("lora_parameters: {rank: two}\n")
+    rc = run_lora("--model", tiny, "--train", "--data", data, "-c", tmp_path / "bad.yaml")
+    one_line_error(capsys, rc, "lora_parameters.rank")
+
+
+def test_saves_are_atomic(tiny, tmp_path, monkeypatch):
+    from mlx_dgemma.tuner.utils import save_adapters, setup_fine_tuning
+
+    model, _ = mlx_dgemma.load(tiny, tokenizer=False)
+    setup_fine_tuning(model, "lora")
+    path = save_adapters(model, tmp_path / "adapters.safetensors")
+    good = path.read_bytes()
+
+    def broken(file, arrays, metadata=None):
+        Path(file).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mx, "save_safetensors", broken)
+    with pytest.raises(OSError):
+        save_adapters(model, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["adapters.safetensors"]
+
+
+def lora_cmd(model, data, ad, *extra):
+    return [sys.executable, "-m", "mlx_dgemma.lora", "--model", str(model), "--train", "--data", str(data),
+            "--batch-size", "4", "--learning-rate", "1e-2", "--steps-per-report", "1", "--adapter-path", str(ad),
+            "--save-every", "1000", *map(str, extra)]
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def first_loss(stdout):
+    line = next(l for l in stdout.splitlines() if l.startswith("Iter 1: Train loss"))
+    return float(line.split("Train loss ")[1].split()[0])
+
+
+def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path):
+    data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS])
+    ad = tmp_path / "ad"
+    proc = subprocess.Popen(lora_cmd(tiny, data, ad, "--iters", 100000, "-c", _constant(tmp_path)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("Iter 30: Train loss"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(out) + rest
+    assert proc.returncode == 130, out
+    saved = ad / "adapters.safetensors"
+    assert f"adapter weights saved to {saved}" in out
+    assert "Traceback" not in out
+    weights = mx.load(str(saved))
+    assert weights and all(k.endswith(("lora_a", "lora_b")) for k in weights)
+    assert (ad / "loss.png").is_file()
+
+    fresh = subprocess.run(lora_cmd(tiny, data, tmp_path / "fresh", "--iters", 1, "-c", _constant(tmp_path)),
+                           capture_output=True, text=True, env=env())
+    resumed = subprocess.run(lora_cmd(tiny, data, tmp_path / "res", "--iters", 1, "-c", _constant(tmp_path),
+                                      "--resume-adapter-file", saved), capture_output=True, text=True, env=env())
+    assert fresh.returncode == 0 and resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # the same first batch and noise (same seed): only the weights differ
+    assert first_loss(resumed.stdout) < 0.8 * first_loss(fresh.stdout)
+
+
+def _constant(tmp_path):
+    p = tmp_path / "constant.yaml"
+    p.write_text("lr_schedule: constant\n")
+    return p
