@@ -10,7 +10,6 @@ Adam: Adam divides by sqrt(v), so entries whose gradient is zero up to rounding 
 """
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -26,18 +25,18 @@ def test_two_ring_processes_equal_one(tmp_path):
     model = tiny_model(tmp_path / "m")
     rows = [chat(f"Question {i}: {'x' * (3 * i)}?", f"Answer {i}{'!' * (2 * i)}") for i in range(8)]
     data = write_data(tmp_path / "d", rows, valid=rows[:4])
-    run = tmp_path / "run.py"
-    run.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom mlx_dgemma.lora import main\nsys.exit(main())\n")
     common = ["--model", model, "--train", "--data", data, "--batch-size", 4, "--grad-accumulation-steps", 2,
               "--iters", 6, "--steps-per-report", 1, "--steps-per-eval", 3, "--val-batches", -1,
               "--optimizer", "sgd", "--learning-rate", 0.5, "--save-every", 1000]
     common = [str(a) for a in common]
-    one = subprocess.run([sys.executable, str(run), *common, "--adapter-path", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "mlx_dgemma.lora", *common, "--adapter-path", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env(), timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr
     launch = Path(sys.executable).with_name("mlx.launch")
+    # the README's command, with both processes on this machine
     two = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--starting-port",
-                          str(random.randint(20000, 40000)), "--python", sys.executable, str(run), *common,
+                          str(random.randint(20000, 40000)), "--env", f"PYTHONPATH={ROOT}",
+                          "--python", sys.executable, "--", "-m", "mlx_dgemma.lora", *common,
                           "--adapter-path", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env(), timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
