@@ -12,7 +12,9 @@ Field policy (documented in the README (Serving)):
   ``confidence_threshold``, ``stability_threshold``, ``sc_top_k``; ``stop``;
   thinking via ``enable_thinking``, ``chat_template_kwargs.enable_thinking`` or
   ``reasoning_effort``; ``return_token_ids`` (vLLM's extension) adds the generated and
-  prompt token ids to the reply;
+  prompt token ids to the reply; our extension ``decode`` ("diffusion", "verified" or
+  "ar"; see ``mlx_dgemma.verify``) with ``verify`` ("greedy" or "sample", the encoder
+  sampling at temperature 1) and ``draft_steps``;
 - OpenAI sampling fields that would change the output (``temperature``, ``top_p``,
   penalties, ``logit_bias``, ``logprobs``, ``n > 1``, tools, JSON modes...) are accepted
   only at their neutral value (what omitting them means) and otherwise get a 400 saying
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..drafter import DenoiseSettings, SettingsError
+from ..verify import DECODE_MODES, VERIFY_RULES
 
 
 class APIError(Exception):
@@ -102,7 +105,8 @@ BENIGN = {
 }
 
 COMMON = {"model", "stream", "max_tokens", "max_completion_tokens", "seed", "stop",
-          "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids", *SAMPLER_FIELDS}
+          "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids", *SAMPLER_FIELDS,
+          "decode", "verify", "draft_steps"}
 CHAT_FIELDS = COMMON | {"messages"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 
@@ -124,6 +128,9 @@ class Parsed:
     prompt: Any = None  # completions: str or list of token ids
     return_token_ids: bool = False  # vLLM's extension: token ids in the reply
     ignored: List[str] = field(default_factory=list)
+    decode: str = "diffusion"  # our extension: "diffusion", "verified" or "ar"
+    verify: str = "greedy"
+    draft_steps: Optional[int] = None
 
 
 def _is_neutral(value: Any, neutral: Tuple[Any, ...]) -> bool:
@@ -238,8 +245,14 @@ def parse_request(body: Any, chat: bool, ignore_sampling: bool = False, log=None
     rti = body.get("return_token_ids", False)
     if not isinstance(rti, bool) and rti is not None:
         raise APIError(f"return_token_ids must be a boolean, got {rti!r}", param="return_token_ids")
+    decode, verify = body.get("decode") or "diffusion", body.get("verify") or "greedy"
+    if decode not in DECODE_MODES:
+        raise APIError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}", param="decode")
+    if verify not in VERIFY_RULES:
+        raise APIError(f"verify must be one of {', '.join(VERIFY_RULES)}, got {verify!r}", param="verify")
     parsed = Parsed(model, stream, include_usage, max_tokens, seed, stop, overrides, bool(thinking),
-                    kwargs, return_token_ids=bool(rti), ignored=ignored)
+                    kwargs, return_token_ids=bool(rti), ignored=ignored, decode=decode, verify=verify,
+                    draft_steps=_int(body, "draft_steps", 1))
     if chat:
         parsed.messages = _messages(body.get("messages"))
     else:
