@@ -409,6 +409,7 @@ def stream_generate(
     if canvas_template is not None or constraints:
         pinned = template_constraints(tokenizer, canvas_template, hole) if canvas_template is not None else {}
         pinned.update(constraints or {})
+        pinned = check_constraints(pinned, max_tokens, model.args.vocab_size)
     parser = ThoughtParser(tokenizer, thinking=thinking, prompt_tokens=ids, stop_tokens=eos)
     kept: List[int] = []
     total_steps = 0
