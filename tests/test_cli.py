@@ -129,6 +129,14 @@ def test_canvas_template_and_confidence_sampler(env, demo_model, capsys):
     assert "".join(x.text for x in r) == text.rstrip("\n")
 
 
+def test_load_by_builtin_name(env):
+    import mlx_dgemma
+
+    model, tok = mlx_dgemma.load("demo")  # the name, not a folder in the working directory
+    assert model.args.canvas_length == 128 and tok is not None
+    assert str(model.path).startswith(os.environ[demo.CACHE_ENV])
+
+
 def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "demo"])  # --prompt missing
