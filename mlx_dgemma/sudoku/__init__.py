@@ -16,7 +16,7 @@ architecture), ``data`` (training and held-out sets), ``train`` (the one rebuild
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 from .grid import SudokuInputError, draw, givens, is_solution, parse
 from .rater import rate
@@ -67,6 +67,62 @@ def _grid_of(tokens: Sequence[int], tokenizer) -> str:
     return "".join(c if len(c) == 1 and c in "123456789" else "0" for c in cells)
 
 
+class Solved(NamedTuple):
+    """One puzzle's outcome (``solve_details``)."""
+
+    grid: str  # the model's 81 cells ("0" where it wrote no digit)
+    solved: bool  # every cell right: givens kept, each unit 1-9 once
+    passes: int  # decoder passes (denoising steps) the canvas took
+    tokens_per_forward: float  # the reference's formula: non-pad canvas tokens / passes
+    cells_per_forward: float  # blanks filled / passes
+
+
+def solve_details(
+    puzzles: Sequence[str],
+    steps: Optional[int] = None,
+    seed: int = 0,
+    *,
+    model: Union[str, Path, tuple] = "sudoku",
+    batch_size: int = 64,
+    on_draft=None,
+    **sampler,
+) -> List[Solved]:
+    """:func:`solve` with the counts: one :class:`Solved` per puzzle."""
+    grids = [parse(p, what=f"puzzle {k + 1}") for k, p in enumerate(puzzles)]
+    if not grids:
+        return []
+    from ..chat import encode_prompt
+    from ..generate import GenerateInputError, generate_blocks, generation_defaults, make_settings, resolve_ids
+    from .recipe import prompt_messages
+
+    mdl, tok = load_model(model)
+    try:
+        settings = make_settings(mdl, None, max_denoising_steps=steps, **sampler)
+    except TypeError as e:  # an unknown keyword
+        raise GenerateInputError(str(e)) from None
+    eos, pad = resolve_ids(mdl, generation_defaults(mdl))
+    out: List[Solved] = []
+    for start in range(0, len(grids), batch_size):
+        chunk = grids[start : start + batch_size]
+        prompts = [encode_prompt(tok, prompt_messages(g)) for g in chunk]
+        pins = [constraints_for(g, tok) for g in chunk]
+        seeds = [seed + start + k for k in range(len(chunk))]
+
+        def show(d):
+            import numpy as np
+
+            on_draft([_grid_of(row, tok) for row in np.array(d.tokens)], d)
+
+        block = next(iter(generate_blocks(
+            mdl, prompts, settings=settings, max_tokens=mdl.args.canvas_length, seeds=seeds, eos_token_ids=eos,
+            pad_token_id=pad, constraints=pins, on_draft=show if on_draft is not None else None)))
+        for g, row, passes, tpf in zip(chunk, block.tokens, block.passes, block.tokens_per_forward):
+            cells = _grid_of(row, tok)
+            out.append(Solved(cells, is_solution(g, cells), int(passes), float(tpf),
+                              g.count("0") / max(int(passes), 1)))
+    return out
+
+
 def solve(
     puzzles: Union[str, Sequence[str]],
     steps: Optional[int] = None,
@@ -86,43 +142,20 @@ def solve(
     puzzle ``i`` of the call uses seed ``seed + i``. ``model``: ``"sudoku"`` (the shipped
     model), a folder, or a loaded ``(model, tokenizer)`` pair. ``sampler``: further
     overrides (``entropy_bound``, ``t_min``, ``t_max``, ``sampler``, ``threshold`` ...).
-    ``on_draft(row_grids, draft)`` is called after every denoising step.
+    ``on_draft(row_grids, draft)`` is called after every denoising step. Puzzles are
+    denoised ``batch_size`` at a time.
 
     Bad input raises :class:`SudokuInputError` with a one-line message (wrong length, a
     character other than 1-9 / 0 / ``.``, givens that break the rules).
     """
     single = isinstance(puzzles, str)
+    if single:
+        parse(puzzles)  # errors name "puzzle", not "puzzle 1"
     items = [puzzles] if single else list(puzzles)
-    grids = [parse(p, what=f"puzzle {k + 1}" if not single else "puzzle") for k, p in enumerate(items)]
-    if not grids:
-        return []
-    from ..chat import encode_prompt
-    from ..generate import generate_blocks, generation_defaults, make_settings, resolve_ids
-    from .recipe import prompt_messages
-
-    mdl, tok = load_model(model)
-    settings = make_settings(mdl, None, max_denoising_steps=steps, **sampler)
-    eos, pad = resolve_ids(mdl, generation_defaults(mdl))
-    out: List[str] = []
-    for start in range(0, len(grids), batch_size):
-        chunk = grids[start : start + batch_size]
-        prompts = [encode_prompt(tok, prompt_messages(g)) for g in chunk]
-        pins = [constraints_for(g, tok) for g in chunk]
-        seeds = [seed + start + k for k in range(len(chunk))]
-
-        def show(d, _chunk=chunk):
-            if on_draft is not None:
-                import numpy as np
-
-                on_draft([_grid_of(row, tok) for row in np.array(d.tokens)], d)
-
-        blocks = generate_blocks(mdl, prompts, settings=settings, max_tokens=mdl.args.canvas_length, seeds=seeds,
-                                 eos_token_ids=eos, pad_token_id=pad, constraints=pins,
-                                 on_draft=show if on_draft is not None else None)
-        first = next(iter(blocks))
-        out.extend(_grid_of(row, tok) for row in first.tokens)
-    return out[0] if single else out
+    res = solve_details(items, steps, seed, model=model, batch_size=batch_size, on_draft=on_draft, **sampler)
+    grids = [r.grid for r in res]
+    return grids[0] if single else grids
 
 
-__all__ = ["MODEL_DIR", "SudokuInputError", "draw", "givens", "is_solution", "load_model", "model_path", "parse",
-           "rate", "solve"]
+__all__ = ["MODEL_DIR", "Solved", "SudokuInputError", "draw", "givens", "is_solution", "load_model", "model_path",
+           "parse", "rate", "solve", "solve_details"]
