@@ -85,9 +85,11 @@ def solve_details(
     model: Union[str, Path, tuple] = "sudoku",
     batch_size: int = 64,
     on_draft=None,
+    pin: bool = True,
     **sampler,
 ) -> List[Solved]:
-    """:func:`solve` with the counts: one :class:`Solved` per puzzle."""
+    """:func:`solve` with the counts: one :class:`Solved` per puzzle. ``pin=False`` leaves
+    the canvas unconstrained (the puzzle only in the prompt: the reference's own loop)."""
     grids = [parse(p, what=f"puzzle {k + 1}") for k, p in enumerate(puzzles)]
     if not grids:
         return []
@@ -105,7 +107,7 @@ def solve_details(
     for start in range(0, len(grids), batch_size):
         chunk = grids[start : start + batch_size]
         prompts = [encode_prompt(tok, prompt_messages(g)) for g in chunk]
-        pins = [constraints_for(g, tok) for g in chunk]
+        pins = [constraints_for(g, tok) for g in chunk] if pin else None
         seeds = [seed + start + k for k in range(len(chunk))]
 
         def show(d):

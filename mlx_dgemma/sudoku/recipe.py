@@ -38,7 +38,8 @@ WORDS = ["user", "model", "system"]
 CHARS = list("\n 0123456789.")
 BLANK = "."
 # What fills the canvas after <turn|>: the trainer fills a reply's last block with the
-# tokenizer's EOS (tokenizer_config's eos_token, <turn|>), so inference pins the same.
+# model's first EOS id (config.json's eos_token_id lists <turn|> first), so inference pins
+# the same.
 FILL = TURN_CLOSE
 
 # No newline between turns: the reply is exactly the 81 digits and <turn|>.
@@ -127,7 +128,7 @@ def model_config(
             "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                "rope_theta": 1000000.0},
         },
-        eos_token_id=[EOS, TURN_CLOSE],
+        eos_token_id=[TURN_CLOSE, EOS],
         pad_token_id=PAD,
         bos_token_id=BOS,
     )
@@ -137,7 +138,7 @@ def model_config(
         canvas_length=CANVAS_LENGTH,
         text_config=text,
         tie_word_embeddings=True,
-        eos_token_id=[EOS, TURN_CLOSE],
+        eos_token_id=[TURN_CLOSE, EOS],
         pad_token_id=PAD,
         bos_token_id=BOS,
     )
@@ -151,7 +152,7 @@ GENERATION_CONFIG = dict(
     t_max=0.8,
     stability_threshold=1,
     confidence_threshold=0.005,
-    eos_token_id=[EOS, TURN_CLOSE],
+    eos_token_id=[TURN_CLOSE, EOS],
     pad_token_id=PAD,
     bos_token_id=BOS,
 )
