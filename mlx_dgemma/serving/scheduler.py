@@ -40,7 +40,7 @@ import numpy as np
 
 from .. import drafter as _drafter
 from .. import rng
-from ..drafter import DenoiseSettings, entropy_bound_mask, initial_canvas
+from ..drafter import CanvasPins, DenoiseSettings, block_constraints, initial_canvas
 from ..sampling import temperature
 from ..verify import EncoderRule, advance, encoder_choice, verify_draft
 from .prompt_cache import PromptCacheStore
@@ -61,6 +61,9 @@ class GenerationParams:
     snapshot_at: Sequence[int] = ()
     snapshot_prompt: bool = True  # snapshot the whole prompt too
     snapshot_reply: bool = True  # snapshot prompt + reply (+ EOS) when done
+    # Canvas constraints: {offset in the generated tokens: token id}, pinned through every
+    # denoising step of the block holding that offset (drafter.CanvasPins).
+    constraints: Optional[Dict[int, int]] = None
     decode: str = "diffusion"  # or "verified" / "ar" (mlx_dgemma.verify)
     rule: EncoderRule = field(default_factory=EncoderRule)  # the encoder's rule for verified / ar
 
@@ -119,6 +122,7 @@ class Row:
 
     def _new_block_state(self) -> None:
         self.canvas = None
+        self.pins: Optional[CanvasPins] = None
         self.argmax: Optional[np.ndarray] = None
         self.sc = None
         self.n = self.settings.max_denoising_steps  # counts down, as in the reference
@@ -322,6 +326,11 @@ class Scheduler:
         for r in rows:
             if r.canvas is None:
                 r.canvas = initial_canvas([r.seed], r.block, L, V)
+                pinned = r.req.params.constraints
+                if pinned:
+                    r.pins = CanvasPins.from_rows([block_constraints(pinned, r.block, L)], L, V)
+                    if r.pins is not None:
+                        r.canvas = r.pins.canvas(r.canvas)
         B = len(rows)
         canvas = rows[0].canvas if B == 1 else mx.concatenate([r.canvas for r in rows])
         scs = [r.sc for r in rows]
@@ -341,11 +350,9 @@ class Scheduler:
             lg = logits if B == 1 else logits[i : i + 1]
             t = temperature(r.n, st.max_denoising_steps, st.t_min, st.t_max)
             s = sample_fn(lg, t, rng.position_keys([r.seed], rng.SAMPLE, r.block, r.n, L))
-            accept = entropy_bound_mask(s.entropy, st.entropy_bound)
             renoise = rng.random_tokens(rng.position_keys([r.seed], rng.RENOISE, r.block, r.n, L), V)
-            new_canvas = mx.where(accept, s.sampled, renoise)
-            new_sc = _drafter.self_conditioning(model, lg, t, s, st)
-            outs.append((new_canvas, s.argmax, new_sc, s.entropy.mean(-1)))
+            u = _drafter.update(model, lg, t, s, renoise, st, r.pins)
+            outs.append((u.canvas, u.argmax, u.self_conditioning, u.mean_entropy))
         mx.eval(outs)
         with self._stats_lock:
             self.batch_sizes[B] += 1
