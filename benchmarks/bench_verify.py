@@ -4,6 +4,7 @@ step budgets) vs ar, on one model and a set of prompts.
     python benchmarks/bench_verify.py --model PATH_OR_NAME [--prompts FILE.jsonl]
         [--max-tokens 128] [--draft-steps 2,4,8,16] [--seeds 0] [--score exact]
         [--label TEXT] [--out benchmarks/results/verify]
+    python benchmarks/bench_verify.py --model sudoku --sudoku benchmarks/sudoku/heldout_easy.txt --limit 50
 
 Per mode, summed over prompts and seeds: tokens, model forwards after the prompt
 (decoder passes + encoder passes), tokens per model forward, draft tokens accepted per
@@ -15,7 +16,10 @@ verified must give exactly ar's tokens for the same rule and seed.
 ``--prompts``: JSONL, one ``{"prompt": str or [token ids], "answer": str (optional)}``
 per line (default: a few built-in prompts). ``--score``: ``exact`` (reply == answer,
 both stripped), ``contains`` (answer in reply) or ``module:function`` (any callable
-``f(record, reply_text) -> bool``, e.g. a Sudoku checker).
+``f(record, reply_text) -> bool``). ``--sudoku FILE`` (lines ``puzzle [solution]``, as
+``benchmarks/sudoku/heldout_*.txt``): the puzzles in the Sudoku model's prompt format,
+scored by ``sudoku.is_solution`` (the solve rate), plus a "diffusion pinned" mode with
+the givens pinned in the canvas as ``sudoku.solve`` does (ar and verified cannot pin).
 
 Writes ``verify.json``, ``verify.md`` (table) and ``verify.png`` (chart) into ``--out``,
 each through a temporary file renamed into place. Run it under
@@ -66,6 +70,24 @@ def load_prompts(path: Optional[str]) -> List[Dict[str, Any]]:
     return out
 
 
+def load_sudoku(path: str, limit: int) -> List[Dict[str, Any]]:
+    from mlx_dgemma.sudoku import SudokuInputError, parse
+
+    out = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append({"puzzle": parse(line.split()[0], what=f"{path}:{i}")})
+        except SudokuInputError as e:
+            raise SystemExit(f"error: {e}")
+        if len(out) == limit:
+            break
+    if not out:
+        raise SystemExit(f"error: {path}: no puzzles")
+    return out
+
+
 def scorer(spec: Optional[str]) -> Optional[Callable[[Dict[str, Any], str], bool]]:
     if spec is None:
         return None
@@ -80,8 +102,10 @@ def scorer(spec: Optional[str]) -> Optional[Callable[[Dict[str, Any], str], bool
         raise SystemExit(f"error: --score {spec}: expected exact, contains or module:function ({e})")
 
 
-def modes(draft_steps: List[int], diffusion_steps: Optional[int]) -> List[Dict[str, Any]]:
+def modes(draft_steps: List[int], diffusion_steps: Optional[int], pinned: bool) -> List[Dict[str, Any]]:
     out = [dict(name="diffusion", decode="diffusion", steps=diffusion_steps)]
+    if pinned:
+        out.append(dict(name="diffusion pinned", decode="diffusion", steps=diffusion_steps, pin=True))
     for verify in ("greedy", "sample"):
         out.append(dict(name=f"ar {verify}", decode="ar", verify=verify))
         for n in draft_steps:
@@ -89,7 +113,8 @@ def modes(draft_steps: List[int], diffusion_steps: Optional[int]) -> List[Dict[s
     return out
 
 
-def run_one(model, ids: List[int], mode: Dict[str, Any], seed: int, max_tokens: int, eos, pad, base_settings):
+def run_one(model, ids: List[int], mode: Dict[str, Any], seed: int, max_tokens: int, eos, pad, base_settings,
+            pins=None):
     """Tokens, counters and decode wall time of one generation."""
     import mlx.core as mx
 
@@ -103,7 +128,8 @@ def run_one(model, ids: List[int], mode: Dict[str, Any], seed: int, max_tokens: 
     if mode["decode"] == "diffusion":
         tokens, passes, blocks, t_first = [], 0, 0, None
         for b in generate_blocks(model, ids, settings=settings, max_tokens=max_tokens, seeds=seed,
-                                 eos_token_ids=eos, pad_token_id=pad):
+                                 eos_token_ids=eos, pad_token_id=pad,
+                                 constraints=[pins] if mode.get("pin") else None):
             t_first = t_first or b.elapsed
             row = [int(t) for t in b.tokens[0]]
             if b.finished[0]:
@@ -156,7 +182,7 @@ def table(result: Dict[str, Any]) -> str:
     head = "| mode | tokens | model forwards (dec + enc) | tok / model forward | accepted / verification | decode s | tok/s |"
     sep = "|---|---:|---:|---:|---:|---:|---:|"
     if scored:
-        head, sep = head + " score |", sep + "---:|"
+        head, sep = head + (" solve rate |" if result.get("sudoku") else " score |"), sep + "---:|"
     lines = [f"### {result['label']}", "", f"model `{result['model']}`, {result['prompts']} prompts x "
              f"{len(result['seeds'])} seeds, max {result['max_tokens']} tokens; {result['machine']}", "", head, sep]
     for name, m in result["modes"].items():
@@ -215,8 +241,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a model folder or a name --model accepts (demo, ...)")
     p.add_argument("--prompts", default=None, help="JSONL of {\"prompt\": ..., \"answer\": ...} (default: built in)")
+    p.add_argument("--sudoku", default=None, metavar="FILE", help="Sudoku puzzles (lines: puzzle [solution]), "
+                   "scored by the solve rate")
+    p.add_argument("--limit", type=int, default=20, help="--sudoku: puzzles to use (default 20)")
     p.add_argument("--no-chat-template", action="store_true", help="send prompts as raw text")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=None, help="default 128 (--sudoku: one canvas)")
     p.add_argument("--draft-steps", default="2,4,8,16", help="verified draft step budgets (comma separated)")
     p.add_argument("--diffusion-steps", type=int, default=None, help="diffusion steps (default: generation_config)")
     p.add_argument("--seeds", default="0", help="seeds (comma separated)")
@@ -229,9 +258,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         raise SystemExit("error: --draft-steps and --seeds take comma-separated integers")
-    if not draft_steps or min(draft_steps) < 1 or args.max_tokens < 1 or not seeds:
+    if not draft_steps or min(draft_steps) < 1 or (args.max_tokens or 1) < 1 or not seeds:
         raise SystemExit("error: --draft-steps must be >= 1, --max-tokens >= 1, and at least one seed")
-    records = load_prompts(args.prompts)
+    if args.sudoku and (args.prompts or args.score):
+        raise SystemExit("error: --sudoku brings its own prompts and score; drop --prompts / --score")
+    records = load_sudoku(args.sudoku, args.limit) if args.sudoku else load_prompts(args.prompts)
     score = scorer(args.score)
 
     import mlx.core as mx
@@ -244,20 +275,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     base = make_settings(model, None)
     label = args.label or (f"{args.model} (UNTRAINED demo weights: checks the script, not a result)"
                            if is_demo else args.model)
-    prompts = [r["prompt"] if isinstance(r["prompt"], list) else
-               encode_prompt(tok, r["prompt"], chat_template=not args.no_chat_template) for r in records]
+    pins = [None] * len(records)
+    if args.sudoku:
+        from mlx_dgemma.sudoku import _grid_of, constraints_for, is_solution  # the package's own reading of a reply
+        from mlx_dgemma.sudoku.recipe import prompt_messages
+
+        prompts = [encode_prompt(tok, prompt_messages(r["puzzle"])) for r in records]
+        pins = [constraints_for(r["puzzle"], tok) for r in records]
+
+        def score(rec, text, tokens):
+            return is_solution(rec["puzzle"], _grid_of(tokens, tok))
+    else:
+        prompts = [r["prompt"] if isinstance(r["prompt"], list) else
+                   encode_prompt(tok, r["prompt"], chat_template=not args.no_chat_template) for r in records]
+        if score is not None:
+            text_score = score
+
+            def score(rec, text, tokens):
+                return text_score(rec, text)
+    max_tokens = args.max_tokens or (model.args.canvas_length if args.sudoku else 128)
 
     runs: Dict[str, List[Dict[str, Any]]] = {}
     ar_tokens: Dict[tuple, List[int]] = {}
     equal = True
-    for mode in modes(draft_steps, args.diffusion_steps):
+    for mode in modes(draft_steps, args.diffusion_steps, pinned=bool(args.sudoku)):
         runs[mode["name"]] = []
         for i, (rec, ids) in enumerate(zip(records, prompts)):
             for seed in seeds:
-                r = run_one(model, ids, mode, seed, args.max_tokens, eos, pad, base)
+                r = run_one(model, ids, mode, seed, max_tokens, eos, pad, base, pins[i])
                 if score is not None:
-                    r["correct"] = bool(score(rec, tok.decode([t for t in r["tokens"] if t not in eos],
-                                                              skip_special_tokens=True)))
+                    text = tok.decode([t for t in r["tokens"] if t not in eos], skip_special_tokens=True)
+                    r["correct"] = bool(score(rec, text, r["tokens"]))
                 key = (mode.get("verify"), i, seed)
                 if mode["decode"] == "ar":
                     ar_tokens[key] = r["tokens"]
@@ -271,7 +319,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     result = dict(
         label=label, model=args.model, untrained=is_demo, prompts=len(records), seeds=seeds,
-        max_tokens=args.max_tokens, draft_steps=draft_steps, diffusion_steps=args.diffusion_steps or base.max_denoising_steps,
+        max_tokens=max_tokens, sudoku=args.sudoku, draft_steps=draft_steps, diffusion_steps=args.diffusion_steps or base.max_denoising_steps,
         machine=f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, MLX {mx.__version__} "
                 f"{'GPU' if mx.default_device() == mx.gpu else 'CPU'}, load {os.getloadavg()[0]:.1f}",
         verified_equals_ar=equal,
