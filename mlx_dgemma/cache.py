@@ -92,8 +92,11 @@ class SlidingCache:
         if self.keys is not None:
             all_k = mx.concatenate([self.keys, keys], axis=2)
             all_v = mx.concatenate([self.values, values], axis=2)
-            keys = mx.concatenate([old_k, keys], axis=2)
-            values = mx.concatenate([old_v, values], axis=2)
+            if old_k is self.keys:  # no history beyond the window: the same arrays
+                keys, values = all_k, all_v
+            else:
+                keys = mx.concatenate([old_k, keys], axis=2)
+                values = mx.concatenate([old_v, values], axis=2)
         else:
             all_k, all_v = keys, values
         keep = max(self.window - 1, 0) + self.history
