@@ -32,6 +32,9 @@ from mlx_dgemma.verify import EncoderRule, encoder_choice  # noqa: E402
 from tests.reference.compare import RTOL, assert_logits_match, assert_same_network_output, bound  # noqa: E402
 from tests.reference.hf_reference import build_reference, save_checkpoint, tiny_config  # noqa: E402
 
+# Compared with the reference: CI runs these under both BLAS libraries (README, Tests).
+pytestmark = pytest.mark.reference
+
 L = 16  # canvas length
 V = 160
 W = 8  # sliding window of the tiny config
