@@ -39,11 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fuse_model(model):
-    """Replace every adapter layer by its merged layer (mlx-lm's ``fuse`` per layer)."""
+def fuse_model(model, dequantize: bool = False):
+    """Replace every adapter layer by its merged layer (mlx-lm's ``fuse`` per layer): on a
+    quantized base the merged weight is quantized again unless ``dequantize``."""
     from mlx.utils import tree_unflatten
 
-    fused = [(n, m.fuse(dequantize=False)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))
     return model
@@ -76,7 +77,7 @@ def fuse(model_path, adapter_path, save_path, dequantize: bool = False, export_h
     src = resolve_model_path(model_path)
     log(f"Loading {src} with the adapters in {adapter_path}")
     model, _ = load(src, tokenizer=False, adapter_path=adapter_path)
-    model = fuse_model(model)
+    model = fuse_model(model, dequantize or export_hf)
     config = read_config(src)
     if dequantize or export_hf:
         log("Dequantizing")

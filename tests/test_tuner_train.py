@@ -274,3 +274,46 @@ def _constant(tmp_path):
     p = tmp_path / "constant.yaml"
     p.write_text("lr_schedule: constant\n")
     return p
+
+
+def decoder_logits(model, seed=0):
+    rng = np.random.default_rng(seed)
+    V = model.args.vocab_size
+    cache = model.make_cache()
+    model.encode(mx.array(rng.integers(3, V, (1, 12))), cache)
+    return np.array(model.denoise(mx.array(rng.integers(3, V, (1, model.args.canvas_length))), cache))
+
+
+@pytest.mark.parametrize("kind", ["qlora-mixed", "qlora-uniform", "dora"])
+def test_qlora_and_dora_train_test_and_fuse(tiny, tmp_path, capsys, kind):
+    """A quantized folder (our mixed recipe, or uniform 4-bit) trains with LoRA: QLoRA;
+    DoRA trains on a float one. --test reports the loss; fused weights give the logits of
+    base + adapters (to float rounding when dequantized or float: the merge is exact)."""
+    from mlx_dgemma.convert import convert
+
+    base = tiny
+    if kind.startswith("qlora"):
+        base = convert(tiny, tmp_path / "q4", quantize=True, q_bits=4, recipe=kind.split("-")[1], log=lambda *a: None).path
+    data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS], test=[chat(p, r) for p, r in PAIRS])
+    ad = tmp_path / "ad"
+    assert run_lora("--model", base, "--train", "--test", "--data", data, "--iters", 3, "--batch-size", 2,
+                    "--learning-rate", "5e-2", "--fine-tune-type", "dora" if kind == "dora" else "lora",
+                    "--adapter-path", ad, "--no-plot") == 0
+    out = capsys.readouterr().out
+    assert "Test loss" in out and "Iter 3: Train loss" in out
+    loss = float(out.split("Test loss ")[1].split()[0])
+    assert np.isfinite(loss) and loss > 0
+    model, _ = mlx_dgemma.load(base, adapter_path=ad)
+    if kind.startswith("qlora"):
+        assert any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters()))
+    want = decoder_logits(model)
+    assert np.abs(want - decoder_logits(mlx_dgemma.load(base)[0])).max() > 1e-3  # the adapters do something
+    assert fuse.main(["--model", str(base), "--adapter-path", str(ad), "--save-path", str(tmp_path / "f"),
+                      "--dequantize"]) == 0
+    fused, _ = mlx_dgemma.load(tmp_path / "f")
+    assert not any(k.endswith(".scales") for k, _ in tree_flatten(fused.parameters()))
+    np.testing.assert_allclose(decoder_logits(fused), want, atol=1e-3 * np.abs(want).max())
+    if kind.startswith("qlora"):  # without --dequantize the merged layers are quantized again
+        assert fuse.main(["--model", str(base), "--adapter-path", str(ad), "--save-path", str(tmp_path / "fq")]) == 0
+        fq, _ = mlx_dgemma.load(tmp_path / "fq")
+        assert any(k.endswith(".scales") for k, _ in tree_flatten(fq.parameters()))
