@@ -1,6 +1,7 @@
 """QLoRA at the released shapes: a 4-bit `real-layer` model trained with the real objective.
 
-    python benchmarks/bench_train.py [--iters 3] [--work /tmp/mlx_dgemma_bench] [--out benchmarks/results]
+    python benchmarks/bench_train.py [--iters 1] [--work /tmp/mlx_dgemma_bench] [--out benchmarks/results]
+    python benchmarks/bench_train.py --speed      # trainer speed on a small model, 1 vs 2 processes
 
 Builds (once, in --work) the `real-layer` model (the released checkpoint's shapes and
 vocabulary, 2 layers: one sliding, one full) with random bfloat16 weights and a byte-level
@@ -97,6 +98,50 @@ def layer_state_bytes(args, prompt: int, canvas: int, rank: int = 16) -> float:
                    (H, args.intermediate_size), (H, args.intermediate_size), (args.intermediate_size, H)]
     lora = sum(rank * (a + b) for a, b in lora_in_out) * 4 * 4  # params, grads, Adam m and v
     return hidden + kv + lora
+
+
+def speed(work: Path, out: Path, iters: int = 9, batch: int = 32) -> dict:
+    """Seconds per full fine-tuning step of the Sudoku recipe's model (2.2M parameters, an
+    88-token prompt and canvas, batch 32), in one process and in two ring processes on
+    this machine's two cores (MLX's CPU element-wise work is single-threaded)."""
+    import random
+
+    from mlx_dgemma.sudoku import data, recipe
+
+    model = recipe.write_initial_model(work / "sudoku-init")
+    pairs = data.make_puzzles(data.HELDOUT_EASY, 2 * batch, "seeded", "random", seed=123)
+    folder = work / "sudoku-data"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(data.chat_line(p, s) + "\n" for p, s in pairs))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if os.path.exists(OPENBLAS):
+        env["LD_PRELOAD"] = OPENBLAS
+    cmd = ["-m", "mlx_dgemma.lora", "--model", str(model), "--train", "--data", str(folder), "--fine-tune-type",
+           "full", "--batch-size", str(batch), "--iters", str(iters), "--steps-per-report", "3", "--save-every",
+           "1000", "--learning-rate", "1e-3", "--no-plot"]
+    launch = [str(Path(sys.executable).with_name("mlx.launch")), "-n", "2", "--backend", "ring", "--starting-port",
+              str(random.randint(20000, 40000)), "--env", f"PYTHONPATH={ROOT}", "--env",
+              f"LD_PRELOAD={env.get('LD_PRELOAD', '')}", "--python", sys.executable, "--"]
+    result = {"what": "full fine-tuning step, Sudoku recipe model, batch 32 (88-token prompt, 88-token canvas)"}
+    for name, prefix in (("one process", [sys.executable]), ("two ring processes", launch)):
+        ad = work / f"speed-{name.split()[0]}"
+        load = os.getloadavg()
+        run = subprocess.run(prefix + cmd + ["--adapter-path", str(ad)], env=env, capture_output=True, text=True)
+        run.check_returncode()
+        reports = [h for h in json.loads((ad / "losses.json").read_text()) if "train_loss" in h]
+        # the first report includes compiling the step
+        result[name] = {"seconds_per_step": [round(1 / r["iterations_per_second"], 2) for r in reports],
+                        "tokens_per_second": round(reports[-1]["tokens_per_second"], 1),
+                        "load_before": [round(x, 2) for x in load]}
+    from mlx_dgemma import load as load_model
+
+    m, _ = load_model(model, tokenizer=False)
+    from mlx.utils import tree_flatten
+
+    result["parameters"] = sum(v.size for _, v in tree_flatten(m.parameters()))
+    (out / "train_speed.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
 
 
 def main() -> None:

@@ -317,3 +317,23 @@ def test_qlora_and_dora_train_test_and_fuse(tiny, tmp_path, capsys, kind):
         assert fuse.main(["--model", str(base), "--adapter-path", str(ad), "--save-path", str(tmp_path / "fq")]) == 0
         fq, _ = mlx_dgemma.load(tmp_path / "fq")
         assert any(k.endswith(".scales") for k, _ in tree_flatten(fq.parameters()))
+
+
+def test_adapter_path_in_generate_and_server(tiny, tmp_path, capsys):
+    from mlx_dgemma import generate, server
+
+    data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS])
+    ad = tmp_path / "ad"
+    assert run_lora("--model", tiny, "--train", "--data", data, "--iters", 2, "--batch-size", 2,
+                    "--learning-rate", "1e-1", "--adapter-path", ad, "--no-plot") == 0
+    capsys.readouterr()
+    args = ["--model", str(tiny), "--prompt", PAIRS[0][0], "--max-tokens", "8", "--seed", "0"]
+    assert generate.main(args) == 0
+    plain = capsys.readouterr().out
+    assert generate.main(args + ["--adapter-path", str(ad)]) == 0
+    assert capsys.readouterr().out != plain  # the adapters change the text
+    assert generate.main(args + ["--adapter-path", str(tmp_path / "none")]) == 2
+    one_line_error(capsys, 2, "--adapter-path", "none")
+    # the server applies them at load; a bad folder stops it with one line before serving
+    with pytest.raises(SystemExit, match=r"^error: --adapter-path .*none: not a folder$"):
+        server.main(["--model", str(tiny), "--adapter-path", str(tmp_path / "none")])

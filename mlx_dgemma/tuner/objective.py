@@ -177,10 +177,9 @@ def objective(
 
     signal = None
     if self_conditioning:
-        first = mx.stop_gradient(decoder_pass(model, canvas, None, kv, masks, starts, checkpoint))
-        coins = batch["self_condition"].astype(first.dtype)[:, None, None]
+        first = mx.stop_gradient(decoder_pass(model, canvas, None, kv, masks, starts))  # no backward: no checkpoint
         signal = model.soft_embeddings(mx.softmax(first, axis=-1))
-        signal = signal * coins.astype(signal.dtype)
+        signal = signal * batch["self_condition"][:, None, None].astype(signal.dtype)  # tails: zero, the no-signal path
     logits = decoder_pass(model, canvas, signal, kv, masks, starts, checkpoint)
     scored = positions < lengths[:, None]  # always the whole block when the fill is complete
     diff_ce = nn.losses.cross_entropy(logits, clean) * scored
