@@ -6,8 +6,8 @@
 Builds (once, in --work) the `real-layer` model (the released checkpoint's shapes and
 vocabulary, 2 layers: one sliding, one full) with random bfloat16 weights and a byte-level
 tokenizer, converts it with ``convert.py -q`` (the mixed recipe: experts at 4 bits, the
-rest at 8), then runs ``python -m mlx_dgemma.lora --grad-checkpoint`` on it (LoRA with the
-recipe's targets, batch 1: a short prompt and a one-canvas reply). Records seconds per
+rest at 8), then trains it as ``python -m mlx_dgemma.lora --grad-checkpoint`` does (LoRA with the
+recipe's targets, batch 1: a short prompt and a one-canvas reply; in this process). Records seconds per
 step, tokens per second and peak memory, and projects the memory of the full 26B
 (30 layers) on Macs of 32, 64 and 128 GB:
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import CONFIGS, OPENBLAS  # noqa: E402
 
-PROMPT = "Summarise: "
+PROMPT = "Sum up:"
 REPLY = ("Block diffusion writes a reply 256 tokens at a time. The encoder reads the prompt once; "
          "the decoder then denoises each canvas over a few dozen steps.")
 
@@ -100,6 +100,28 @@ def layer_state_bytes(args, prompt: int, canvas: int, rank: int = 16) -> float:
     return hidden + kv + lora
 
 
+def qlora_run(model_path: Path, data: Path, adapters: Path, iters: int) -> list:
+    """What ``python -m mlx_dgemma.lora --model Q4 --train --data D --grad-checkpoint
+    --batch-size 1`` does (the recipe's LoRA, Adam with its betas), in this process."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from mlx_dgemma import load as load_model
+    from mlx_dgemma.tuner import TrainingArgs, setup_fine_tuning, train
+    from mlx_dgemma.tuner.datasets import load_split
+
+    mx.random.seed(0)
+    model, tok = load_model(model_path)
+    examples = load_split(data / "train.jsonl", tok)
+    setup_fine_tuning(model, "lora")
+    args = TrainingArgs(batch_size=1, iters=iters, steps_per_report=1, steps_per_save=10**6, grad_checkpoint=True,
+                        adapter_file=str(adapters / "adapters.safetensors"), pad_to=8,
+                        fill_token_id=tok.eos_token_id)
+    history = train(model, optim.Adam(1e-4, betas=[0.95, 0.99]), examples, None, args)
+    (adapters / "losses.json").write_text(json.dumps(history, indent=1))
+    return [h for h in history if "train_loss" in h]
+
+
 def speed(work: Path, out: Path, iters: int = 9, batch: int = 32) -> dict:
     """Seconds per full fine-tuning step of the Sudoku recipe's model (2.2M parameters, an
     88-token prompt and canvas, batch 32), in one process and in two ring processes on
@@ -147,56 +169,51 @@ def speed(work: Path, out: Path, iters: int = 9, batch: int = 32) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=1,
-                    help="optimizer steps (one takes about half an hour on a 2-core CPU: quantized matmuls "
-                         "run at ~2-5 GFLOP/s there, and the tied head alone is 0.74 GMAC per token)")
+                    help="optimizer steps (one takes most of an hour on this 2-core CPU: quantized matmuls run "
+                         "at 1-3 GFLOP/s there, and the tied head alone is 0.74 GMAC per token)")
     ap.add_argument("--work", default="/tmp/mlx_dgemma_bench")
     ap.add_argument("--model", default=None, help="train this folder instead of building the real-layer one")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--speed", action="store_true", help="time the Sudoku-sized model instead (one and two processes)")
     a = ap.parse_args()
-    work = Path(a.work)
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.speed:
+        speed(work, out)
+        return
     q4 = Path(a.model) if a.model else build(work)
     data = write_data(work / "train-data")
     ad = work / "train-adapters"
-    cfg = work / "train-config.yaml"
-    cfg.write_text("pad_to: 8\n")  # no padding past prompt + canvas: every token costs here
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
-    cmd = [sys.executable, "-m", "mlx_dgemma.lora", "--model", str(q4), "--train", "--data", str(data),
-           "--grad-checkpoint", "--batch-size", "1", "--iters", str(a.iters), "--steps-per-report", "1",
-           "--save-every", "1000", "--adapter-path", str(ad), "--learning-rate", "1e-4", "-c", str(cfg)]
     load = os.getloadavg()
     tic = time.time()
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    reports = qlora_run(q4, data, ad, a.iters)
     wall = time.time() - tic
-    print(run.stdout[-3000:], run.stderr[-3000:])
-    run.check_returncode()
-    reports = [h for h in json.loads((ad / "losses.json").read_text()) if "train_loss" in h]
 
+    from mlx_dgemma import load as load_model
     from mlx_dgemma.config import ModelArgs, read_config
+    from mlx_dgemma.tuner.datasets import load_split
 
     small = ModelArgs.from_config(read_config(q4))
     full = ModelArgs(num_hidden_layers=30)
-    from mlx_dgemma import load as load_model
-    from mlx_dgemma.tuner.datasets import load_split
-
     _, tok = load_model(q4)
-    ex = load_split(data / "train.jsonl", tok)[0]
-    prompt = len(ex.prompt)
+    prompt = len(load_split(data / "train.jsonl", tok)[0].prompt)
     steady = reports[1:] or reports
     peak = max(r["peak_memory"] for r in reports) * 1e9
     n = small.num_hidden_layers
     w_small, w_full = weight_bytes(small, n), weight_bytes(full, 30)
     per_layer = layer_state_bytes(full, prompt, full.canvas_length)
     projected = peak - w_small + w_full + (30 - n) * per_layer
-    macs = {f"{gb} GB": {"budget_gb": round(0.75 * gb, 1), "fits": projected / 1e9 <= 0.75 * gb} for gb in (32, 64, 128)}
+    macs = {f"{gb} GB": {"budget_gb": round(0.75 * gb, 1), "fits": projected / 1e9 <= 0.75 * gb}
+            for gb in (32, 64, 128)}
     result = {
         "what": "QLoRA (recipe LoRA targets, rank 16) with --grad-checkpoint on the 4-bit real-layer model",
         "machine": "Linux x86-64, 2 shared cores, MLX 0.32.4 CPU backend (OpenBLAS preloaded)",
         "load_before": [round(x, 2) for x in load],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
         "prompt_tokens": prompt, "canvas": small.canvas_length, "batch": 1,
         "seconds_per_step": [round(1 / r["iterations_per_second"], 1) for r in reports],
-        "tokens_per_second": round(sum(r["tokens_per_second"] for r in steady) / len(steady), 2),
+        "tokens_per_second": round(sum(r["tokens_per_second"] for r in steady) / len(steady), 3),
         "peak_memory_gb": round(peak / 1e9, 2),
         "losses": [round(r["train_loss"], 3) for r in reports],
         "wall_s": round(wall, 1),
@@ -205,8 +222,6 @@ def main() -> None:
         "projected_26B_peak_gb": round(projected / 1e9, 1),
         "macs": macs,
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "train.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

@@ -256,15 +256,19 @@ def run(args) -> int:
 
     if args.train:
         args.lora_parameters = None if args.fine_tune_type == "full" else lora_parameters(args)
-        setup_fine_tuning(model, args.fine_tune_type, args.num_layers, args.lora_parameters)
+        try:
+            setup_fine_tuning(model, args.fine_tune_type, args.num_layers, args.lora_parameters)
+        except (ValueError, KeyError) as e:  # --num-layers out of range, DoRA on experts
+            raise UsageError(str(e).strip("'")) from None
         if args.resume_adapter_file is not None:
             weights = read_adapter_weights(args.resume_adapter_file)
             check_adapter_weights(model, weights, args.resume_adapter_file, full=args.fine_tune_type == "full")
             say(f"Loading fine-tuned weights from {args.resume_adapter_file}", flush=True)
             model.load_weights(list(weights.items()), strict=False)
-        n_train = sum(v.size for _, v in _flat(model.trainable_parameters()))
-        n_all = sum(v.size for _, v in _flat(model.parameters()))
-        say(f"Trainable parameters: {100 * n_train / n_all:.3f}% ({n_train / 1e6:.3f}M/{n_all / 1e6:.3f}M)")
+        if rank == 0:
+            from mlx_lm.tuner.utils import print_trainable_parameters
+
+            print_trainable_parameters(model)  # counts quantized weights as the floats they stand for
         if rank == 0:
             save_adapter_config(vars(args), model, adapter_path / "adapter_config.json")
         optimizer = build_optimizer(args, math.ceil(args.iters / args.grad_accumulation_steps))
@@ -290,12 +294,6 @@ def run(args) -> int:
         say(f"Test loss {r['loss']:.3f} (diffusion {r['diffusion']:.3f}, encoder {r['encoder']:.3f}), "
             f"Test ppl {math.exp(min(r['loss'], 50)):.3f}.")
     return 0
-
-
-def _flat(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
 
 
 def _callback(args, history: List[dict]):

@@ -178,6 +178,10 @@ def test_bad_flags_and_adapters_are_one_line_errors(tiny, tmp_path, capsys):
     one_line_error(capsys, rc, "--resume-adapter-file", "nope.safetensors")
     rc = run_lora("--model", tiny, "--train", "--data", tmp_path / "nowhere")
     one_line_error(capsys, rc, "--data", "nowhere")
+    rc = run_lora("--model", tiny, "--train", "--data", data, "--num-layers", 7)
+    one_line_error(capsys, rc, "--num-layers 7", "2 layers")
+    rc = run_lora("--model", tiny, "--train", "--data", data, "--fine-tune-type", "dora", "--lora-experts")
+    one_line_error(capsys, rc, "DoRA")
 
     ad = tmp_path / "ad"  # adapters of rank 4 for the tiny model
     (tmp_path / "c.yaml").write_text("lora_parameters: {rank: 4}\n")
