@@ -1,26 +1,33 @@
 """QLoRA at the released shapes: a 4-bit `real-layer` model trained with the real objective.
 
-    python benchmarks/bench_train.py [--iters 1] [--work /tmp/mlx_dgemma_bench] [--out benchmarks/results]
+    python benchmarks/bench_train.py [--canvases 16,48] [--work /tmp/mlx_dgemma_bench] [--out benchmarks/results]
     python benchmarks/bench_train.py --speed      # trainer speed on a small model, 1 vs 2 processes
 
 Builds (once, in --work) the `real-layer` model (the released checkpoint's shapes and
 vocabulary, 2 layers: one sliding, one full) with random bfloat16 weights and a byte-level
-tokenizer, converts it with ``convert.py -q`` (the mixed recipe: experts at 4 bits, the
-rest at 8), then trains it as ``python -m mlx_dgemma.lora --grad-checkpoint`` does (LoRA with the
-recipe's targets, batch 1: a short prompt and a one-canvas reply; in this process). Records seconds per
-step, tokens per second and peak memory, and projects the memory of the full 26B
-(30 layers) on Macs of 32, 64 and 128 GB:
+tokenizer and converts it with ``convert.py -q`` (the mixed recipe: experts at 4 bits, the
+rest at 8). Then, once per canvas length, it trains it for one step as ``python -m
+mlx_dgemma.lora --grad-checkpoint`` does (LoRA with the recipe's targets, Adam with its
+betas, batch 1, a reply of one canvas), each in its own process, and records the seconds,
+tokens per second and peak memory.
 
-    peak(26B) = peak(measured) - weights(real-layer) + weights(26B) + 28 x per-layer state
+Why short canvases: on this CPU quantized matmuls run at 1-3 GFLOP/s and the tied head
+alone is 0.74 GMAC per token; one step at the released canvas (256) takes about an hour
+(two such runs were stopped from outside on the shared machine). Everything the step
+holds beyond the weights grows linearly with the rows that pass through the network:
+``rows = prompt + canvas`` (encoder) ``+ 2 x canvas`` (the two decoder passes). Two canvas
+lengths give that line; it is extrapolated to the released canvas and a 64-token prompt:
+
+    peak(26B) = line(rows at 256) - weights(real-layer) + weights(26B) + 28 x per-layer state
 
 Weights are counted from the shapes at the bits the recipe gives each matrix (4.5 bits
 per expert weight with its group scales and biases, 8.5 for the rest, norms in bf16).
 With gradient checkpointing a layer keeps, between the forward and the backward pass, only
 its input hidden states (encoder and pass-2 decoder), the encoder's K/V that the decoder
 reads, and its LoRA parameters with their gradients and Adam moments: that is the
-per-layer state (counted from the shapes, float32). Everything else in the measured peak
-(the logits over the 262,144-token vocabulary, the recomputed layer's workspace) does not
-grow with depth. A Mac lets the GPU wire about 75% of its memory by default (the
+per-layer state (counted from the shapes, float32). The rest of the measured peak (the
+logits over the 262,144-token vocabulary, the recomputed layer's workspace) does not grow
+with depth. A Mac lets the GPU wire about 75% of its memory by default (the
 ``iogpu.wired_limit_mb`` setting raises it); that is the budget used below.
 """
 
@@ -39,9 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import CONFIGS, OPENBLAS  # noqa: E402
 
-PROMPT = "Sum up:"
-REPLY = ("Block diffusion writes a reply 256 tokens at a time. The encoder reads the prompt once; "
-         "the decoder then denoises each canvas over a few dozen steps.")
+PROJECTED_PROMPT = 64  # prompt tokens assumed for the 26B projection
 
 
 def build(work: Path, log=print) -> Path:
@@ -62,10 +67,11 @@ def build(work: Path, log=print) -> Path:
     return q4
 
 
-def write_data(folder: Path, n: int = 4) -> Path:
+def write_data(folder: Path, canvas: int, n: int = 2) -> Path:
+    """Text records of one canvas each (the BOS token is the prompt: the fewest rows)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"messages": [{"role": "user", "content": f"{PROMPT}#{i}"},
-                          {"role": "assistant", "content": f"{REPLY} ({i})"}]} for i in range(n)]
+    text = "The decoder denoises each canvas over a few dozen steps. " * (1 + canvas // 50)
+    rows = [{"text": f"{i}{text}"[: canvas - 2]} for i in range(n)]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -100,9 +106,10 @@ def layer_state_bytes(args, prompt: int, canvas: int, rank: int = 16) -> float:
     return hidden + kv + lora
 
 
-def qlora_run(model_path: Path, data: Path, adapters: Path, iters: int) -> list:
+def qlora_run(model_path: Path, data: Path, adapters: Path, iters: int, canvas: int) -> list:
     """What ``python -m mlx_dgemma.lora --model Q4 --train --data D --grad-checkpoint
-    --batch-size 1`` does (the recipe's LoRA, Adam with its betas), in this process."""
+    --batch-size 1`` does (the recipe's LoRA, Adam with its betas), in this process, with
+    the model's canvas length set to ``canvas``."""
     import mlx.core as mx
     import mlx.optimizers as optim
 
@@ -112,6 +119,7 @@ def qlora_run(model_path: Path, data: Path, adapters: Path, iters: int) -> list:
 
     mx.random.seed(0)
     model, tok = load_model(model_path)
+    model.args.canvas_length = canvas
     examples = load_split(data / "train.jsonl", tok)
     setup_fine_tuning(model, "lora")
     args = TrainingArgs(batch_size=1, iters=iters, steps_per_report=1, steps_per_save=10**6, grad_checkpoint=True,
@@ -166,15 +174,28 @@ def speed(work: Path, out: Path, iters: int = 9, batch: int = 32) -> dict:
     return result
 
 
+def one(q4: Path, work: Path, canvas: int, out: Path) -> None:
+    """One step at one canvas length (run in its own process: its own peak memory)."""
+    data = write_data(work / f"train-data-{canvas}", canvas)
+    load = os.getloadavg()
+    tic = time.time()
+    reports = qlora_run(q4, data, work / f"train-adapters-{canvas}", 1, canvas)
+    r = reports[-1]
+    out.write_text(json.dumps({
+        "canvas": canvas, "seconds": round(time.time() - tic, 1), "step_seconds": round(1 / r["iterations_per_second"], 1),
+        "tokens_per_second": round(r["tokens_per_second"], 3), "peak_memory_gb": round(r["peak_memory"], 3),
+        "loss": round(r["train_loss"], 3), "load_before": [round(x, 2) for x in load],
+        "load_after": [round(x, 2) for x in os.getloadavg()]}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=1,
-                    help="optimizer steps (one takes most of an hour on this 2-core CPU: quantized matmuls run "
-                         "at 1-3 GFLOP/s there, and the tied head alone is 0.74 GMAC per token)")
+    ap.add_argument("--canvases", default="16,48", help="canvas lengths to train one step at (default: %(default)s)")
     ap.add_argument("--work", default="/tmp/mlx_dgemma_bench")
     ap.add_argument("--model", default=None, help="train this folder instead of building the real-layer one")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--speed", action="store_true", help="time the Sudoku-sized model instead (one and two processes)")
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -183,44 +204,49 @@ def main() -> None:
         speed(work, out)
         return
     q4 = Path(a.model) if a.model else build(work)
-    data = write_data(work / "train-data")
-    ad = work / "train-adapters"
-    load = os.getloadavg()
-    tic = time.time()
-    reports = qlora_run(q4, data, ad, a.iters)
-    wall = time.time() - tic
+    if a.one is not None:
+        one(q4, work, a.one, work / f"one-{a.one}.json")
+        return
+    runs = []
+    for canvas in [int(c) for c in a.canvases.split(",")]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--model", str(q4), "--one", str(canvas)]
+        subprocess.run(cmd, check=True)
+        runs.append(json.loads((work / f"one-{canvas}.json").read_text()))
 
-    from mlx_dgemma import load as load_model
     from mlx_dgemma.config import ModelArgs, read_config
-    from mlx_dgemma.tuner.datasets import load_split
 
     small = ModelArgs.from_config(read_config(q4))
     full = ModelArgs(num_hidden_layers=30)
-    _, tok = load_model(q4)
-    prompt = len(load_split(data / "train.jsonl", tok)[0].prompt)
-    steady = reports[1:] or reports
-    peak = max(r["peak_memory"] for r in reports) * 1e9
+
+    def rows(prompt: int, canvas: int) -> int:
+        return prompt + canvas + 2 * canvas
+
+    # each run: a 1-token prompt, its rows padded as the trainer pads them (to a multiple of 8)
+    xs = [rows(-(-(1 + r["canvas"]) // 8) * 8 - r["canvas"], r["canvas"]) for r in runs]
+    ys = [r["peak_memory_gb"] * 1e9 for r in runs]
+    slope = (ys[-1] - ys[0]) / (xs[-1] - xs[0]) if len(runs) > 1 else 0.0
+    at256 = ys[-1] + slope * (rows(PROJECTED_PROMPT, 256) - xs[-1])
+    secs = [r["step_seconds"] for r in runs]
+    sec_slope = (secs[-1] - secs[0]) / (xs[-1] - xs[0]) if len(runs) > 1 else 0.0
     n = small.num_hidden_layers
     w_small, w_full = weight_bytes(small, n), weight_bytes(full, 30)
-    per_layer = layer_state_bytes(full, prompt, full.canvas_length)
-    projected = peak - w_small + w_full + (30 - n) * per_layer
-    macs = {f"{gb} GB": {"budget_gb": round(0.75 * gb, 1), "fits": projected / 1e9 <= 0.75 * gb}
-            for gb in (32, 64, 128)}
+    per_layer = layer_state_bytes(full, PROJECTED_PROMPT, 256)
+    projected = at256 - w_small + w_full + (30 - n) * per_layer
     result = {
-        "what": "QLoRA (recipe LoRA targets, rank 16) with --grad-checkpoint on the 4-bit real-layer model",
+        "what": "QLoRA (recipe LoRA targets, rank 16, Adam) with --grad-checkpoint on the 4-bit real-layer model "
+                "(mixed recipe), batch 1, one step per canvas length",
         "machine": "Linux x86-64, 2 shared cores, MLX 0.32.4 CPU backend (OpenBLAS preloaded)",
-        "load_before": [round(x, 2) for x in load],
-        "load_after": [round(x, 2) for x in os.getloadavg()],
-        "prompt_tokens": prompt, "canvas": small.canvas_length, "batch": 1,
-        "seconds_per_step": [round(1 / r["iterations_per_second"], 1) for r in reports],
-        "tokens_per_second": round(sum(r["tokens_per_second"] for r in steady) / len(steady), 3),
-        "peak_memory_gb": round(peak / 1e9, 2),
-        "losses": [round(r["train_loss"], 3) for r in reports],
-        "wall_s": round(wall, 1),
+        "runs": runs,
+        "rows": xs,
+        "memory_per_row_mb": round(slope / 1e6, 2),
+        "real_layer_peak_at_256_gb": round(at256 / 1e9, 2),
+        "real_layer_step_at_256_s": round(secs[-1] + sec_slope * (rows(PROJECTED_PROMPT, 256) - xs[-1]), 0),
         "weights_gb": {"real-layer": round(w_small / 1e9, 2), "26B": round(w_full / 1e9, 2)},
         "per_layer_state_mb": round(per_layer / 1e6, 1),
+        "projected_prompt": PROJECTED_PROMPT,
         "projected_26B_peak_gb": round(projected / 1e9, 1),
-        "macs": macs,
+        "macs": {f"{gb} GB": {"budget_gb": round(0.75 * gb, 1), "fits": projected / 1e9 <= 0.75 * gb}
+                 for gb in (32, 64, 128)},
     }
     (out / "train.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -23,6 +23,14 @@ response is cut into canvases of ``canvas_length`` aligned to its first token:
 
 The randomness comes in explicitly (``draws.make_draws`` makes it), so a test can give
 the same draws to a PyTorch computation of the objective.
+
+Where this differs from NeMo's code, the result does not: NeMo runs the decoder over every
+block of the reply (block-diagonal: no block sees another's canvas) and scores one; only
+the scored block is run here, which gives that block the same logits. NeMo's sliding
+layers see the last ``sliding_window - 1`` prefix tokens before the block, anchored at the
+block's start, as inference does (its attention_mask.py notes that an earlier per-query
+band broke that parity); so do these. The encoder loss is a token mean over the batch, as
+NeMo takes it (its comment says Google takes a per-example mean).
 """
 
 from __future__ import annotations
