@@ -21,6 +21,10 @@ to the next step and the decoder takes their softmax. We build the self-conditio
 signal directly from the step's log-sum-exp (``probabilities``), so no second softmax
 reduction over the vocabulary; for float32 weights this is the same computation, for
 bf16 weights it skips the reference's rounding of the logits to bf16 before the softmax.
+
+Two additions, both off by default (the reference's semantics are unchanged then):
+``DenoiseSettings.greedy`` makes accepted positions take the argmax instead of a sample,
+and canvas pins (:class:`Pins`) fix given canvas positions to given tokens.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ class DenoiseSettings:
     ``sc_top_k`` (opt-in, not in the reference): build the self-conditioning signal from
     the ``k`` most likely tokens only (their exact probabilities; the tail mass on the mean
     embedding row: ``mlx_dgemma.kernels.topk_soft_embeddings``).
+    ``greedy`` (opt-in, not in the reference): accepted positions take the argmax of the
+    step's distribution instead of a sample from it (entropies, acceptance and renoising
+    are unchanged), so the only randomness left is the initial canvas and the renoising.
     """
 
     max_denoising_steps: int = 48
@@ -82,6 +89,7 @@ class DenoiseSettings:
     stability_threshold: Optional[int] = 1
     confidence_threshold: Optional[float] = 0.005
     sc_top_k: Optional[int] = None
+    greedy: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -122,6 +130,9 @@ class DenoiseSettings:
             self.sc_top_k = integer("sc_top_k", self.sc_top_k)
             if self.sc_top_k < 1:
                 raise SettingsError(f"sc_top_k must be >= 1, got {self.sc_top_k}")
+        if not isinstance(self.greedy, (bool, np.bool_)):
+            raise SettingsError(f"greedy must be true or false, got {self.greedy!r}")
+        self.greedy = bool(self.greedy)
         return self
 
     @property
@@ -242,6 +253,108 @@ def self_conditioning(model, logits: mx.array, temp: float, sample: StepSample, 
     return _soft_embeddings(model, logits, temp, sample.lse, top_k=settings.sc_top_k)
 
 
+# ---------------------------------------------------------------------------------------
+# Canvas pins: a caller fixes given canvas positions to given tokens (for example the
+# opening of a tool call at the start of a reply). A pinned position shows its token from
+# the first step, is never renoised, counts as accepted at every step, and the
+# self-conditioning signal sees it as certain. All of that follows from one change: at a
+# pinned position the step's logits become a one-hot distribution on the pinned token
+# (entropy 0, argmax and sample = the token, softmax = one-hot), and ``accept`` is forced
+# there as a safeguard against rounding. Without pins nothing changes.
+
+PINNED_OUT = -1e30  # finite: 0 * (-1e30) stays 0 in entropy sums, where -inf gives NaN
+
+
+class Pins(NamedTuple):
+    """Pinned (row, position) -> token, flattened; ``mask`` [B, L] marks them."""
+
+    rows: mx.array  # [P] int32
+    positions: mx.array  # [P] int32
+    tokens: mx.array  # [P] int32
+    mask: mx.array  # [B, L] bool
+
+
+def make_pins(per_row: Sequence[Optional[Mapping[int, int]]], length: int, vocab_size: int) -> Optional[Pins]:
+    """Pins from one ``{position: token}`` map per batch row (None or {} for no pins);
+    None when nothing is pinned. Positions must lie in the canvas, tokens in the vocabulary."""
+    rows, positions, tokens = [], [], []
+    for b, pins in enumerate(per_row):
+        for pos, tok in sorted((pins or {}).items()):
+            if not 0 <= int(pos) < length:
+                raise ValueError(f"pinned position {pos} is outside the canvas [0, {length})")
+            if not 0 <= int(tok) < vocab_size:
+                raise ValueError(f"pinned token {tok} is outside the vocabulary [0, {vocab_size})")
+            rows.append(b)
+            positions.append(int(pos))
+            tokens.append(int(tok))
+    if not rows:
+        return None
+    mask = np.zeros((len(per_row), length), bool)
+    mask[rows, positions] = True
+    as_mx = lambda v: mx.array(np.asarray(v, np.int32))  # noqa: E731
+    return Pins(as_mx(rows), as_mx(positions), as_mx(tokens), mx.array(mask))
+
+
+def pin_canvas(canvas: mx.array, pins: Optional[Pins]) -> mx.array:
+    """``canvas`` [B, L] with the pinned tokens written in."""
+    if pins is None:
+        return canvas
+    canvas = mx.array(canvas)
+    canvas[pins.rows, pins.positions] = pins.tokens.astype(canvas.dtype)
+    return canvas
+
+
+def pin_logits(logits: mx.array, pins: Optional[Pins]) -> mx.array:
+    """``logits`` [B, L, V] with each pinned position's row made one-hot on its token
+    (updated in place, returned)."""
+    if pins is None:
+        return logits
+    P, V = pins.tokens.shape[0], logits.shape[-1]
+    onehot = mx.full((P, V), PINNED_OUT, dtype=logits.dtype)
+    onehot[mx.arange(P), pins.tokens] = 0.0
+    logits[pins.rows, pins.positions] = onehot
+    return logits
+
+
+class Step(NamedTuple):
+    """What one denoising step produces from the decoder's logits."""
+
+    canvas: mx.array  # [B, L] the next canvas (accepted tokens, the rest renoised)
+    argmax: mx.array  # [B, L] the argmax canvas
+    self_conditioning: mx.array  # the next step's self-conditioning embeddings
+    entropy: mx.array  # [B, L] entropy of softmax(logits / t)
+    accept: mx.array  # [B, L] bool
+
+
+def denoise_step(
+    model,
+    logits: mx.array,
+    settings: DenoiseSettings,
+    seeds: Sequence[int],
+    block: int,
+    n: int,
+    sample_fn: Optional[SampleFn] = None,
+    pins: Optional[Pins] = None,
+) -> Step:
+    """Steps 2-3 of the module docstring for counting-down step ``n``, from the decoder's
+    ``logits`` [B, L, V] (after any logits processing): sample, accept, renoise, and the
+    next self-conditioning signal. Shared by :func:`denoise_steps` and the server's
+    per-row scheduler, so both follow the same order of operations."""
+    sample_fn = sample_fn or _sample_step
+    L, V = logits.shape[1], model.args.vocab_size
+    t = temperature(n, settings.max_denoising_steps, settings.t_min, settings.t_max)
+    logits = pin_logits(logits, pins)
+    s = sample_fn(logits, t, rng.position_keys(seeds, rng.SAMPLE, block, n, L))
+    accept = entropy_bound_mask(s.entropy, settings.entropy_bound)
+    if pins is not None:
+        accept = accept | pins.mask
+    renoise = rng.random_tokens(rng.position_keys(seeds, rng.RENOISE, block, n, L), V)
+    # accept_canvas then renoise_canvas: accepted positions take the sample, every
+    # other position a fresh token (the current canvas survives nowhere).
+    new_canvas = mx.where(accept, s.argmax if settings.greedy else s.sampled, renoise)
+    return Step(new_canvas, s.argmax, self_conditioning(model, logits, t, s, settings), s.entropy, accept)
+
+
 def denoise_steps(
     model,
     cache,
@@ -250,19 +363,21 @@ def denoise_steps(
     block: int,
     sample_fn: Optional[SampleFn] = None,
     active: Optional[Sequence[bool]] = None,
+    pins: Optional[Pins] = None,
 ) -> Iterator[Draft]:
     """Generator form of :func:`denoise_block`: yields a :class:`Draft` after every step
     and returns the :class:`BlockResult` (``result = yield from denoise_steps(...)``).
 
     ``active``: rows to denoise (default all). Inactive rows (sequences already finished)
     start frozen and are not counted as passes, as the reference counts them; their
-    tokens are the initial canvas (the caller pads them anyway).
+    tokens are the initial canvas (the caller pads them anyway). ``pins``: canvas
+    positions fixed to given tokens (:func:`make_pins`).
     """
     sample_fn = sample_fn or _sample_step
     seeds = [int(s) for s in seeds]
     B, L, V = len(seeds), model.args.canvas_length, model.args.vocab_size
     N = settings.max_denoising_steps
-    canvas = initial_canvas(seeds, block, L, V)
+    canvas = pin_canvas(initial_canvas(seeds, block, L, V), pins)
     argmax = canvas
     sc: Optional[mx.array] = None
     live = np.ones(B, bool) if active is None else np.asarray(active, bool).copy()
@@ -278,23 +393,16 @@ def denoise_steps(
             break
         passes += ~finished
         steps += 1
-        t = temperature(n, N, settings.t_min, settings.t_max)
         logits = model.denoise(canvas, cache, self_conditioning_embeddings=sc)
-        s = sample_fn(logits, t, rng.position_keys(seeds, rng.SAMPLE, block, n, L))
-        accept = entropy_bound_mask(s.entropy, settings.entropy_bound)
-        renoise = rng.random_tokens(rng.position_keys(seeds, rng.RENOISE, block, n, L), V)
-        # accept_canvas then renoise_canvas: accepted positions take the sample, every
-        # other position a fresh token (the current canvas survives nowhere).
-        new_canvas = mx.where(accept, s.sampled, renoise)
-        new_argmax = s.argmax
-        new_sc = self_conditioning(model, logits, t, s, settings)
+        step = denoise_step(model, logits, settings, seeds, block, n, sample_fn, pins)
+        new_canvas, new_argmax, new_sc, accept = step.canvas, step.argmax, step.self_conditioning, step.accept
         if finished.any():  # freeze rows that stopped earlier
             fz = mx.array(finished)
             new_argmax = mx.where(fz[:, None], argmax, new_argmax)
             new_canvas = mx.where(fz[:, None], canvas, new_canvas)
             if sc is not None:
                 new_sc = mx.where(fz[:, None, None], sc, new_sc)
-        ent = s.entropy.mean(-1)
+        ent = step.entropy.mean(-1)
         mx.eval(new_canvas, new_argmax, new_sc, ent, accept)
         ent_np = np.array(ent)
         mean_entropy = np.where(finished, mean_entropy, ent_np)
@@ -316,6 +424,7 @@ def denoise_block(
     on_draft: Optional[Callable[[Draft], None]] = None,
     sample_fn: Optional[SampleFn] = None,
     active: Optional[Sequence[bool]] = None,
+    pins: Optional[Pins] = None,
 ) -> BlockResult:
     """Denoise one canvas of ``canvas_length`` tokens for each of ``len(seeds)`` rows.
 
@@ -323,7 +432,7 @@ def denoise_block(
     the generation (it keys the random streams). ``on_draft`` gets a :class:`Draft` after
     each step. Returns the committed block (the last argmax canvas) and the counts.
     """
-    gen = denoise_steps(model, cache, settings, seeds, block, sample_fn=sample_fn, active=active)
+    gen = denoise_steps(model, cache, settings, seeds, block, sample_fn=sample_fn, active=active, pins=pins)
     while True:
         try:
             d = next(gen)

@@ -12,12 +12,15 @@ Each in-flight request is a *row*. Every iteration of the loop:
 4. samples each row with its own seed, block index and step counter (the random
    streams are keyed per row by ``rng``, so a row's tokens do not depend on which
    other rows share the pass), applies the drafter's acceptance, renoising and
-   adaptive stopping, and commits the rows whose block is done.
+   adaptive stopping, and commits the rows whose block is done. A row may bring its
+   own logits processing (``processors``: the request's sampling fields, applied to
+   the raw logits before the step) and canvas pins for its first block (the opening
+   of a forced tool call).
 
 A committed block goes to the request's event callback at once (streaming sends one
 chunk per block); unless the row is finished, it is then encoded into the row's cache
 and the next block starts. The per-row step mirrors ``drafter.denoise_steps`` for one
-row exactly (same helpers, same order of operations); tests check that a server reply
+row exactly (the same ``drafter.denoise_step``); tests check that a server reply
 equals the library's block loop under the same seed.
 """
 
@@ -36,9 +39,8 @@ import mlx.core as mx
 import numpy as np
 
 from .. import drafter as _drafter
-from .. import rng
-from ..drafter import DenoiseSettings, entropy_bound_mask, initial_canvas
-from ..sampling import temperature
+from ..drafter import DenoiseSettings, initial_canvas, make_pins, pin_canvas
+from ..logits_processors import LogitsProcessors
 from .prompt_cache import PromptCacheStore
 
 log = logging.getLogger("mlx_dgemma.server")
@@ -57,6 +59,8 @@ class GenerationParams:
     snapshot_at: Sequence[int] = ()
     snapshot_prompt: bool = True  # snapshot the whole prompt too
     snapshot_reply: bool = True  # snapshot prompt + reply (+ EOS) when done
+    processors: Optional[LogitsProcessors] = None  # applied to the raw logits of every step
+    pins: Dict[int, int] = field(default_factory=dict)  # reply position -> token (first block)
 
 
 @dataclass
@@ -106,9 +110,13 @@ class Row:
         self.passes = 0
         self.prefill_s = 0.0
         self.t_first_block: Optional[float] = None
+        self.processors = p.processors if p.processors is not None and p.processors.active else None
+        self.process = None  # this block's logits processing (penalties see the committed tokens)
         self._new_block_state()
 
     def _new_block_state(self) -> None:
+        self.process = None
+        self.pins = None
         self.canvas = None
         self.argmax: Optional[np.ndarray] = None
         self.sc = None
@@ -302,7 +310,11 @@ class Scheduler:
         model, L, V = self.model, self.L, self.V
         for r in rows:
             if r.canvas is None:
-                r.canvas = initial_canvas([r.seed], r.block, L, V)
+                if r.block == 0 and r.req.params.pins:  # positions past the canvas are dropped
+                    r.pins = make_pins([{k: v for k, v in r.req.params.pins.items() if k < L}], L, V)
+                r.canvas = pin_canvas(initial_canvas([r.seed], r.block, L, V), r.pins)
+                if r.processors is not None:
+                    r.process = r.processors.for_context(r.prompt, r.generated, V)
         B = len(rows)
         canvas = rows[0].canvas if B == 1 else mx.concatenate([r.canvas for r in rows])
         scs = [r.sc for r in rows]
@@ -318,15 +330,11 @@ class Scheduler:
         sample_fn = _drafter._sample_step  # the drafter's choice (MLX ops or fused kernels)
         outs = []
         for i, r in enumerate(rows):
-            st = r.settings
             lg = logits if B == 1 else logits[i : i + 1]
-            t = temperature(r.n, st.max_denoising_steps, st.t_min, st.t_max)
-            s = sample_fn(lg, t, rng.position_keys([r.seed], rng.SAMPLE, r.block, r.n, L))
-            accept = entropy_bound_mask(s.entropy, st.entropy_bound)
-            renoise = rng.random_tokens(rng.position_keys([r.seed], rng.RENOISE, r.block, r.n, L), V)
-            new_canvas = mx.where(accept, s.sampled, renoise)
-            new_sc = _drafter.self_conditioning(model, lg, t, s, st)
-            outs.append((new_canvas, s.argmax, new_sc, s.entropy.mean(-1)))
+            if r.process is not None:
+                lg = r.process(lg)
+            step = _drafter.denoise_step(model, lg, r.settings, [r.seed], r.block, r.n, sample_fn, r.pins)
+            outs.append((step.canvas, step.argmax, step.self_conditioning, step.entropy.mean(-1)))
         mx.eval(outs)
         with self._stats_lock:
             self.batch_sizes[B] += 1
