@@ -244,3 +244,51 @@ def test_same_seed_same_block_different_seed_differs(tiny):
     c = np.array(denoise_block(model, cache, s, [3, 4], block=2).tokens)
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
+
+
+# --- additions to the reference: canvas pins and greedy acceptance ------------------------
+
+
+def test_pins_hold_their_positions_count_as_accepted_and_condition_as_certain(tiny):
+    model, cache = tiny
+    s = DenoiseSettings(max_denoising_steps=8, stability_threshold=None)
+    pins = drafter.make_pins([{0: 5, 3: 9}, None], 8, 64)
+    drafts = []
+    res = denoise_block(model, cache, s, [1, 2], block=0, on_draft=drafts.append, pins=pins)
+    free = denoise_block(model, cache, s, [1, 2], block=0)
+    for d in drafts:  # the argmax canvas of every step, and the committed block
+        assert np.array(d.tokens)[0, [0, 3]].tolist() == [5, 9]
+        assert d.accepted[0] >= 2
+    assert np.array(res.tokens)[0, [0, 3]].tolist() == [5, 9]
+    assert np.array(res.canvas)[0, [0, 3]].tolist() == [5, 9]  # never renoised
+    assert np.array(free.tokens)[0, [0, 3]].tolist() != [5, 9]  # the pins did something
+    np.testing.assert_array_equal(np.array(res.tokens)[1], np.array(free.tokens)[1])  # rows are independent
+    # the decoder sees the pinned tokens from the first step: the initial canvas carries them
+    assert np.array(drafter.pin_canvas(drafter.initial_canvas([1, 2], 0, 8, 64), pins))[0, [0, 3]].tolist() == [5, 9]
+    # self-conditioning at a pinned position is the pinned token's embedding (certainty)
+    logits = drafter.pin_logits(model.denoise(drafter.initial_canvas([1, 2], 0, 8, 64), cache), pins)
+    st = sample_step_mlx(logits, 0.6, rng.position_keys([1, 2], rng.SAMPLE, 0, 1, 8))
+    assert np.array(st.entropy)[0, [0, 3]].tolist() == [0.0, 0.0]
+    sc = np.array(drafter.self_conditioning(model, logits, 0.6, st, s))
+    emb = np.array(model.decoder.embed_tokens.weight) * model.embed_scale
+    np.testing.assert_allclose(sc[0, [0, 3]], emb[[5, 9]], atol=1e-5 * np.abs(emb).max())
+    with pytest.raises(ValueError, match="outside the canvas"):
+        drafter.make_pins([{8: 1}], 8, 64)
+    with pytest.raises(ValueError, match="vocabulary"):
+        drafter.make_pins([{0: 64}], 8, 64)
+    assert drafter.make_pins([None, {}], 8, 64) is None
+
+
+def test_greedy_takes_the_argmax_not_the_sample(tiny):
+    """With ``greedy`` the step's sample is never used: replacing it changes nothing."""
+    model, cache = tiny
+
+    def scrambled(logits, t, keys):
+        st = sample_step_mlx(logits, t, keys)
+        return st._replace(sampled=(st.sampled + 7) % 64)
+
+    for greedy, same in ((True, True), (False, False)):
+        s = DenoiseSettings(max_denoising_steps=6, greedy=greedy)
+        a = np.array(denoise_block(model, cache, s, [3, 4], block=1, sample_fn=sample_step_mlx).tokens)
+        b = np.array(denoise_block(model, cache, s, [3, 4], block=1, sample_fn=scrambled).tokens)
+        assert np.array_equal(a, b) == same

@@ -14,8 +14,8 @@ Each in-flight request is a *row*. Every iteration of the loop:
    other rows share the pass), applies the drafter's acceptance, renoising and
    adaptive stopping, and commits the rows whose block is done. A row may bring its
    own logits processing (``processors``: the request's sampling fields, applied to
-   the raw logits before the step) and canvas pins for its first block (the opening
-   of a forced tool call).
+   the raw logits before the step) and canvas pins (reply positions fixed to given
+   tokens: the opening of a forced tool call).
 
 A committed block goes to the request's event callback at once (streaming sends one
 chunk per block); unless the row is finished, it is then encoded into the row's cache
@@ -60,7 +60,7 @@ class GenerationParams:
     snapshot_prompt: bool = True  # snapshot the whole prompt too
     snapshot_reply: bool = True  # snapshot prompt + reply (+ EOS) when done
     processors: Optional[LogitsProcessors] = None  # applied to the raw logits of every step
-    pins: Dict[int, int] = field(default_factory=dict)  # reply position -> token (first block)
+    pins: Dict[int, int] = field(default_factory=dict)  # reply position -> token (block k // L, position k % L)
 
 
 @dataclass
@@ -310,8 +310,9 @@ class Scheduler:
         model, L, V = self.model, self.L, self.V
         for r in rows:
             if r.canvas is None:
-                if r.block == 0 and r.req.params.pins:  # positions past the canvas are dropped
-                    r.pins = make_pins([{k: v for k, v in r.req.params.pins.items() if k < L}], L, V)
+                if r.req.params.pins:  # reply position -> token: this block's share
+                    lo = r.block * L
+                    r.pins = make_pins([{k - lo: v for k, v in r.req.params.pins.items() if lo <= k < lo + L}], L, V)
                 r.canvas = pin_canvas(initial_canvas([r.seed], r.block, L, V), r.pins)
                 if r.processors is not None:
                     r.process = r.processors.for_context(r.prompt, r.generated, V)
