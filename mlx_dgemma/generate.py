@@ -28,12 +28,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .drafter import BlockResult, DenoiseSettings, Draft, SettingsError, denoise_steps, load_generation_config
+from .drafter import (
+    BlockResult,
+    ConstraintError,
+    DenoiseSettings,
+    Draft,
+    SettingsError,
+    block_constraints,
+    denoise_steps,
+    load_generation_config,
+)
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 
@@ -77,6 +86,55 @@ def tokens_per_forward(generated: np.ndarray, passes: np.ndarray, pad_token_id: 
         valid = np.full(generated.shape[0], generated.shape[1])
     with np.errstate(divide="ignore", invalid="ignore"):
         return valid / np.asarray(passes, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Canvas constraints: pinned tokens by offset in the generated sequence
+
+
+Constraints = Mapping[int, int]  # offset in the generated tokens (0 = the first) -> token id
+
+
+def check_constraints(constraints: Optional[Constraints], max_tokens: int, vocab_size: int) -> Dict[int, int]:
+    """``{offset: token}`` as plain ints, each offset in [0, max_tokens) and token in the
+    vocabulary (one-line errors)."""
+    out: Dict[int, int] = {}
+    for p, t in (constraints or {}).items():
+        if isinstance(p, str) and p.strip().lstrip("-").isdigit():
+            p = int(p)  # JSON object keys
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < max_tokens:
+            raise GenerateInputError(f"constraint offset {p!r} is outside the generated tokens [0, {max_tokens})")
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size:
+            raise GenerateInputError(f"constraint token {t!r} at offset {p} is outside the vocabulary [0, {vocab_size})")
+        out[int(p)] = int(t)
+    return out
+
+
+def template_constraints(tokenizer, template: str, hole: str = "_") -> Dict[int, int]:
+    """Constraints from a template with holes: every ``hole`` marker is one free position,
+    the text between holes is tokenized and pinned at the positions it takes.
+
+    ``'{"name": "____", "age": __}'`` pins the JSON punctuation and leaves four tokens for the
+    name and two for the age. Each piece of text is tokenized on its own (with a BPE
+    vocabulary a piece can tokenize differently than inside a longer text); special-token
+    text such as ``<turn|>`` becomes that special token. Positions after the template stay
+    free.
+    """
+    if not isinstance(template, str) or not template:
+        raise GenerateInputError("canvas template is empty")
+    if not hole:
+        raise GenerateInputError("the hole marker is empty")
+    out: Dict[int, int] = {}
+    pos = 0
+    parts = template.split(hole)
+    for i, part in enumerate(parts):
+        if part:
+            for t in tokenizer.encode(part, add_special_tokens=False):
+                out[pos] = int(t)
+                pos += 1
+        if i < len(parts) - 1:
+            pos += 1  # the hole
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,6 +196,7 @@ def _events(
     eos_token_ids: Sequence[int] = (),
     pad_token_id: Optional[int] = 0,
     sample_fn=None,
+    constraints: Optional[Sequence[Optional[Constraints]]] = None,
 ) -> Iterator[Union[Draft, Block]]:
     tokens = _as_batch(prompt_tokens)
     B, T = tokens.shape
@@ -151,6 +210,10 @@ def _events(
     settings = settings or DenoiseSettings()
     n_blocks = plan_blocks(model, T, cache.offset, max_tokens)
     L = model.args.canvas_length
+    if constraints is not None:
+        if len(constraints) != B:
+            raise GenerateInputError(f"{len(constraints)} constraint rows for a batch of {B} prompts")
+        constraints = [check_constraints(c, n_blocks * L, model.args.vocab_size) for c in constraints]
     finished = np.zeros(B, bool)
     total_passes = np.zeros(B, np.int64)
     generated: List[np.ndarray] = []
@@ -163,8 +226,9 @@ def _events(
             if b == 0:
                 prompt_time = time.perf_counter() - t0
                 t_start = time.perf_counter()
+        pinned = None if constraints is None else [block_constraints(c, b, L) for c in constraints]
         res: BlockResult = yield from denoise_steps(
-            model, cache, settings, seeds, b, sample_fn=sample_fn, active=~finished
+            model, cache, settings, seeds, b, sample_fn=sample_fn, active=~finished, constraints=pinned
         )
         block, finished = finalize_block(np.array(res.tokens), finished, eos_token_ids, pad_token_id)
         total_passes = total_passes + res.passes
@@ -201,6 +265,7 @@ def generate_blocks(
     pad_token_id: Optional[int] = 0,
     on_draft: Optional[Callable[[Draft], None]] = None,
     sample_fn=None,
+    constraints: Optional[Sequence[Optional[Constraints]]] = None,
 ) -> Iterator[Block]:
     """Generate block by block from token ids; yields one :class:`Block` per committed block.
 
@@ -208,6 +273,10 @@ def generate_blocks(
     ``cache``: a :class:`~mlx_dgemma.cache.PrefixCache` that may already hold a prefix
     (multi-turn); only the new tokens are encoded. ``seeds``: one per row (an int: the same
     seed for every row). Block ``b`` of the call keys the random streams with ``b``.
+    ``constraints``: canvas constraints, one ``{offset: token id}`` per row (or ``None``),
+    the offset counting generated tokens from 0 across blocks (block ``b`` gets the offsets
+    ``b * L .. b * L + L - 1``); those tokens are pinned through every denoising step
+    (``drafter.CanvasPins``).
 
     On return the cache holds the prefix, the prompt and every committed block except
     the LAST one yielded (the reference encodes a block at the start of the next one), each
@@ -215,7 +284,7 @@ def generate_blocks(
     conversation, encode the last block (or its non-pad part) yourself.
     """
     for ev in _events(model, prompt_tokens, cache, settings, max_tokens, seeds, eos_token_ids,
-                      pad_token_id, sample_fn):
+                      pad_token_id, sample_fn, constraints):
         if isinstance(ev, Block):
             yield ev
         elif on_draft is not None:
@@ -301,6 +370,11 @@ def stream_generate(
     thinking: bool = False,
     system: Optional[str] = None,
     sample_fn=None,
+    sampler: Optional[str] = None,
+    threshold: Optional[float] = None,
+    constraints: Optional[Constraints] = None,
+    canvas_template: Optional[str] = None,
+    hole: str = "_",
 ) -> Iterator[GenerationResponse]:
     """Generate text; yields one :class:`GenerationResponse` per committed block (and one
     per denoising step with ``show_drafts``).
@@ -310,18 +384,32 @@ def stream_generate(
     ``entropy_bound``, ``t_min``, ``t_max`` override generation_config.json; ``sc_top_k``
     opts into top-k self-conditioning (``DenoiseSettings.sc_top_k``).
     ``thinking`` switches Gemma 4's thinking mode (``enable_thinking``); thought text comes
-    in ``thought``, apart from the answer in ``text``.
+    in ``thought``, apart from the answer in ``text``. ``sampler="confidence"`` with
+    ``threshold`` picks the confidence-threshold acceptance rule (default: the reference's
+    entropy bound).
+
+    Canvas constraints pin output tokens: ``constraints={offset: token id}`` (offset 0 is
+    the first generated token), or ``canvas_template``: text whose ``hole`` markers (one
+    per free token) are left to the model (:func:`template_constraints`); both may be
+    given (``constraints`` wins where they overlap). Uses: fill-in-the-middle (pin the
+    prefix and the suffix, leave holes between), JSON skeletons (pin the keys and
+    punctuation), forms, a forced opening (pin the first tokens), Sudoku (pin the givens).
     """
     from .chat import ThoughtParser, encode_prompt
 
     if isinstance(prompt, str) and not prompt.strip():
         raise GenerateInputError("empty prompt")
     settings = make_settings(model, settings, max_denoising_steps=steps, entropy_bound=entropy_bound,
-                             t_min=t_min, t_max=t_max, sc_top_k=sc_top_k)
+                             t_min=t_min, t_max=t_max, sc_top_k=sc_top_k, sampler=sampler, threshold=threshold)
     eos, pad = resolve_ids(model, generation_defaults(model))
     ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system)
     if not ids:
         raise GenerateInputError("empty prompt")
+    pinned: Optional[Dict[int, int]] = None
+    if canvas_template is not None or constraints:
+        pinned = template_constraints(tokenizer, canvas_template, hole) if canvas_template is not None else {}
+        pinned.update(constraints or {})
+        pinned = check_constraints(pinned, max_tokens, model.args.vocab_size)
     parser = ThoughtParser(tokenizer, thinking=thinking, prompt_tokens=ids, stop_tokens=eos)
     kept: List[int] = []
     total_steps = 0
@@ -331,7 +419,9 @@ def stream_generate(
     except Exception:  # backends without memory accounting
         pass
 
-    for ev in _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn):
+    events = _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn,
+                     None if pinned is None else [pinned])
+    for ev in events:
         if isinstance(ev, Draft):
             if not show_drafts:
                 continue
@@ -506,8 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="a model folder, a hub id (downloaded on first use; google/... originals are "
-                        "converted to 4-bit on first use), or 'demo': a small random-weight model built "
-                        "locally, no download (default: %(default)s)")
+                        "converted to 4-bit on first use), 'demo': a small random-weight model built "
+                        "locally, no download, or 'sudoku': the small Sudoku model shipped with the "
+                        "package (default: %(default)s)")
     p.add_argument("--prompt", required=True, help="the prompt (a user message unless --no-chat-template)")
     p.add_argument("--system", default=None, help="a system message (chat template only)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
@@ -526,6 +617,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sc-top-k", type=int, default=None, metavar="K",
                    help="approximate self-conditioning from the K most likely tokens per position "
                         "(faster, opt-in; default: exact)")
+    p.add_argument("--sampler", choices=("entropy-bound", "confidence"), default=None,
+                   help="acceptance rule: the reference's entropy bound (default), or 'confidence': "
+                        "accept positions whose top probability exceeds --threshold (at least one per step)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="top-probability threshold of --sampler confidence (default: 0.9)")
+    p.add_argument("--canvas-template", default=None, metavar="TEXT",
+                   help="pin the output to a template: every --hole marker is one free token, the rest "
+                        "is kept as written (fill-in-the-middle, JSON skeletons, forms)")
+    p.add_argument("--hole", default="_", help="the hole marker of --canvas-template (default: _)")
     return p
 
 
@@ -537,15 +637,16 @@ def _is_original_checkpoint(spec: str) -> bool:
 def resolve_model(spec: str, log: Callable[[str], None]):
     """``(model, tokenizer, is_demo)`` for a --model value."""
     from .config import ConfigError
-    from .loader import load
+    from .loader import BUILTIN_MODELS, builtin_model_path, load
 
-    if spec == "demo":
-        from . import demo
+    if spec in BUILTIN_MODELS:
+        path = builtin_model_path(spec, log=log)
+        if spec == "demo":
+            from .demo import UNTRAINED_NOTICE
 
-        path = demo.ensure_demo(log=log)
-        log(demo.UNTRAINED_NOTICE)
+            log(UNTRAINED_NOTICE)
         model, tok = load(path)
-        return model, tok, True
+        return model, tok, spec == "demo"
     local = Path(spec).expanduser()
     if not local.exists() and _is_original_checkpoint(spec):
         from .demo import cache_root
@@ -587,6 +688,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         v = getattr(args, name)
         if v is not None and not v >= 0:
             return _fail(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        return _fail(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.canvas_template is not None and not args.canvas_template:
+        return _fail("--canvas-template is empty")
+    if not args.hole:
+        return _fail("--hole is empty")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -610,9 +717,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
             show_drafts=args.show_drafts and tty, chat_template=not args.no_chat_template,
             thinking=args.thinking, system=args.system, sc_top_k=args.sc_top_k,
+            sampler=args.sampler, threshold=args.threshold, canvas_template=args.canvas_template, hole=args.hole,
         )
         steps_cap = args.steps or make_settings(model, None, entropy_bound=args.entropy_bound, t_min=args.t_min,
-                                                t_max=args.t_max).max_denoising_steps
+                                                t_max=args.t_max, sampler=args.sampler,
+                                                threshold=args.threshold).max_denoising_steps
         for r in stream:
             if r.kind == "draft":
                 view.draft(f"[block {r.block + 1} \u00b7 step {r.step}/{steps_cap}]", r.text)

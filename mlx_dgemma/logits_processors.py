@@ -33,11 +33,11 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .drafter import PINNED_OUT, SettingsError
+from .drafter import SettingsError
 
 # What a removed token's logit becomes: finite (a fused sampler may compute 0 * x, which
 # is NaN for -inf), and far below any soft-capped logit (|logit| <= 30) at any temperature.
-MASKED = PINNED_OUT
+MASKED = -1e30
 
 
 @dataclass

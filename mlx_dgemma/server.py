@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from .chat import has_chat_template
 from .drafter import DenoiseSettings, SettingsError, load_generation_config
+from .generate import GenerateInputError, check_constraints, template_constraints
 from .serving import responses
 from .serving.errors import APIError
 from .serving.prompt_cache import PromptCacheStore
@@ -201,15 +202,33 @@ class ServerState:
             processors.check_vocabulary(self.model.args.vocab_size)
         except SettingsError as e:
             raise APIError(str(e), param="logit_bias") from None
-        pins = self.tools.pins(p.tool_choice, p.tool_name, p.tools) if p.tools else {}
+        constraints = self.constraints(p, max_tokens)
+        if p.tools:  # tool_choice required / named: the call's opening is pinned (canvas constraints)
+            opening = {k: v for k, v in self.tools.pins(p.tool_choice, p.tool_name, p.tools).items() if k < max_tokens}
+            if opening:
+                constraints = {**opening, **(constraints or {})}
         return GenerationParams(
-            prompt=prompt, max_tokens=max_tokens, settings=settings, seed=seed,
+            prompt=prompt, max_tokens=max_tokens, settings=settings, seed=seed, constraints=constraints,
             eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at,
             # For chat, the history snapshot serves both the next turn and a re-sent
             # prompt (the generation prompt is a few tokens); do not store both.
             snapshot_prompt=not (chat and snapshot_at),
-            processors=processors if processors.active else None, pins=pins,
+            processors=processors if processors.active else None,
         )
+
+    def constraints(self, p: Parsed, max_tokens: int) -> Optional[Dict[int, int]]:
+        """The request's canvas constraints as {offset: token id}, checked against the
+        token budget and the vocabulary (``canvas_constraints`` win over the template)."""
+        if p.constraints is None and p.canvas_template is None:
+            return None
+        try:
+            pins = {}
+            if p.canvas_template is not None:
+                pins = template_constraints(self.tokenizer, p.canvas_template, p.canvas_hole)
+            pins.update(p.constraints or {})
+            return check_constraints(pins, max_tokens, self.model.args.vocab_size)
+        except GenerateInputError as e:
+            raise APIError(str(e), param="canvas_template" if p.constraints is None else "canvas_constraints") from None
 
     def check_model(self, name: str) -> None:
         if name not in self.aliases:

@@ -83,6 +83,10 @@ def test_bad_input_exit_code_2_subprocess(env):
     (["--prompt", "hi", "--steps", "0"], "steps"),
     (["--prompt", "hi", "--entropy-bound", "0"], "entropy-bound"),
     (["--prompt", "hi", "--t-max", "0.1", "--t-min", "0.3"], "t_max"),
+    (["--prompt", "hi", "--sampler", "confidence", "--threshold", "2"], "threshold"),
+    (["--prompt", "hi", "--canvas-template", ""], "canvas-template"),
+    (["--prompt", "hi", "--canvas-template", "a_", "--hole", ""], "hole"),
+    (["--prompt", "hi", "--max-tokens", "4", "--canvas-template", "one two three four five six"], "outside the generated"),
 ])
 def test_bad_flags(args, word, env, capsys):
     assert main(["--model", "demo", *args]) == 2
@@ -105,6 +109,32 @@ def test_unknown_model_and_other_model_type(tmp_path, env, capsys):
     assert main(["--model", str(other), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "llama" in err[0] and "DiffusionGemma" in err[0]
+
+
+def test_canvas_template_and_confidence_sampler(env, demo_model, capsys):
+    """The template's text is kept where it stands, holes are filled (fill-in-the-middle)."""
+    from mlx_dgemma.generate import template_constraints
+
+    model, tok = demo_model
+    template = "The quick ____ fox jumps ___ the lazy dog"
+    pins = template_constraints(tok, template)
+    assert main(["--model", "demo", "--prompt", "Hi", "--max-tokens", "24", "--steps", "4", "--seed", "2",
+                 "--canvas-template", template, "--sampler", "confidence", "--threshold", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The quick ") and " fox jumps " in text and "the lazy dog" in text
+    r = [x for x in stream_generate(model, tok, "Hi", max_tokens=24, steps=4, seed=2, canvas_template=template,
+                                    sampler="confidence", threshold=0.5)]
+    tokens = [t for x in r for t in x.tokens]
+    assert len(tokens) > max(pins) and all(tokens[p] == t for p, t in pins.items())
+    assert "".join(x.text for x in r) == text.rstrip("\n")
+
+
+def test_load_by_builtin_name(env):
+    import mlx_dgemma
+
+    model, tok = mlx_dgemma.load("demo")  # the name, not a folder in the working directory
+    assert model.args.canvas_length == 128 and tok is not None
+    assert str(model.path).startswith(os.environ[demo.CACHE_ENV])
 
 
 def test_argparse_errors_exit_2(capsys):

@@ -10,9 +10,14 @@ Field policy (the README's table, "Fields"):
 - mapped to the drafter: ``max_tokens`` / ``max_completion_tokens``, ``seed``,
   ``steps`` (= ``max_denoising_steps``), ``entropy_bound``, ``t_min``, ``t_max``,
   ``confidence_threshold``, ``stability_threshold``, ``sc_top_k``; ``stop``;
+  ``sampler`` / ``threshold`` (the confidence-threshold rule);
   thinking via ``enable_thinking``, ``chat_template_kwargs.enable_thinking`` or
   ``reasoning_effort``; ``return_token_ids`` (vLLM's extension) adds the generated and
   prompt token ids to the reply; ``tools``, ``tool_choice``, ``parallel_tool_calls``;
+- canvas constraints (an extension): ``canvas_constraints`` ``{"offset": token_id}``
+  (offset 0 = the first generated token) and/or ``canvas_template`` (text whose
+  ``canvas_hole`` markers, default ``_``, are one free token each) pin output tokens
+  through every denoising step;
 - sampling fields: ``temperature`` in [0, 2] scales the model's schedule (1: the
   schedule itself; 0: deterministic, see ``server.ServerState.params``); ``top_k``,
   ``top_p``, ``min_p``, ``presence_penalty``, ``frequency_penalty``,
@@ -51,6 +56,8 @@ SAMPLER_FIELDS = {
     "confidence_threshold": "confidence_threshold",
     "stability_threshold": "stability_threshold",
     "sc_top_k": "sc_top_k",
+    "sampler": "sampler",
+    "threshold": "threshold",
 }
 
 _SCHEDULE = (
@@ -107,9 +114,10 @@ BENIGN = {
     "safety_identifier", "prompt_cache_key", "verbosity", "logprobs_mode", "ignore_eos_warning",
 }
 
+CONSTRAINT_FIELDS = ("canvas_constraints", "canvas_template", "canvas_hole")
 COMMON = {"model", "stream", "max_tokens", "max_completion_tokens", "seed", "stop",
           "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids",
-          *SAMPLER_FIELDS, *SAMPLING}
+          *SAMPLER_FIELDS, *SAMPLING, *CONSTRAINT_FIELDS}
 CHAT_FIELDS = COMMON | {"messages", "tools", "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 
@@ -137,6 +145,10 @@ class Parsed:
     tool_choice: str = "none"  # none | auto | required | function
     tool_name: Optional[str] = None  # tool_choice == "function"
     parallel_tool_calls: bool = True
+    # canvas constraints (extension): {offset: token id}, a template with holes, its marker
+    constraints: Optional[Dict[int, int]] = None
+    canvas_template: Optional[str] = None
+    canvas_hole: str = "_"
 
 
 def _is_neutral(value: Any, neutral: Tuple[Any, ...]) -> bool:
@@ -262,6 +274,7 @@ def parse_request(body: Any, chat: bool, strict_sampling: bool = False, log=None
     parsed = Parsed(model, stream, include_usage, max_tokens, seed, stop, overrides, bool(thinking),
                     kwargs, return_token_ids=bool(rti), ignored=ignored)
     parsed.temperature, parsed.processors = _sampling(body)
+    parsed.constraints, parsed.canvas_template, parsed.canvas_hole = _constraints(body)
     if chat:
         parsed.messages = _messages(body.get("messages"))
         parsed.tools = check_tools(body.get("tools"))
@@ -304,6 +317,31 @@ def _sampling(body: dict) -> Tuple[Optional[float], LogitsProcessors]:
     except SettingsError as e:
         msg = str(e)
         raise APIError(msg, param=msg.split(" ", 1)[0].split("[", 1)[0]) from None
+
+
+def _constraints(body: dict) -> Tuple[Optional[Dict[int, int]], Optional[str], str]:
+    """The canvas-constraint extension fields, type-checked (ranges are checked against the
+    model and the token budget later)."""
+    raw, template, hole = body.get("canvas_constraints"), body.get("canvas_template"), body.get("canvas_hole")
+    pins = None
+    if raw is not None:
+        if not isinstance(raw, dict):
+            raise APIError('canvas_constraints must be an object {"offset": token_id}', param="canvas_constraints")
+        pins = {}
+        for k, v in raw.items():
+            if not (isinstance(k, str) and k.isdigit()):
+                raise APIError(f"canvas_constraints: key {k!r} is not a token offset (0, 1, 2 ...)",
+                               param="canvas_constraints")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise APIError(f"canvas_constraints[{k!r}] must be a token id, got {v!r}", param="canvas_constraints")
+            pins[int(k)] = v
+    if template is not None and (not isinstance(template, str) or not template):
+        raise APIError("canvas_template must be a non-empty string", param="canvas_template")
+    if hole is None:
+        hole = "_"
+    if not isinstance(hole, str) or not hole:
+        raise APIError("canvas_hole must be a non-empty string", param="canvas_hole")
+    return pins, template, hole
 
 
 def _text_content(content: Any, i: int) -> str:

@@ -14,13 +14,12 @@ Each in-flight request is a *row*. Every iteration of the loop:
    other rows share the pass), applies the drafter's acceptance, renoising and
    adaptive stopping, and commits the rows whose block is done. A row may bring its
    own logits processing (``processors``: the request's sampling fields, applied to
-   the raw logits before the step) and canvas pins (reply positions fixed to given
-   tokens: the opening of a forced tool call).
+   the raw logits before the step, as the reference applies a ``logits_processor``).
 
 A committed block goes to the request's event callback at once (streaming sends one
 chunk per block); unless the row is finished, it is then encoded into the row's cache
 and the next block starts. The per-row step mirrors ``drafter.denoise_steps`` for one
-row exactly (the same ``drafter.denoise_step``); tests check that a server reply
+row exactly (same helpers, same order of operations); tests check that a server reply
 equals the library's block loop under the same seed.
 """
 
@@ -39,8 +38,10 @@ import mlx.core as mx
 import numpy as np
 
 from .. import drafter as _drafter
-from ..drafter import DenoiseSettings, initial_canvas, make_pins, pin_canvas
+from .. import rng
+from ..drafter import CanvasPins, DenoiseSettings, block_constraints, initial_canvas
 from ..logits_processors import LogitsProcessors
+from ..sampling import temperature
 from .prompt_cache import PromptCacheStore
 
 log = logging.getLogger("mlx_dgemma.server")
@@ -59,8 +60,10 @@ class GenerationParams:
     snapshot_at: Sequence[int] = ()
     snapshot_prompt: bool = True  # snapshot the whole prompt too
     snapshot_reply: bool = True  # snapshot prompt + reply (+ EOS) when done
+    # Canvas constraints: {offset in the generated tokens: token id}, pinned through every
+    # denoising step of the block holding that offset (drafter.CanvasPins).
+    constraints: Optional[Dict[int, int]] = None
     processors: Optional[LogitsProcessors] = None  # applied to the raw logits of every step
-    pins: Dict[int, int] = field(default_factory=dict)  # reply position -> token (block k // L, position k % L)
 
 
 @dataclass
@@ -111,13 +114,12 @@ class Row:
         self.prefill_s = 0.0
         self.t_first_block: Optional[float] = None
         self.processors = p.processors if p.processors is not None and p.processors.active else None
-        self.process = None  # this block's logits processing (penalties see the committed tokens)
         self._new_block_state()
 
     def _new_block_state(self) -> None:
-        self.process = None
-        self.pins = None
+        self.process = None  # this block's logits processing (penalties see the committed tokens)
         self.canvas = None
+        self.pins: Optional[CanvasPins] = None
         self.argmax: Optional[np.ndarray] = None
         self.sc = None
         self.n = self.settings.max_denoising_steps  # counts down, as in the reference
@@ -310,12 +312,14 @@ class Scheduler:
         model, L, V = self.model, self.L, self.V
         for r in rows:
             if r.canvas is None:
-                if r.req.params.pins:  # reply position -> token: this block's share
-                    lo = r.block * L
-                    r.pins = make_pins([{k - lo: v for k, v in r.req.params.pins.items() if lo <= k < lo + L}], L, V)
-                r.canvas = pin_canvas(initial_canvas([r.seed], r.block, L, V), r.pins)
+                r.canvas = initial_canvas([r.seed], r.block, L, V)
                 if r.processors is not None:
                     r.process = r.processors.for_context(r.prompt, r.generated, V)
+                pinned = r.req.params.constraints
+                if pinned:
+                    r.pins = CanvasPins.from_rows([block_constraints(pinned, r.block, L)], L, V)
+                    if r.pins is not None:
+                        r.canvas = r.pins.canvas(r.canvas)
         B = len(rows)
         canvas = rows[0].canvas if B == 1 else mx.concatenate([r.canvas for r in rows])
         scs = [r.sc for r in rows]
@@ -331,11 +335,15 @@ class Scheduler:
         sample_fn = _drafter._sample_step  # the drafter's choice (MLX ops or fused kernels)
         outs = []
         for i, r in enumerate(rows):
+            st = r.settings
             lg = logits if B == 1 else logits[i : i + 1]
             if r.process is not None:
                 lg = r.process(lg)
-            step = _drafter.denoise_step(model, lg, r.settings, [r.seed], r.block, r.n, sample_fn, r.pins)
-            outs.append((step.canvas, step.argmax, step.self_conditioning, step.entropy.mean(-1)))
+            t = temperature(r.n, st.max_denoising_steps, st.t_min, st.t_max)
+            s = sample_fn(lg, t, rng.position_keys([r.seed], rng.SAMPLE, r.block, r.n, L))
+            renoise = rng.random_tokens(rng.position_keys([r.seed], rng.RENOISE, r.block, r.n, L), V)
+            u = _drafter.update(model, lg, t, s, renoise, st, r.pins)
+            outs.append((u.canvas, u.argmax, u.self_conditioning, u.mean_entropy))
         mx.eval(outs)
         with self._stats_lock:
             self.batch_sizes[B] += 1

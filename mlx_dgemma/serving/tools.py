@@ -8,10 +8,11 @@ objects for the template) and ``tool`` results. ``tool_choice``:
 - ``none``: the tools stay in the prompt (the prompt, and so its cache, is the same as
   on the other turns) and the call marker ``<|tool_call>`` is suppressed in the canvas,
   so the model writes text;
-- ``required`` / a named function: the start of the reply's first canvas is PINNED to
-  the call's opening (``<|tool_call>call:`` or ``<|tool_call>call:NAME{``), which a
-  diffusion model can do: the rest of the canvas is denoised around it. A named
-  function without parameters has nothing left to choose, so its whole call is pinned.
+- ``required`` / a named function: the start of the reply is PINNED to the call's
+  opening (``<|tool_call>call:`` or ``<|tool_call>call:NAME{``) with canvas constraints
+  (``drafter.CanvasPins``), which a diffusion model can do: the rest of the canvas is
+  denoised around it. A named function without parameters has nothing left to choose,
+  so its whole call (and the hand-over token after it) is pinned.
 
 Replies: :class:`ReplyParser` splits the generated tokens into thought, text and calls.
 It works on the COMMITTED tokens, so a call that starts in one block and ends in the
