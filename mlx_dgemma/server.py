@@ -33,12 +33,14 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 from .chat import has_chat_template
 from .drafter import DenoiseSettings, SettingsError, load_generation_config
 from .generate import GenerateInputError, check_constraints, template_constraints
+from .logits_processors import LogitsProcessors
 from .serving import responses
 from .serving.errors import APIError
 from .serving.prompt_cache import PromptCacheStore
 from .serving.protocol import Parsed, parse_request
 from .serving.scheduler import Event, GenerationParams, GenerationRequest, Scheduler
 from .serving.tools import ReplyParser, ToolFormat, chat_tool_calls
+from .verify import EncoderRule
 
 try:
     from fastapi import FastAPI, Request
@@ -183,19 +185,27 @@ class ServerState:
             max_tokens = p.max_tokens
         else:
             max_tokens = min(room, self.default_max_tokens or room)
+        overrides = dict(p.settings_overrides)
+        if p.decode == "verified" and p.draft_steps is not None:
+            overrides["max_denoising_steps"] = p.draft_steps
         try:
-            settings = DenoiseSettings.from_generation_config(self.gen_config, **p.settings_overrides)
+            settings = DenoiseSettings.from_generation_config(self.gen_config, **overrides)
         except SettingsError as e:
             raise APIError(str(e)) from None
         seed = p.seed if p.seed is not None else secrets.randbits(32)
-        T = p.temperature
+        T, processors = p.temperature, p.processors
+        if p.decode != "diffusion":  # the encoder's rule commits: nothing to apply the fields to
+            if p.tools and p.tool_choice in ("required", "function"):
+                raise APIError(f"tool_choice={p.tool_choice!r} pins the canvas: it needs decode 'diffusion'",
+                               param="tool_choice")
+            p.ignored = sorted(set(p.ignored) | set(p.sampling_fields))
+            T, processors = None, LogitsProcessors()
         if T == 0:
             # Deterministic: accepted positions take the argmax, and the only other
             # randomness (initial canvas, renoising) is drawn from a fixed seed.
             settings.greedy, seed = True, 0
         elif T is not None and T != 1:  # the schedule, scaled
             settings.t_min, settings.t_max = settings.t_min * T, settings.t_max * T
-        processors = p.processors
         if p.tools and p.tool_choice == "none" and self.tools.supported:
             processors = dataclasses.replace(processors, suppress=(*processors.suppress, self.tools.open_id))
         try:
@@ -209,7 +219,7 @@ class ServerState:
                 constraints = {**opening, **(constraints or {})}
         return GenerationParams(
             prompt=prompt, max_tokens=max_tokens, settings=settings, seed=seed, constraints=constraints,
-            eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at,
+            eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at, decode=p.decode, rule=EncoderRule(p.verify),
             # For chat, the history snapshot serves both the next turn and a re-sent
             # prompt (the generation prompt is a few tokens); do not store both.
             snapshot_prompt=not (chat and snapshot_at),

@@ -30,6 +30,11 @@ Field policy (the README's table, "Fields"):
 - fields that ask for a reply shape we cannot give (``n > 1``, ``best_of``, ``echo``,
   ``suffix``, legacy ``functions``, JSON response formats, audio...) are 400s unless
   neutral;
+- our extension ``decode`` ("diffusion", "verified" or "ar"; see ``mlx_dgemma.verify``)
+  with ``verify`` ("greedy" or "sample", the encoder sampling at temperature 1) and
+  ``draft_steps``; with a decode other than "diffusion" the sampling fields are not
+  applied (the encoder's rule commits: they are listed in ``x_ignored_fields``) and a
+  forced ``tool_choice`` (a canvas pin) is a 400;
 - benign fields (``user``, ``metadata``, ``store``, ``stream_options``,
   ``service_tier``...) are accepted; unknown fields are ignored, logged and listed in
   ``x_ignored_fields`` (clients add vendor fields freely).
@@ -44,6 +49,7 @@ from ..drafter import DenoiseSettings, SettingsError
 from ..logits_processors import LogitsProcessors
 from .errors import APIError
 from .tools import check_tool_choice, check_tools, history_tool_calls
+from ..verify import DECODE_MODES, VERIFY_RULES
 
 
 # Sampler settings a request may set (request name -> DenoiseSettings field).
@@ -117,7 +123,8 @@ BENIGN = {
 CONSTRAINT_FIELDS = ("canvas_constraints", "canvas_template", "canvas_hole")
 COMMON = {"model", "stream", "max_tokens", "max_completion_tokens", "seed", "stop",
           "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids",
-          *SAMPLER_FIELDS, *SAMPLING, *CONSTRAINT_FIELDS}
+          *SAMPLER_FIELDS, *SAMPLING, *CONSTRAINT_FIELDS,
+          "decode", "verify", "draft_steps"}
 CHAT_FIELDS = COMMON | {"messages", "tools", "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 
@@ -145,10 +152,14 @@ class Parsed:
     tool_choice: str = "none"  # none | auto | required | function
     tool_name: Optional[str] = None  # tool_choice == "function"
     parallel_tool_calls: bool = True
+    sampling_fields: List[str] = field(default_factory=list)  # the sampling fields set (not neutral)
     # canvas constraints (extension): {offset: token id}, a template with holes, its marker
     constraints: Optional[Dict[int, int]] = None
     canvas_template: Optional[str] = None
     canvas_hole: str = "_"
+    decode: str = "diffusion"  # our extension: "diffusion", "verified" or "ar"
+    verify: str = "greedy"
+    draft_steps: Optional[int] = None
 
 
 def _is_neutral(value: Any, neutral: Tuple[Any, ...]) -> bool:
@@ -182,7 +193,7 @@ def parse_request(body: Any, chat: bool, strict_sampling: bool = False, log=None
     if not isinstance(model, str) or not model:
         raise APIError("you must provide a model parameter (a string; GET /v1/models lists it)", param="model")
     known = CHAT_FIELDS if chat else COMPLETION_FIELDS
-    ignored = []
+    ignored, applied = [], []
     for name, value in body.items():
         if name in SAMPLING:
             if _is_neutral(value, SAMPLING[name]):
@@ -191,8 +202,7 @@ def parse_request(body: Any, chat: bool, strict_sampling: bool = False, log=None
                 why = IGNORED.get(name, "it would change the model's own sampling")
                 raise APIError(f"{name}={value!r} is not supported: {why}; {_NOT_WITH_STRICT}",
                                param=name, code="unsupported_parameter")
-            if name in IGNORED:
-                ignored.append(name)
+            (ignored if name in IGNORED else applied).append(name)
             continue
         if name in known or name in BENIGN:
             continue
@@ -271,10 +281,19 @@ def parse_request(body: Any, chat: bool, strict_sampling: bool = False, log=None
     rti = body.get("return_token_ids", False)
     if not isinstance(rti, bool) and rti is not None:
         raise APIError(f"return_token_ids must be a boolean, got {rti!r}", param="return_token_ids")
+    decode, verify = body.get("decode") or "diffusion", body.get("verify") or "greedy"
+    if decode not in DECODE_MODES:
+        raise APIError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}", param="decode")
+    if verify not in VERIFY_RULES:
+        raise APIError(f"verify must be one of {', '.join(VERIFY_RULES)}, got {verify!r}", param="verify")
     parsed = Parsed(model, stream, include_usage, max_tokens, seed, stop, overrides, bool(thinking),
-                    kwargs, return_token_ids=bool(rti), ignored=ignored)
+                    kwargs, return_token_ids=bool(rti), ignored=ignored, decode=decode, verify=verify,
+                    draft_steps=_int(body, "draft_steps", 1))
     parsed.temperature, parsed.processors = _sampling(body)
+    parsed.sampling_fields = sorted(applied)
     parsed.constraints, parsed.canvas_template, parsed.canvas_hole = _constraints(body)
+    if decode != "diffusion" and (parsed.constraints or parsed.canvas_template is not None):
+        raise APIError(f"canvas constraints apply to decode 'diffusion' only, not {decode!r}", param="decode")
     if chat:
         parsed.messages = _messages(body.get("messages"))
         parsed.tools = check_tools(body.get("tools"))
