@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +138,19 @@ def test_reply_parser_bad_unclosed_and_parallel_calls(tok):
     two.feed(enc(tok, "<|channel>thought\nplan<channel|><|tool_call>call:a{}<tool_call|><|tool_call>call:b{n:[1,2]}"
                       "<tool_call|>"))
     assert [c["name"] for c in two.calls] == ["a", "b"] and two.thought == "plan" and two.answer == ""
+
+
+def test_trainer_supervises_the_calls_of_a_tool_call_reply(tok):
+    """The template writes an assistant turn's calls before its content: the reply the
+    trainer scores must start after the model-turn header, calls included."""
+    from mlx_dgemma.tuner.datasets import chat_example
+
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    ex = chat_example(tok, [*USER, call], [WEATHER])
+    assert tok.decode(ex.response, skip_special_tokens=False) == \
+        '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><|tool_response>'
+    assert tok.decode(ex.prompt, skip_special_tokens=False).endswith("<|turn>model\n<|channel>thought\n<channel|>")
 
 
 # --- canvas pins for tool_choice ---------------------------------------------------------
@@ -466,6 +481,14 @@ def test_penalties_see_earlier_blocks_and_warpers_apply(server):
     assert r.model_extra["x_ignored_fields"] == ["some_vendor_field", "typical_p"]
 
 
+def test_other_decodes_report_sampling_fields_and_refuse_forced_tools(server):
+    r = ask(server, seed=2, temperature=0.5, extra_body={"decode": "ar", "top_k": 5})
+    assert r.model_extra["x_ignored_fields"] == ["temperature", "top_k"]
+    status, body = http(server, "POST", "/v1/chat/completions", {
+        "model": "tiny", "messages": USER, "tools": [WEATHER], "tool_choice": "required", "decode": "ar"})
+    assert status == 400 and body["error"]["param"] == "tool_choice"
+
+
 def test_api_key(loaded, model_dir, caplog):
     model, tok_ = loaded
     key = "sk-local-1234567890"
@@ -574,6 +597,98 @@ def test_a_64k_token_conversation_with_tools_is_accepted(server):
     assert params.max_tokens == 4096 and len(params.prompt) == len(prompt)
 
 
-# --- the end-to-end agent loop (needs a model that writes Gemma 4 calls) ------------------
-# ``agent_model_dir`` is the plug: a folder with a tokenizer and chat template like the
-# tiny ones and weights fine-tuned on tool-call conversations (project trainer).
+# --- the end-to-end agent loop -----------------------------------------------------------
+# A model that really writes Gemma 4 calls: ``tests/fixtures/agent-model``, a tiny model
+# fine-tuned with the project's trainer on six tool conversations
+# (``tests/fixtures/build_agent_model.py`` rebuilds it). Another folder with the same
+# tokenizer conventions can be dropped in with MLX_DGEMMA_AGENT_MODEL.
+
+AGENT_MODEL = Path(os.environ.get("MLX_DGEMMA_AGENT_MODEL") or Path(__file__).parent / "fixtures" / "agent-model")
+AGENT_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_NOW = {"Paris": "sunny", "Rome": "rainy", "Oslo": "snowy"}
+
+
+def get_weather(city: str) -> str:  # the tool the agent loop runs
+    return WEATHER_NOW[city]
+
+
+@pytest.fixture(scope="module")
+def agent():
+    model, tok_ = mlx_dgemma.load(AGENT_MODEL)
+    run = Running(ServerState(model, tok_, "agent", model_path=AGENT_MODEL, cache_size_gb=1.0))
+    yield run
+    run.stop()
+
+
+def _chat_turn(client, messages, stream):
+    """One request; the assistant message as a client rebuilds it, and the finish reason."""
+    kw = dict(model="agent", messages=messages, tools=[AGENT_TOOL], temperature=0, max_tokens=64)
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        return r.choices[0].message.model_dump(exclude_none=True), r.choices[0].finish_reason
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            c = calls.setdefault(tc.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            c["id"] += tc.id or ""
+            c["function"]["name"] += tc.function.name or ""
+            c["function"]["arguments"] += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    msg = {"role": "assistant", "content": content or None}
+    if calls:
+        msg["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return msg, finish
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_agent_loop_chat_completions(agent, stream):
+    """The openai client runs a tool loop: the model calls the tool, the test runs it and
+    sends the result back, the model answers."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    ran = []
+    for _ in range(3):
+        msg, finish = _chat_turn(agent.client, messages, stream)
+        messages.append(msg)
+        if not msg.get("tool_calls"):
+            break
+        assert finish == "tool_calls"
+        for call in msg["tool_calls"]:
+            args = json.loads(call["function"]["arguments"])
+            ran.append((call["function"]["name"], args))
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": get_weather(**args)})
+    assert ran == [("get_weather", {"city": "Paris"})]
+    assert finish == "stop" and "sunny" in messages[-1]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_agent_loop_responses(agent, stream):
+    tool = {"type": "function", "name": "get_weather", "description": "",
+            "parameters": AGENT_TOOL["function"]["parameters"], "strict": True}
+    items = [{"role": "user", "content": "Weather in Paris?"}]
+    ran = []
+
+    def turn():
+        kw = dict(model="agent", input=items, tools=[tool], temperature=0, max_output_tokens=64)
+        if not stream:
+            return agent.client.responses.create(**kw)
+        events = list(agent.client.responses.create(stream=True, **kw))
+        assert events[-1].type == "response.completed"
+        return events[-1].response
+
+    for _ in range(3):
+        r = turn()
+        items += [o.model_dump(exclude_none=True) for o in r.output]  # replayed, as the Agents SDK does
+        calls = [o for o in r.output if o.type == "function_call"]
+        if not calls:
+            break
+        for c in calls:
+            ran.append((c.name, json.loads(c.arguments)))
+            items.append({"type": "function_call_output", "call_id": c.call_id,
+                          "output": get_weather(**json.loads(c.arguments))})
+    assert ran == [("get_weather", {"city": "Paris"})]
+    assert r.status == "completed" and "sunny" in r.output_text
