@@ -519,7 +519,9 @@ def test_api_key(loaded, model_dir, caplog):
 
 
 def test_default_requests_of_well_known_clients(server):
-    """Bodies as these clients build them by default (sources in the comments); each gets a 200."""
+    """Bodies as these clients build them by default (sources in the comments); each gets a 200.
+    One addition everywhere: a token budget, so the random model's replies stay short
+    (without one the server grants the rest of the context, as the tests of budgets show)."""
     c = server.client
     # OpenAI Agents SDK (openai-agents-python, src/agents/models/openai_responses.py,
     # _build_response_create_kwargs, with ModelSettings() defaults): Responses API, the
