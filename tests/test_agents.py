@@ -624,8 +624,10 @@ def agent():
 
 
 def _chat_turn(client, messages, stream):
-    """One request; the assistant message as a client rebuilds it, and the finish reason."""
-    kw = dict(model="agent", messages=messages, tools=[AGENT_TOOL], temperature=0, max_tokens=64)
+    """One request; the assistant message as a client rebuilds it, and the finish reason.
+    Whole replies at temperature 0; streamed ones with the model's own sampling (a seed)."""
+    kw = dict(model="agent", messages=messages, tools=[AGENT_TOOL], max_tokens=64,
+              **({"seed": 1} if stream else {"temperature": 0}))
     if not stream:
         r = client.chat.completions.create(**kw)
         return r.choices[0].message.model_dump(exclude_none=True), r.choices[0].finish_reason
