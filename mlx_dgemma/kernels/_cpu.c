@@ -1,0 +1,482 @@
+/* The drafter's sampling step on the CPU: one multi-threaded pass per canvas position.
+ *
+ * Semantics of sampling.sample_step_mlx on MLX's CPU backend, float for float where it
+ * decides a token: x = logit / t (a division), the Gumbel noise -log(-log(u)) with the
+ * C library's logf (what MLX's CPU `log` calls) from the same counters as rng.gumbel,
+ * and the first maximum wins ties, as mx.argmax. So the sampled and argmax tokens are
+ * the MLX path's, bit for bit. exp is MLX's own CPU polynomial (simd/math.h), and the
+ * sums run in double (the MLX path sums in float32): log-sum-exp and entropy agree to
+ * float32 rounding. Optionally also writes softmax(logits / t) = exp(x - lse), the
+ * self-conditioning probabilities, from the same pass (the row is still in cache).
+ *
+ * The noise is computed a block at a time with a vectorised copy of the C library's logf
+ * (checked against it on every possible input first, see check_log) and MLX's exp.
+ *
+ * Built by setup.py as mlx_dgemma.kernels._cpu (optional: without a compiler the
+ * package uses the pure-MLX path). Inputs and outputs are C-contiguous buffers (NumPy
+ * views of evaluated MLX arrays); the work runs without the GIL on `threads` threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DG_BLOCK 512
+
+
+static inline uint32_t dg_mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+/* The table of the C library's logf (glibc >= 2.28 and musl use Arm's optimized-routines
+   algorithm, MIT licensed), for the vectorised log (log4 below); valid for positive
+   normal floats, which is every input the noise gives. check_log() compares it with the
+   platform's logf on all of those inputs before it is used, so a libm that differs
+   keeps the scalar logf and the tokens stay the MLX path's. */
+static const double DG_LOG_TAB[16][2] = {
+    {0x1.661ec79f8f3bep+0, -0x1.57bf7808caadep-2}, {0x1.571ed4aaf883dp+0, -0x1.2bef0a7c06ddbp-2},
+    {0x1.49539f0f010bp+0, -0x1.01eae7f513a67p-2},  {0x1.3c995b0b80385p+0, -0x1.b31d8a68224e9p-3},
+    {0x1.30d190c8864a5p+0, -0x1.6574f0ac07758p-3}, {0x1.25e227b0b8eap+0, -0x1.1aa2bc79c81p-3},
+    {0x1.1bb4a4a1a343fp+0, -0x1.a4e76ce8c0e5ep-4}, {0x1.12358f08ae5bap+0, -0x1.1973c5a611cccp-4},
+    {0x1.0953f419900a7p+0, -0x1.252f438e10c1ep-5}, {0x1p+0, 0x0p+0},
+    {0x1.e608cfd9a47acp-1, 0x1.aa5aa5df25984p-5},  {0x1.ca4b31f026aap-1, 0x1.c5e53aa362eb4p-4},
+    {0x1.b2036576afce6p-1, 0x1.526e57720db08p-3},  {0x1.9c2d163a1aa2dp-1, 0x1.bc2860d22477p-3},
+    {0x1.886e6037841edp-1, 0x1.1058bc8a07ee1p-2},  {0x1.767dcf5534862p-1, 0x1.4043057b6ee09p-2},
+};
+
+static inline float dg_uniform(uint32_t key, uint32_t token) {
+  uint32_t h = dg_mix32(key ^ token);
+  return ((float)(h >> 8) + 0.5f) * 5.9604644775390625e-08f; /* 2^-24 */
+}
+
+/* -log(-log(u)) as rng.gumbel computes it. The top hash value rounds u to 1.0: the
+   noise is then +inf (log(-0) = -inf), as in the MLX path. */
+static inline float dg_gumbel_libm(uint32_t key, uint32_t token) {
+  return -logf(-logf(dg_uniform(key, token)));
+}
+
+/* MLX's CPU exp (mlx/backend/cpu/simd/math.h, Simd<float, 1>), operation for operation. */
+static inline float dg_exp(float x_init) {
+  float x = x_init * 1.442695f;
+  /* floor(x + 0.5) (MLX adds 0.5 in double: exact); rintf and a tie fix vectorise */
+  const float r0 = rintf(x);
+  const float ipart = x - r0 == 0.5f ? r0 + 1.0f : r0;
+  float fpart = x - ipart;
+  x = 1.535336188319500e-4f;
+  x = fmaf(x, fpart, 1.339887440266574e-3f);
+  x = fmaf(x, fpart, 9.618437357674640e-3f);
+  x = fmaf(x, fpart, 5.550332471162809e-2f);
+  x = fmaf(x, fpart, 2.402264791363012e-1f);
+  x = fmaf(x, fpart, 6.931472028550421e-1f);
+  x = fmaf(x, fpart, 1.000000000000000f);
+  int32_t epart = ((int32_t)ipart + 127) << 23;
+  float two;
+  memcpy(&two, &epart, sizeof two);
+  float r = x_init != x_init ? x_init : two * x;
+  r = x_init > 88.0f ? INFINITY : r;
+  r = x_init < -88.0f ? 0.0f : r;
+  return r;
+}
+
+typedef struct {
+  const float* logits;
+  const uint32_t* keys;
+  float temp;
+  Py_ssize_t V;
+  Py_ssize_t row0, row1;
+  int32_t* sampled;
+  int32_t* argmax;
+  float* entropy;
+  float* lse;
+  float* probs; /* NULL: not wanted */
+  int failed;
+} Job;
+
+/* The four passes over a row, portable C (any CPU) ---------------------------------- */
+
+/* x = l / t; returns max(x). */
+static float scale_max_c(const float* l, float t, float* x, Py_ssize_t V) {
+  float m = -INFINITY;
+  for (Py_ssize_t v = 0; v < V; v++) {
+    x[v] = l[v] / t;
+    m = x[v] > m ? x[v] : m;
+  }
+  return m;
+}
+
+/* Adds sum exp(x - m) and sum exp(x - m) (x - m) over n tokens (terms with exp == 0
+   count 0, as the MLX path's where(e > 0, ...)). */
+static void sums_c(const float* x, float m, Py_ssize_t n, double* s, double* w) {
+  float sf = 0.0f, wf = 0.0f;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    const float xs = x[i] - m;
+    const float e = dg_exp(xs);
+    sf += e;
+    wf += e > 0.0f ? e * xs : 0.0f;
+  }
+  *s += sf;
+  *w += wf;
+}
+
+/* y = x + g for tokens t0 .. t0 + n - 1; returns max(y). */
+static float noisy_c(const float* x, uint32_t key, uint32_t t0, float* y, Py_ssize_t n) {
+  float m = -INFINITY;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    y[i] = x[i] + dg_gumbel_libm(key, t0 + (uint32_t)i);
+    m = y[i] > m ? y[i] : m;
+  }
+  return m;
+}
+
+static void probs_c(const float* x, float lse, float* p, Py_ssize_t n) {
+  for (Py_ssize_t i = 0; i < n; i++) p[i] = dg_exp(x[i] - lse);
+}
+
+/* The same passes in AVX2 + FMA (x86-64, chosen at run time) ------------------------- */
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define DG_AVX2 1
+#include <immintrin.h>
+#define DG_TARGET __attribute__((target("avx2,fma")))
+
+DG_TARGET static inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+DG_TARGET static inline float hsum8(__m256 v) {
+  float a[8];
+  _mm256_storeu_ps(a, v);
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+/* dg_exp, eight at a time (the same operations). */
+DG_TARGET static inline __m256 exp8(__m256 x_init) {
+  __m256 x = _mm256_mul_ps(x_init, _mm256_set1_ps(1.442695f));
+  __m256 r0 = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 tie = _mm256_cmp_ps(_mm256_sub_ps(x, r0), _mm256_set1_ps(0.5f), _CMP_EQ_OQ);
+  __m256 ipart = _mm256_add_ps(r0, _mm256_and_ps(tie, _mm256_set1_ps(1.0f)));
+  __m256 f = _mm256_sub_ps(x, ipart);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.000000000000000f));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(ipart), _mm256_set1_epi32(127)), 23);
+  __m256 r = _mm256_mul_ps(_mm256_castsi256_ps(e), p);
+  r = _mm256_blendv_ps(r, x_init, _mm256_cmp_ps(x_init, x_init, _CMP_UNORD_Q));
+  r = _mm256_blendv_ps(r, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x_init, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
+  r = _mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(x_init, _mm256_set1_ps(-88.0f), _CMP_LT_OQ));
+  return r;
+}
+
+/* dg_log on four lanes, in double. */
+DG_TARGET static inline __m128 log4(__m128i ix) {
+  const __m128i tmp = _mm_sub_epi32(ix, _mm_set1_epi32(0x3f330000));
+  const __m128i i = _mm_and_si128(_mm_srli_epi32(tmp, 19), _mm_set1_epi32(15));
+  const __m128i k = _mm_srai_epi32(tmp, 23);
+  const __m128i iz = _mm_sub_epi32(ix, _mm_and_si128(tmp, _mm_set1_epi32((int)0xff800000u)));
+  const __m256d z = _mm256_cvtps_pd(_mm_castsi128_ps(iz));
+  const __m128i i2 = _mm_slli_epi32(i, 1); /* row index in the flat table */
+  const __m256d invc = _mm256_i32gather_pd(&DG_LOG_TAB[0][0], i2, 8);
+  const __m256d logc = _mm256_i32gather_pd(&DG_LOG_TAB[0][1], i2, 8);
+  const __m256d r = _mm256_fmadd_pd(z, invc, _mm256_set1_pd(-1.0));
+  const __m256d y0 = _mm256_fmadd_pd(_mm256_cvtepi32_pd(k), _mm256_set1_pd(0x1.62e42fefa39efp-1), logc);
+  const __m256d r2 = _mm256_mul_pd(r, r);
+  __m256d y = _mm256_fmadd_pd(_mm256_set1_pd(0x1.5575b0be00b6ap-2), r, _mm256_set1_pd(-0x1.ffffef20a4123p-2));
+  y = _mm256_fmadd_pd(_mm256_set1_pd(-0x1.00ea348b88334p-2), r2, y);
+  y = _mm256_fmadd_pd(y, r2, _mm256_add_pd(y0, r));
+  return _mm256_cvtpd_ps(y);
+}
+
+DG_TARGET static inline __m256 log8(__m256 x) {
+  const __m256i ix = _mm256_castps_si256(x);
+  const __m128 lo = log4(_mm256_castsi256_si128(ix)), hi = log4(_mm256_extracti128_si256(ix, 1));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+
+DG_TARGET static float scale_max_avx2(const float* l, float t, float* x, Py_ssize_t V) {
+  const __m256 tv = _mm256_set1_ps(t);
+  __m256 m8 = _mm256_set1_ps(-INFINITY);
+  Py_ssize_t v = 0;
+  for (; v + 8 <= V; v += 8) {
+    const __m256 xv = _mm256_div_ps(_mm256_loadu_ps(l + v), tv);
+    _mm256_storeu_ps(x + v, xv);
+    m8 = _mm256_max_ps(m8, xv);
+  }
+  const float m = hmax8(m8);
+  const float mt = scale_max_c(l + v, t, x + v, V - v);
+  return mt > m ? mt : m;
+}
+
+DG_TARGET static void sums_avx2(const float* x, float m, Py_ssize_t n, double* s, double* w) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 s8 = _mm256_setzero_ps(), w8 = _mm256_setzero_ps();
+  Py_ssize_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xs = _mm256_sub_ps(_mm256_loadu_ps(x + i), mv);
+    const __m256 e = exp8(xs);
+    s8 = _mm256_add_ps(s8, e);
+    const __m256 pos = _mm256_cmp_ps(e, _mm256_setzero_ps(), _CMP_GT_OQ);
+    w8 = _mm256_add_ps(w8, _mm256_and_ps(pos, _mm256_mul_ps(e, xs)));
+  }
+  *s += hsum8(s8);
+  *w += hsum8(w8);
+  sums_c(x + i, m, n - i, s, w);
+}
+
+DG_TARGET static float noisy_avx2(const float* x, uint32_t key, uint32_t t0, float* y, Py_ssize_t n) {
+  const __m256i kv = _mm256_set1_epi32((int)key);
+  const __m256i m1 = _mm256_set1_epi32(0x7FEB352D), m2 = _mm256_set1_epi32((int)0x846CA68Bu);
+  __m256i tok = _mm256_add_epi32(_mm256_set1_epi32((int)t0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 m8 = _mm256_set1_ps(-INFINITY);
+  Py_ssize_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256i h = _mm256_xor_si256(kv, tok);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, m1);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+    h = _mm256_mullo_epi32(h, m2);
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    const __m256 u = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0.5f)),
+                                   _mm256_set1_ps(5.9604644775390625e-08f));
+    const __m256 wv = _mm256_sub_ps(_mm256_setzero_ps(), log8(u)); /* -log(u) */
+    __m256 g = _mm256_sub_ps(_mm256_setzero_ps(), log8(wv));
+    g = _mm256_blendv_ps(g, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(u, _mm256_set1_ps(1.0f), _CMP_EQ_OQ));
+    const __m256 yv = _mm256_add_ps(_mm256_loadu_ps(x + i), g);
+    _mm256_storeu_ps(y + i, yv);
+    m8 = _mm256_max_ps(m8, yv);
+    tok = _mm256_add_epi32(tok, _mm256_set1_epi32(8));
+  }
+  const float m = hmax8(m8);
+  const float mt = noisy_c(x + i, key, t0 + (uint32_t)i, y + i, n - i);
+  return mt > m ? mt : m;
+}
+
+DG_TARGET static void probs_avx2(const float* x, float lse, float* p, Py_ssize_t n) {
+  const __m256 lv = _mm256_set1_ps(lse);
+  Py_ssize_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(p + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), lv)));
+  probs_c(x + i, lse, p + i, n - i);
+}
+
+DG_TARGET static long check_log_avx2(void) {
+  long bad = 0;
+  for (uint32_t j = 0; j < (1u << 24); j += 8) {
+    float u[8], a[8], b[8];
+    for (int q = 0; q < 8; q++) {
+      u[q] = ((float)(j + q) + 0.5f) * 5.9604644775390625e-08f;
+      a[q] = logf(u[q]);
+    }
+    _mm256_storeu_ps(b, log8(_mm256_loadu_ps(u)));
+    for (int q = 0; q < 8; q++) bad += memcmp(&a[q], &b[q], sizeof a[q]) != 0;
+    float w[8], c[8], d[8];
+    for (int q = 0; q < 8; q++) {
+      w[q] = u[q] < 1.0f ? -a[q] : 1.0f; /* u = 1 is handled apart (+inf noise) */
+      c[q] = logf(w[q]);
+    }
+    _mm256_storeu_ps(d, log8(_mm256_loadu_ps(w)));
+    for (int q = 0; q < 8; q++) bad += memcmp(&c[q], &d[q], sizeof c[q]) != 0;
+  }
+  return bad;
+}
+#endif
+
+/* The passes in use: portable C, or AVX2 where the CPU has it (see PyInit__cpu); the
+   vectorised noise only once check_log has matched it with the platform's logf. */
+static float (*scale_max)(const float*, float, float*, Py_ssize_t) = scale_max_c;
+static void (*sums)(const float*, float, Py_ssize_t, double*, double*) = sums_c;
+static float (*noisy)(const float*, uint32_t, uint32_t, float*, Py_ssize_t) = noisy_c;
+static void (*probs_pass)(const float*, float, float*, Py_ssize_t) = probs_c;
+static int dg_avx2 = 0;
+
+static void dg_row(const Job* job, Py_ssize_t row, float* x) {
+  const Py_ssize_t V = job->V;
+  const float* l = job->logits + row * V;
+  const uint32_t key = job->keys[row];
+  const float m = scale_max(l, job->temp, x, V);
+  Py_ssize_t am = 0;
+  while (am < V - 1 && !(x[am] == m)) am++;
+
+  double s = 0.0, w = 0.0;
+  for (Py_ssize_t b = 0; b < V; b += DG_BLOCK) sums(x + b, m, V - b < DG_BLOCK ? V - b : DG_BLOCK, &s, &w);
+  const float sf = (float)s;
+  const float log_s = logf(sf);
+  const float lse = m + log_s;
+  job->lse[row] = lse;
+  job->entropy[row] = log_s - (float)(w / s);
+  job->argmax[row] = (int32_t)am;
+
+  /* Gumbel-max: the first maximum of x + g, in blocks: noise for a block (vectorised),
+     then the block's maximum, and the index only when the block can win. */
+  float best = -INFINITY;
+  Py_ssize_t bi = 0;
+  float* y = x + V;
+  for (Py_ssize_t b = 0; b < V; b += DG_BLOCK) {
+    Py_ssize_t n = V - b < DG_BLOCK ? V - b : DG_BLOCK;
+    float m_blk = noisy(x + b, key, (uint32_t)b, y, n);
+    if (m_blk > best) {
+      Py_ssize_t i = 0;
+      while (i < n - 1 && !(y[i] == m_blk)) i++;
+      best = m_blk;
+      bi = b + i;
+    }
+  }
+  job->sampled[row] = (int32_t)bi;
+  if (job->probs) probs_pass(x, lse, job->probs + row * V, V);
+}
+
+static void* dg_worker(void* arg) {
+  Job* job = (Job*)arg;
+  float* x = (float*)malloc(sizeof(float) * (size_t)(job->V + DG_BLOCK));  /* x, then a block of y */
+  if (!x) {
+    job->failed = 1;
+    return NULL;
+  }
+  for (Py_ssize_t r = job->row0; r < job->row1; r++) dg_row(job, r, x);
+  free(x);
+  return NULL;
+}
+
+static int get_buffer(PyObject* obj, Py_buffer* view, int writable, Py_ssize_t itemsize, Py_ssize_t n,
+                      const char* name) {
+  int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+  if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
+  if (view->itemsize != itemsize || view->len != itemsize * n) {
+    PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes", name, n, itemsize,
+                 view->len);
+    PyBuffer_Release(view);
+    return -1;
+  }
+  return 0;
+}
+
+static PyObject* sample_step(PyObject* self, PyObject* args) {
+  PyObject *o_logits, *o_keys, *o_sampled, *o_argmax, *o_entropy, *o_lse, *o_probs;
+  float temp;
+  Py_ssize_t rows, V;
+  int threads;
+  if (!PyArg_ParseTuple(args, "OfOnnOOOOOi", &o_logits, &temp, &o_keys, &rows, &V, &o_sampled, &o_argmax,
+                        &o_entropy, &o_lse, &o_probs, &threads))
+    return NULL;
+  if (rows < 0 || V < 1) return PyErr_Format(PyExc_ValueError, "sample_step: bad shape (%zd, %zd)", rows, V);
+  Py_buffer b[7];
+  int got = 0;
+  PyObject* ins[7] = {o_logits, o_keys, o_sampled, o_argmax, o_entropy, o_lse, o_probs};
+  const char* names[7] = {"logits", "keys", "sampled", "argmax", "entropy", "lse", "probs"};
+  const Py_ssize_t sizes[7] = {4, 4, 4, 4, 4, 4, 4};
+  const Py_ssize_t counts[7] = {rows * V, rows, rows, rows, rows, rows, rows * V};
+  const int nbuf = o_probs == Py_None ? 6 : 7;
+  for (; got < nbuf; got++)
+    if (get_buffer(ins[got], &b[got], got >= 2, sizes[got], counts[got], names[got]) != 0) break;
+  if (got < nbuf) {
+    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    return NULL;
+  }
+  if (threads < 1) threads = 1;
+  if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+  Job* jobs = (Job*)calloc((size_t)threads, sizeof(Job));
+  pthread_t* tids = (pthread_t*)calloc((size_t)threads, sizeof(pthread_t));
+  char* started = (char*)calloc((size_t)threads, 1);
+  int failed = !jobs || !tids || !started;
+  if (!failed) {
+    Py_BEGIN_ALLOW_THREADS;
+    for (int i = 0; i < threads; i++) {
+      Job* j = &jobs[i];
+      j->logits = (const float*)b[0].buf;
+      j->keys = (const uint32_t*)b[1].buf;
+      j->temp = temp;
+      j->V = V;
+      j->row0 = rows * i / threads;
+      j->row1 = rows * (i + 1) / threads;
+      j->sampled = (int32_t*)b[2].buf;
+      j->argmax = (int32_t*)b[3].buf;
+      j->entropy = (float*)b[4].buf;
+      j->lse = (float*)b[5].buf;
+      j->probs = nbuf == 7 ? (float*)b[6].buf : NULL;
+      /* the calling thread takes the first share (and any share a thread cannot take) */
+      if (i > 0) started[i] = pthread_create(&tids[i], NULL, dg_worker, j) == 0;
+    }
+    for (int i = 0; i < threads; i++)
+      if (!started[i]) dg_worker(&jobs[i]);
+    for (int i = 1; i < threads; i++)
+      if (started[i]) pthread_join(tids[i], NULL);
+    for (int i = 0; i < threads; i++) failed |= jobs[i].failed;
+    Py_END_ALLOW_THREADS;
+  }
+  free(started);
+  free(jobs);
+  free(tids);
+  for (int i = 0; i < nbuf; i++) PyBuffer_Release(&b[i]);
+  if (failed) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
+/* Mismatches of the vectorised log against the platform's logf on every input the noise
+   gives (u on its 2^24 grid, then -log(u)); switches the vectorised noise on when there
+   are none (so a libm with another logf keeps logf, and the MLX path's tokens). */
+static PyObject* check_log(PyObject* self, PyObject* noargs) {
+  long bad = 0;
+#ifdef DG_AVX2
+  if (dg_avx2) {
+    Py_BEGIN_ALLOW_THREADS;
+    bad = check_log_avx2();
+    Py_END_ALLOW_THREADS;
+    noisy = bad == 0 ? noisy_avx2 : noisy_c;
+    return PyLong_FromLong(bad);
+  }
+#endif
+  return PyLong_FromLong(bad); /* no vectorised log here: the noise calls logf itself */
+}
+
+static PyObject* info(PyObject* self, PyObject* noargs) {
+  return Py_BuildValue("{s:O,s:O}", "avx2", dg_avx2 ? Py_True : Py_False, "vector_noise",
+#ifdef DG_AVX2
+                       noisy == noisy_avx2 ? Py_True : Py_False
+#else
+                       Py_False
+#endif
+  );
+}
+
+static PyObject* exp_(PyObject* self, PyObject* args) {
+  float x;
+  if (!PyArg_ParseTuple(args, "f", &x)) return NULL;
+  return PyFloat_FromDouble(dg_exp(x));
+}
+
+static PyMethodDef methods[] = {
+    {"sample_step", sample_step, METH_VARARGS,
+     "sample_step(logits, temp, keys, rows, V, sampled, argmax, entropy, lse, probs|None, threads)"},
+    {"check_log", check_log, METH_NOARGS, "Compare the vectorised log with logf; enable it if equal."},
+    {"info", info, METH_NOARGS, "Which passes are in use: {'avx2': bool, 'vector_noise': bool}."},
+    {"exp", exp_, METH_VARARGS, "MLX's CPU exp of one float32 (for tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "Fused CPU sampling step.", -1, methods};
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+#ifdef DG_AVX2
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    dg_avx2 = 1;
+    scale_max = scale_max_avx2;
+    sums = sums_avx2;
+    probs_pass = probs_avx2;
+  }
+#endif
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,96 @@
+"""The fused sampling step on MLX's CPU backend: a C extension (``_cpu.c``), when built.
+
+MLX's CPU backend runs element-wise ops one element at a time, and the MLX path makes
+some 26 passes over [B, L, V] per step. ``_cpu`` makes one multi-threaded pass per
+position instead (C, auto-vectorised, AVX2/FMA clone on x86-64 Linux) and draws the
+very tokens the MLX path draws (see ``_cpu.c``). It also writes the self-conditioning
+probabilities ``exp(logits / t - lse)`` from the same pass; they ride on the returned
+sample (``probs``) for ``kernels.soft_embeddings`` to take instead of another pass.
+
+Built by ``pip install`` (``setup.py``, optional: without a C compiler the install
+still succeeds and the dispatch notes once that it uses the MLX path).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+from ..sampling import StepSample
+
+NAME = "cpu"
+
+try:
+    from . import _cpu
+except ImportError:  # not built (no compiler at install time, or a source checkout)
+    _cpu = None
+
+
+_log_checked = False
+
+
+def info() -> dict:
+    """Which passes run: {'avx2': bool, 'vector_noise': bool} ({} when not built)."""
+    return _cpu.info() if _cpu is not None else {}
+
+
+class CPUStepSample(StepSample):
+    """A ``StepSample`` that may also carry this step's softmax(logits / t) [B, L, V]
+    float32 (``probs``), consumed (and dropped) by ``kernels.soft_embeddings``."""
+
+    probs: Optional[mx.array] = None
+
+
+def built() -> bool:
+    return _cpu is not None
+
+
+def available() -> bool:
+    """Built, and MLX computes on the CPU (with a GPU the GPU kernels are the ones to use)."""
+    return _cpu is not None and mx.default_device() == mx.cpu
+
+
+def threads() -> int:
+    n = os.environ.get("MLX_DGEMMA_CPU_THREADS")
+    if n and n.isdigit() and int(n) > 0:
+        return int(n)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def make_sample_step(with_probs: bool = True):
+    """``sample_step(logits, temp, keys)`` through ``_cpu``; evaluates ``logits``."""
+    if _cpu is None:
+        raise RuntimeError("the CPU sampling kernel is not built (pip install needs a C compiler)")
+    n_threads = threads()
+    global _log_checked
+    if not _log_checked:  # once per process (~0.3 s): the vectorised noise must equal logf's
+        _cpu.check_log()
+        _log_checked = True
+
+    def sample_step(logits: mx.array, temp: Union[float, mx.array], keys: mx.array) -> StepSample:
+        if logits.ndim != 3 or keys.shape != logits.shape[:2]:
+            raise ValueError(
+                f"sample_step: expected logits [B, L, V] and keys [B, L], got "
+                f"{tuple(logits.shape)} and {tuple(keys.shape)}"
+            )
+        B, L, V = logits.shape
+        rows = B * L
+        # zero-copy views of the evaluated arrays when they are contiguous
+        x = np.ascontiguousarray(np.asarray(logits.astype(mx.float32)))
+        k = np.ascontiguousarray(np.asarray(keys.astype(mx.uint32)))
+        sampled, argmax = np.empty(rows, np.int32), np.empty(rows, np.int32)
+        entropy, lse = np.empty(rows, np.float32), np.empty(rows, np.float32)
+        probs = np.empty((B, L, V), np.float32) if with_probs else None
+        _cpu.sample_step(x, float(np.float32(temp)), k, rows, V, sampled, argmax, entropy, lse, probs, n_threads)
+        out = CPUStepSample(*(mx.array(a.reshape(B, L)) for a in (sampled, argmax, entropy, lse)))
+        if probs is not None:
+            out.probs = mx.array(probs)
+        return out
+
+    return sample_step
