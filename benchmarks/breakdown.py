@@ -121,7 +121,11 @@ def parts(args) -> dict:
     keys = rng.position_keys([0], rng.SAMPLE, 0, n, L)
     x = logits / temp
     mx.eval(x)
-    out["drafter: sample_step (t, lse, entropy, argmax, gumbel sample)"] = timed(
+    from mlx_dgemma import kernels
+
+    out[f"drafter: kernels.sample_step ({kernels.backend()}; cpu: + SC probabilities, one pass)"] = timed(
+        lambda: kernels.sample_step(logits, temp, keys), R)
+    out["drafter: sample_step_mlx (t, lse, entropy, argmax, gumbel sample)"] = timed(
         lambda: sample_step_mlx(logits, temp, keys), R)
     out["  of which gumbel noise"] = timed(lambda: rng.gumbel(keys, V), R)
     s = sample_step_mlx(logits, temp, keys)

@@ -169,7 +169,9 @@ def main(argv=None) -> None:
     p.add_argument("--e2e-steps", type=int, default=None, help="denoising steps per block end to end "
                    "(default per config: tiny 48, mid 16, real-layer 4; 0 skips)")
     p.add_argument("--e2e-quantized", action="store_true", help="also run end to end at 4 bits")
-    p.add_argument("--sampler", choices=["mlx", "kernels"], default="mlx", help="our sampling step")
+    p.add_argument("--sampler", choices=["mlx", "kernels"], default="kernels",
+                   help="our sampling step: the package's default (kernels: the checked fused kernel, on "
+                        "Linux CPUs the C extension) or the pure-MLX path")
     p.add_argument("--work", default=os.environ.get("MLX_DGEMMA_BENCH_WORK", "/tmp/mlx_dgemma_bench"),
                    help="where the random checkpoints are kept")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -209,7 +211,9 @@ def main(argv=None) -> None:
                                "--group-size", "32" if config == "tiny" else "64",
                                "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                                "--e2e-steps", str(e2e_cell), "--sampler", args.sampler]
-                        env = mlx_env() if backend in MLX_BACKENDS else torch_env()
+                        # mlx_dgemma loads OpenBLAS itself (mlx_dgemma.runtime): it runs as a user
+                        # runs it, with no preload (torch_env); mlx-vlm gets the preload
+                        env = mlx_env() if backend == "mlx-vlm" else torch_env()
                         print(f"[round {rnd + 1}] {config} bits={bits or 'f32'} prompt={prompt} {backend} ...",
                               flush=True)
                         r = _run(cmd, env, args.timeout)

@@ -40,6 +40,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 from .cache import PrefixCache, make_prefix_cache
 from .config import ModelArgs
+from .kernels import cpu as cpu_kernels
 
 # ``denoise``/``hidden`` take one PrefixCache (every canvas row shares it) or a list of
 # PrefixCache, one per canvas row, whose prompts may differ in length (ragged batch).
@@ -167,10 +168,12 @@ class Experts(nn.Module):
         # "gather": SwitchGLU's gather_mm (sorted by expert when >= 64 pairs), the right
         # kernel on GPUs; "grouped": grouped_switch_glu, for the CPU backend.
         self.dispatch = "gather"
+        self.encoder_dispatch: Optional[str] = None  # the encoder's, when it differs
 
-    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array, encoder: bool = False) -> mx.array:
         glu = self.switch_glu
-        if self.dispatch == "grouped" and getattr(glu.gate_proj, "global_scale", None) is None:
+        dispatch = (self.encoder_dispatch or self.dispatch) if encoder else self.dispatch
+        if dispatch == "grouped" and getattr(glu.gate_proj, "global_scale", None) is None:
             y = grouped_switch_glu(glu, x, indices)
         else:
             y = glu(x, indices)
@@ -222,6 +225,10 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
         self.v_norm = RMSNormNoScale(eps)
+        self.window = None if self.is_full else args.sliding_window
+        # CPU: the C attention kernel (kernels.cpu.attention) instead of MLX's SDPA, whose
+        # CPU fallback materialises every score and runs a scalar softmax over them.
+        self.cpu_attention = False
         # Decoder: attend to the prefix in place and merge with the canvas partial by
         # log-sum-exp (merged_attention) instead of concatenating K/V every step.
         self.merge_prefix = False
@@ -252,11 +259,16 @@ class Attention(nn.Module):
         k, v = self.kv(x, offset)
         if write:
             k, v = cache.append(k, v)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+            if self.cpu_attention and q.dtype == k.dtype == mx.float32:
+                # the mask is causal (and windowed) over positions: the kernel builds it
+                out = cpu_kernels.attention(q, k, v, 1.0, causal=True, q_pos0=offset,
+                                            k_pos0=offset + L - k.shape[2], window=self.window or 0)
+            else:
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         else:
             pk, pv = cache
             if pk is None:
-                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+                out = self._decoder_attention(q, k, v, mask)
             elif self.merge_prefix:
                 out = merged_attention(q, pk, pv, k, v, mask)
             else:
@@ -264,8 +276,15 @@ class Attention(nn.Module):
                     pk = mx.broadcast_to(pk, (B, *pk.shape[1:]))
                     pv = mx.broadcast_to(pv, (B, *pv.shape[1:]))
                 k, v = mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
-                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+                out = self._decoder_attention(q, k, v, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _decoder_attention(self, q, k, v, mask) -> mx.array:
+        """Bidirectional; ``mask`` None or a key mask [B, 1, 1, S] (ragged prefixes)."""
+        if self.cpu_attention and q.dtype == k.dtype == mx.float32:
+            km = None if mask is None else mask.reshape(q.shape[0], -1)
+            return cpu_kernels.attention(q, k, v, 1.0, key_mask=km)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
 
 
 class DecoderLayer(nn.Module):
@@ -294,7 +313,7 @@ class DecoderLayer(nn.Module):
         )
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         indices, weights = self.router(h)
-        moe = self.experts(self.pre_feedforward_layernorm_2(h), indices, weights)
+        moe = self.experts(self.pre_feedforward_layernorm_2(h), indices, weights, encoder=write)
         moe = self.post_feedforward_layernorm_2(moe)
         out = h + self.post_feedforward_layernorm(dense + moe)
         return out * (self.encoder_layer_scalar if write else self.layer_scalar)
@@ -418,8 +437,9 @@ class DecoderStep:
     def __call__(self, canvas: mx.array, signal: Optional[mx.array], head: bool) -> mx.array:
         model = self.model
         args = (canvas,) if signal is None else (canvas, signal)
-        # grouped experts and the NumPy softcap go through the host: not traceable
-        if not model.compile_decoder or model.expert_dispatch == "grouped" or (head and model.numpy_softcap):
+        # grouped experts, the C attention and the NumPy softcap go through the host: not traceable
+        if (not model.compile_decoder or model.expert_dispatch == "grouped" or model.cpu_attention
+                or (head and model.numpy_softcap)):
             return self._forward(signal is not None, head)(*args)
         key = (signal is not None, head, model.merge_prefix)
         fn = self._compiled.get(key)
@@ -448,6 +468,12 @@ class Model(nn.Module):
         self.expert_dispatch = "grouped" if big_experts and not gpu else "gather"
         self.numpy_softcap = not gpu  # see numpy_softcap (not traceable: eager steps only)
         self.prefill_chunk = 512  # encode(): tokens per encoder pass (0 = all at once)
+        # CPU: attention through the C kernel (needs the built extension and a CBLAS
+        # sgemm in the process: OpenBLAS, loaded by mlx_dgemma.runtime), and the encoder's
+        # experts grouped (512-token chunks: 4,096 (token, expert) pairs, 128 rows per
+        # expert at mid shapes, where one GEMM per expert beats a mat-vec per pair).
+        self.cpu_attention = not gpu and cpu_kernels.attention_available()
+        self.encoder_expert_dispatch = None if gpu else "grouped"
 
     @property
     def decoder(self) -> Decoder:
@@ -521,6 +547,28 @@ class Model(nn.Module):
             raise ValueError(f"expert_dispatch must be 'gather' or 'grouped', got {mode!r}")
         for layer in self.layers:
             layer.experts.dispatch = mode
+
+    @property
+    def cpu_attention(self) -> bool:
+        return self.layers[0].self_attn.cpu_attention if self.layers else False
+
+    @cpu_attention.setter
+    def cpu_attention(self, on: bool) -> None:
+        if on and not cpu_kernels.attention_available():
+            raise ValueError("cpu_attention needs the built CPU kernel and a CBLAS sgemm (OpenBLAS) on the CPU")
+        for layer in self.layers:
+            layer.self_attn.cpu_attention = bool(on)
+
+    @property
+    def encoder_expert_dispatch(self) -> Optional[str]:
+        return self.layers[0].experts.encoder_dispatch if self.layers else None
+
+    @encoder_expert_dispatch.setter
+    def encoder_expert_dispatch(self, mode: Optional[str]) -> None:
+        if mode not in (None, "gather", "grouped"):
+            raise ValueError(f"encoder_expert_dispatch must be None, 'gather' or 'grouped', got {mode!r}")
+        for layer in self.layers:
+            layer.experts.encoder_dispatch = mode
 
     @property
     def merge_prefix(self) -> bool:

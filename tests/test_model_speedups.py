@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from mlx_dgemma import Model, ModelArgs
+from mlx_dgemma.kernels import cpu as cpu_kernels
 from mlx_dgemma.model import decoder_prefixes
+
+needs_cpu_attention = pytest.mark.skipif(
+    not cpu_kernels.attention_available(),
+    reason="the C attention needs the built CPU kernel and OpenBLAS (pip install; apt-get install libopenblas0-pthread)")
 
 TINY = dict(
     vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -125,9 +130,12 @@ def switched(model, **settings):
     return Ctx()
 
 
-PLAIN = dict(compile_decoder=False, expert_dispatch="gather", merge_prefix=False, numpy_softcap=False)
+PLAIN = dict(compile_decoder=False, expert_dispatch="gather", merge_prefix=False, numpy_softcap=False,
+             cpu_attention=False, encoder_expert_dispatch=None)
 VARIANTS = [
     dict(PLAIN, compile_decoder=True),
+    pytest.param(dict(PLAIN, cpu_attention=True), marks=needs_cpu_attention),
+    dict(PLAIN, encoder_expert_dispatch="grouped"),
     dict(PLAIN, expert_dispatch="grouped"),
     dict(PLAIN, merge_prefix=True),
     dict(PLAIN, numpy_softcap=True),
@@ -150,6 +158,31 @@ def test_speed_switches_keep_the_logits(model, variant):
         for (c, k, s), want in zip(cases, plain):
             close(np.array(model.denoise(c, k, self_conditioning_embeddings=s)), want)
         close(np.array(model.hidden(canvas[:1], caches[1])), plain_h)
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param(dict(cpu_attention=True), marks=needs_cpu_attention),
+    dict(encoder_expert_dispatch="grouped"),
+], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()))
+def test_encoder_speed_switches_keep_the_cache(model, variant):
+    """Prefill in chunks past the sliding window (8), then a committed block: the cache
+    and the next logits equal the plain path's (causal and windowed masks, offsets)."""
+    rng = np.random.default_rng(8)
+    prompt = mx.array(rng.integers(0, 160, (1, 37)))
+    block = mx.array(rng.integers(0, 160, (1, 16)))
+    canvas = mx.array(rng.integers(0, 160, (1, 16)))
+    results = []
+    for settings in (dict(PLAIN, prefill_chunk=16), dict(PLAIN, prefill_chunk=16, **variant)):
+        with switched(model, **settings):
+            cache = model.make_cache()
+            model.encode(prompt, cache)
+            model.encode(block, cache)
+            results.append(([np.array(c.state[0]) for c in cache] + [np.array(c.state[1]) for c in cache],
+                            np.array(model.denoise(canvas, cache))))
+    (want_kv, want), (got_kv, got) = results
+    for a, b in zip(got_kv, want_kv):
+        close(a, b)
+    close(got, want)
 
 
 def test_grouped_experts_match_gather_mm_float_and_quantized():

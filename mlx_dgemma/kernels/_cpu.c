@@ -19,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -100,6 +101,19 @@ typedef struct {
   float* probs; /* NULL: not wanted */
   int failed;
 } Job;
+
+static int get_buffer(PyObject* obj, Py_buffer* view, int writable, Py_ssize_t itemsize, Py_ssize_t n,
+                      const char* name) {
+  int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+  if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
+  if (view->itemsize != itemsize || view->len != itemsize * n) {
+    PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes", name, n, itemsize,
+                 view->len);
+    PyBuffer_Release(view);
+    return -1;
+  }
+  return 0;
+}
 
 /* The four passes over a row, portable C (any CPU) ---------------------------------- */
 
@@ -302,6 +316,204 @@ static float (*noisy)(const float*, uint32_t, uint32_t, float*, Py_ssize_t) = no
 static void (*probs_pass)(const float*, float, float*, Py_ssize_t) = probs_c;
 static int dg_avx2 = 0;
 
+
+/* y = exp(x - m) over n values; returns their sum. */
+static double exp_pass_c(const float* x, float m, float* y, Py_ssize_t n) {
+  float s = 0.0f;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    y[i] = dg_exp(x[i] - m);
+    s += y[i];
+  }
+  return s;
+}
+#ifdef DG_AVX2
+DG_TARGET static double exp_pass_avx2(const float* x, float m, float* y, Py_ssize_t n) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 s8 = _mm256_setzero_ps();
+  Py_ssize_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+    _mm256_storeu_ps(y + i, e);
+    s8 = _mm256_add_ps(s8, e);
+  }
+  return (double)hsum8(s8) + exp_pass_c(x + i, m, y + i, n - i);
+}
+#endif
+static double (*exp_pass)(const float*, float, float*, Py_ssize_t) = exp_pass_c;
+
+/* Attention on the CPU ----------------------------------------------------------------
+ * out = softmax(q k^T * scale + mask) v per head, with grouped KV heads, in blocks of
+ * query rows so that the scores never exist at full size (a block is rows x keys).
+ * Scores and the weighted sum go through the process's CBLAS sgemm (OpenBLAS when
+ * mlx_dgemma.runtime loaded it); the softmax (MLX's exp, vectorised) runs on `threads`
+ * threads. Masks: causal over absolute positions (query i at q_pos0 + i, key j at
+ * k_pos0 + j; visible when key <= query and, with a window W, key > query - W; only the
+ * visible key range of a block is computed), or a key mask [B, S] (uint8), or none.
+ */
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
+                         int);
+static sgemm_fn dg_sgemm = NULL;
+enum { CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112 };
+
+typedef struct {
+  float* S;       /* rows x ld scores, softmaxed in place */
+  Py_ssize_t ld;  /* columns of S */
+  Py_ssize_t r0, r1;
+  const Py_ssize_t* lo; /* visible key range [lo, hi) per row, relative to S's first column */
+  const Py_ssize_t* hi;
+  const uint8_t* kmask; /* NULL, or visibility per column */
+} SoftmaxJob;
+
+static void softmax_row(float* x, Py_ssize_t n, Py_ssize_t lo, Py_ssize_t hi, const uint8_t* kmask) {
+  float m = -INFINITY;
+  for (Py_ssize_t j = lo; j < hi; j++)
+    if (!kmask || kmask[j]) m = x[j] > m ? x[j] : m;
+  if (m == -INFINITY) { /* nothing visible: weight 0 everywhere (output 0, not NaN) */
+    memset(x, 0, sizeof(float) * (size_t)n);
+    return;
+  }
+  for (Py_ssize_t j = 0; j < lo; j++) x[j] = 0.0f;
+  for (Py_ssize_t j = hi; j < n; j++) x[j] = 0.0f;
+  if (kmask)
+    for (Py_ssize_t j = lo; j < hi; j++)
+      if (!kmask[j]) x[j] = -INFINITY;
+  double s = 0.0;
+  for (Py_ssize_t b = lo; b < hi; b += DG_BLOCK) {
+    Py_ssize_t nb = hi - b < DG_BLOCK ? hi - b : DG_BLOCK;
+    s += exp_pass(x + b, m, x + b, nb);
+  }
+  const float inv = (float)(1.0 / s);
+  for (Py_ssize_t j = lo; j < hi; j++) x[j] *= inv;
+}
+
+static void* softmax_worker(void* arg) {
+  SoftmaxJob* j = (SoftmaxJob*)arg;
+  for (Py_ssize_t r = j->r0; r < j->r1; r++) softmax_row(j->S + r * j->ld, j->ld, j->lo[r], j->hi[r], j->kmask);
+  return NULL;
+}
+
+static void softmax_rows(float* S, Py_ssize_t rows, Py_ssize_t ld, const Py_ssize_t* lo, const Py_ssize_t* hi,
+                         const uint8_t* kmask, int threads) {
+  SoftmaxJob jobs[64];
+  pthread_t tids[64];
+  char started[64] = {0};
+  if (threads > 64) threads = 64;
+  if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+  for (int i = 0; i < threads; i++) {
+    jobs[i] = (SoftmaxJob){S, ld, rows * i / threads, rows * (i + 1) / threads, lo, hi, kmask};
+    if (i > 0) started[i] = pthread_create(&tids[i], NULL, softmax_worker, &jobs[i]) == 0;
+  }
+  for (int i = 0; i < threads; i++)
+    if (!started[i]) softmax_worker(&jobs[i]);
+  for (int i = 1; i < threads; i++)
+    if (started[i]) pthread_join(tids[i], NULL);
+}
+
+static PyObject* attention(PyObject* self, PyObject* args) {
+  PyObject *o_q, *o_k, *o_v, *o_out, *o_kmask;
+  Py_ssize_t B, Hq, Hkv, L, S, D, Dv, Bk, q_pos0, k_pos0, window, block_rows;
+  int causal, threads;
+  float scale;
+  if (!PyArg_ParseTuple(args, "OOOOnnnnnnnnfpnnnOni", &o_q, &o_k, &o_v, &o_out, &B, &Hq, &Hkv, &L, &S, &D, &Dv,
+                        &Bk, &scale, &causal, &q_pos0, &k_pos0, &window, &o_kmask, &block_rows, &threads))
+    return NULL;
+  if (!dg_sgemm) return PyErr_Format(PyExc_RuntimeError, "attention: no cblas_sgemm in the process");
+  if (B < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || L < 1 || S < 1 || D < 1 || Dv < 1 || (Bk != 1 && Bk != B) ||
+      block_rows < 1)
+    return PyErr_Format(PyExc_ValueError, "attention: bad shapes");
+  Py_buffer bq, bk, bv, bo, bm;
+  int have_m = o_kmask != Py_None, got = 0;
+  if (get_buffer(o_q, &bq, 0, 4, B * Hq * L * D, "q") == 0) got++;
+  if (got == 1 && get_buffer(o_k, &bk, 0, 4, Bk * Hkv * S * D, "k") == 0) got++;
+  if (got == 2 && get_buffer(o_v, &bv, 0, 4, Bk * Hkv * S * Dv, "v") == 0) got++;
+  if (got == 3 && get_buffer(o_out, &bo, 1, 4, B * Hq * L * Dv, "out") == 0) got++;
+  if (got == 4 && (!have_m || get_buffer(o_kmask, &bm, 0, 1, B * S, "key mask") == 0)) got++;
+  if (got < 5) {
+    if (got > 0) PyBuffer_Release(&bq);
+    if (got > 1) PyBuffer_Release(&bk);
+    if (got > 2) PyBuffer_Release(&bv);
+    if (got > 3) PyBuffer_Release(&bo);
+    return NULL;
+  }
+  const Py_ssize_t R = Hq / Hkv, rows_all = R * L;
+  if (block_rows > rows_all) block_rows = rows_all;
+  float* Sbuf = (float*)malloc(sizeof(float) * (size_t)(block_rows * S));
+  Py_ssize_t* lo = (Py_ssize_t*)malloc(sizeof(Py_ssize_t) * (size_t)block_rows * 2);
+  if (!Sbuf || !lo) {
+    free(Sbuf);
+    free(lo);
+    PyBuffer_Release(&bq), PyBuffer_Release(&bk), PyBuffer_Release(&bv), PyBuffer_Release(&bo);
+    if (have_m) PyBuffer_Release(&bm);
+    return PyErr_NoMemory();
+  }
+  Py_ssize_t* hi = lo + block_rows;
+  const float* Q = (const float*)bq.buf;
+  const float* K = (const float*)bk.buf;
+  const float* V = (const float*)bv.buf;
+  float* O = (float*)bo.buf;
+  const uint8_t* M = have_m ? (const uint8_t*)bm.buf : NULL;
+  Py_BEGIN_ALLOW_THREADS;
+  for (Py_ssize_t b = 0; b < B; b++) {
+    for (Py_ssize_t h = 0; h < Hkv; h++) {
+      const float* Kh = K + ((b % Bk) * Hkv + h) * S * D;
+      const float* Vh = V + ((b % Bk) * Hkv + h) * S * Dv;
+      const float* Qh = Q + (b * Hq + h * R) * L * D; /* the R query heads of KV head h: R * L rows */
+      float* Oh = O + (b * Hq + h * R) * L * Dv;
+      const uint8_t* km = M ? M + b * S : NULL;
+      for (Py_ssize_t r0 = 0; r0 < rows_all;) {
+        Py_ssize_t n = rows_all - r0 < block_rows ? rows_all - r0 : block_rows;
+        if (causal && (r0 % L) + n > L) n = L - (r0 % L); /* a causal block stays within one head */
+        Py_ssize_t kmin = S, kmax = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+          Py_ssize_t a = 0, e = S;
+          if (causal) {
+            const Py_ssize_t qp = q_pos0 + (r0 + i) % L;
+            e = qp - k_pos0 + 1;
+            e = e < 0 ? 0 : (e > S ? S : e);
+            if (window > 0) {
+              a = qp - window + 1 - k_pos0;
+              a = a < 0 ? 0 : (a > e ? e : a);
+            }
+          }
+          lo[i] = a;
+          hi[i] = e;
+          kmin = a < kmin ? a : kmin;
+          kmax = e > kmax ? e : kmax;
+        }
+        if (kmax <= kmin) { /* no key visible to any row of the block */
+          memset(Oh + r0 * Dv, 0, sizeof(float) * (size_t)(n * Dv));
+          r0 += n;
+          continue;
+        }
+        const Py_ssize_t nk = kmax - kmin;
+        for (Py_ssize_t i = 0; i < n; i++) {
+          lo[i] -= kmin;
+          hi[i] -= kmin;
+        }
+        dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)nk, (int)D, scale, Qh + r0 * D, (int)D,
+                 Kh + kmin * D, (int)D, 0.0f, Sbuf, (int)nk);
+        softmax_rows(Sbuf, n, nk, lo, hi, km ? km + kmin : NULL, threads);
+        dg_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)Dv, (int)nk, 1.0f, Sbuf, (int)nk,
+                 Vh + kmin * Dv, (int)Dv, 0.0f, Oh + r0 * Dv, (int)Dv);
+        r0 += n;
+      }
+    }
+  }
+  Py_END_ALLOW_THREADS;
+  free(Sbuf);
+  free(lo);
+  PyBuffer_Release(&bq), PyBuffer_Release(&bk), PyBuffer_Release(&bv), PyBuffer_Release(&bo);
+  if (have_m) PyBuffer_Release(&bm);
+  Py_RETURN_NONE;
+}
+
+/* Finds cblas_sgemm among the libraries loaded globally (OpenBLAS by runtime.py or
+   LD_PRELOAD); returns whether attention() can run. */
+static PyObject* find_sgemm(PyObject* self, PyObject* noargs) {
+  dg_sgemm = (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm");
+  return PyBool_FromLong(dg_sgemm != NULL);
+}
+
 static void dg_row(const Job* job, Py_ssize_t row, float* x) {
   const Py_ssize_t V = job->V;
   const float* l = job->logits + row * V;
@@ -348,19 +560,6 @@ static void* dg_worker(void* arg) {
   for (Py_ssize_t r = job->row0; r < job->row1; r++) dg_row(job, r, x);
   free(x);
   return NULL;
-}
-
-static int get_buffer(PyObject* obj, Py_buffer* view, int writable, Py_ssize_t itemsize, Py_ssize_t n,
-                      const char* name) {
-  int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
-  if (PyObject_GetBuffer(obj, view, flags) != 0) return -1;
-  if (view->itemsize != itemsize || view->len != itemsize * n) {
-    PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes", name, n, itemsize,
-                 view->len);
-    PyBuffer_Release(view);
-    return -1;
-  }
-  return 0;
 }
 
 static PyObject* sample_step(PyObject* self, PyObject* args) {
@@ -461,6 +660,10 @@ static PyMethodDef methods[] = {
     {"sample_step", sample_step, METH_VARARGS,
      "sample_step(logits, temp, keys, rows, V, sampled, argmax, entropy, lse, probs|None, threads)"},
     {"check_log", check_log, METH_NOARGS, "Compare the vectorised log with logf; enable it if equal."},
+    {"attention", attention, METH_VARARGS,
+     "attention(q, k, v, out, B, Hq, Hkv, L, S, D, Dv, Bk, scale, causal, q_pos0, k_pos0, window, key_mask|None, "
+     "block_rows, threads)"},
+    {"find_sgemm", find_sgemm, METH_NOARGS, "Look up cblas_sgemm in the process; whether attention can run."},
     {"info", info, METH_NOARGS, "Which passes are in use: {'avx2': bool, 'vector_noise': bool}."},
     {"exp", exp_, METH_VARARGS, "MLX's CPU exp of one float32 (for tests)."},
     {NULL, NULL, 0, NULL},
@@ -476,6 +679,7 @@ PyMODINIT_FUNC PyInit__cpu(void) {
     scale_max = scale_max_avx2;
     sums = sums_avx2;
     probs_pass = probs_avx2;
+    exp_pass = exp_pass_avx2;
   }
 #endif
   return PyModule_Create(&module);

@@ -53,6 +53,48 @@ def available() -> bool:
     return _cpu is not None and mx.default_device() == mx.cpu
 
 
+_sgemm: Optional[bool] = None
+
+
+def attention_available() -> bool:
+    """The C attention can run: built, on the CPU, and a CBLAS sgemm is loaded globally
+    (OpenBLAS, by mlx_dgemma.runtime or LD_PRELOAD)."""
+    global _sgemm
+    if _cpu is None or mx.default_device() != mx.cpu:
+        return False
+    if _sgemm is None:
+        _sgemm = bool(_cpu.find_sgemm())
+    return _sgemm
+
+
+# Query rows per block: the scores of a block (rows x keys float32) are the workspace,
+# e.g. 256 x 16,640 keys = 17 MB instead of 8 x 256 x 16,640 = 136 MB for all heads.
+ATTENTION_BLOCK_ROWS = 256
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, *, causal: bool = False, q_pos0: int = 0,
+              k_pos0: int = 0, window: int = 0, key_mask: Optional[mx.array] = None) -> mx.array:
+    """softmax(q k^T * scale + mask) v through the C kernel (float32; evaluates its inputs).
+
+    q [B, Hq, L, D]; k [Bk, Hkv, S, D], v [Bk, Hkv, S, Dv] with Bk 1 or B; grouped heads
+    (Hq a multiple of Hkv). ``causal``: query i sits at ``q_pos0 + i`` and key j at
+    ``k_pos0 + j``; a key is visible when not after the query and, with ``window``, less
+    than ``window`` positions before it. ``key_mask`` [B, S] bool: visible keys. A query
+    that sees no key gets 0.
+    """
+    B, Hq, L, D = q.shape
+    Bk, Hkv, S, _ = k.shape
+    Dv = v.shape[-1]
+    qn = np.ascontiguousarray(np.asarray(q))
+    kn = np.ascontiguousarray(np.asarray(k))
+    vn = np.ascontiguousarray(np.asarray(v))
+    mask = None if key_mask is None else np.ascontiguousarray(np.asarray(key_mask.astype(mx.uint8)))
+    out = np.empty((B, Hq, L, Dv), np.float32)
+    _cpu.attention(qn, kn, vn, out, B, Hq, Hkv, L, S, D, Dv, Bk, float(scale), bool(causal), int(q_pos0),
+                   int(k_pos0), int(window), mask, ATTENTION_BLOCK_ROWS, threads())
+    return mx.array(out)
+
+
 def threads() -> int:
     n = os.environ.get("MLX_DGEMMA_CPU_THREADS")
     if n and n.isdigit() and int(n) > 0:
