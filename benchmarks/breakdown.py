@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fixed_canvas, prompt_tokens, quantize, temperature  # noqa: E402
 
+import mlx_dgemma  # noqa: E402,F401  (first: it loads OpenBLAS before mlx.core, see mlx_dgemma/runtime.py)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -148,6 +148,7 @@ def probe_check(logits_fn, ckpt: Path, prompt_len: int, bits: int):
 
 
 def bench_ours(args) -> dict:
+    import mlx_dgemma  # noqa: F401  (before mlx.core: it loads OpenBLAS, see mlx_dgemma/runtime.py)
     import mlx.core as mx
     import numpy as np
 

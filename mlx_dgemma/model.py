@@ -166,13 +166,18 @@ class Experts(nn.Module):
             args.hidden_size, args.moe_intermediate_size, args.num_experts, activation=GeGLU()
         )
         # "gather": SwitchGLU's gather_mm (sorted by expert when >= 64 pairs), the right
-        # kernel on GPUs; "grouped": grouped_switch_glu, for the CPU backend.
+        # kernel on GPUs; "grouped": grouped_switch_glu, for the CPU backend; "cpu": the C
+        # kernel (kernels.cpu.moe: float32 experts; others take the grouped path).
         self.dispatch = "gather"
         self.encoder_dispatch: Optional[str] = None  # the encoder's, when it differs
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array, encoder: bool = False) -> mx.array:
         glu = self.switch_glu
         dispatch = (self.encoder_dispatch or self.dispatch) if encoder else self.dispatch
+        if dispatch == "cpu":
+            if cpu_kernels.moe_supported(glu):
+                return cpu_kernels.moe(glu, x, indices, weights)
+            dispatch = "grouped"  # quantized or bf16 experts: the MLX grouped path
         if dispatch == "grouped" and getattr(glu.gate_proj, "global_scale", None) is None:
             y = grouped_switch_glu(glu, x, indices)
         else:
@@ -437,8 +442,8 @@ class DecoderStep:
     def __call__(self, canvas: mx.array, signal: Optional[mx.array], head: bool) -> mx.array:
         model = self.model
         args = (canvas,) if signal is None else (canvas, signal)
-        # grouped experts, the C attention and the NumPy softcap go through the host: not traceable
-        if (not model.compile_decoder or model.expert_dispatch == "grouped" or model.cpu_attention
+        # grouped or C experts, the C attention and the NumPy softcap go through the host: not traceable
+        if (not model.compile_decoder or model.expert_dispatch != "gather" or model.cpu_attention
                 or (head and model.numpy_softcap)):
             return self._forward(signal is not None, head)(*args)
         key = (signal is not None, head, model.merge_prefix)
@@ -459,21 +464,19 @@ class Model(nn.Module):
         # compare both settings; benchmarks/README.md has what each wins). Defaults per
         # backend: on GPUs the compiled decoder step with gather_mm experts; on the CPU
         # backend, where compiling buys nothing measurable and costs seconds of C++
-        # builds, eager steps with experts grouped into one GEMM per expert.
-        # Grouping pays once an expert's matrices outgrow the caches (real shapes: 8 MB
-        # each, 3.2x faster experts); small experts stay cache-resident under gather_mm.
+        # builds, eager steps with experts grouped into one GEMM per expert (gather_mm
+        # there is a mat-vec per (token, expert) pair: 4.3x slower at mid shapes, 3.2x at
+        # the real ones).
         gpu = mx.default_device() == mx.gpu
-        big_experts = args.hidden_size * args.moe_intermediate_size >= 1 << 19
         self.compile_decoder = gpu
-        self.expert_dispatch = "grouped" if big_experts and not gpu else "gather"
+        self.expert_dispatch = "gather" if gpu else ("cpu" if cpu_kernels.attention_available() else "grouped")
         self.numpy_softcap = not gpu  # see numpy_softcap (not traceable: eager steps only)
         self.prefill_chunk = 512  # encode(): tokens per encoder pass (0 = all at once)
         # CPU: attention through the C kernel (needs the built extension and a CBLAS
-        # sgemm in the process: OpenBLAS, loaded by mlx_dgemma.runtime), and the encoder's
-        # experts grouped (512-token chunks: 4,096 (token, expert) pairs, 128 rows per
-        # expert at mid shapes, where one GEMM per expert beats a mat-vec per pair).
+        # sgemm in the process: OpenBLAS, loaded by mlx_dgemma.runtime). The encoder's
+        # experts may be dispatched apart from the decoder's (None: the same).
         self.cpu_attention = not gpu and cpu_kernels.attention_available()
-        self.encoder_expert_dispatch = None if gpu else "grouped"
+        self.encoder_expert_dispatch = None
 
     @property
     def decoder(self) -> Decoder:
@@ -543,8 +546,8 @@ class Model(nn.Module):
 
     @expert_dispatch.setter
     def expert_dispatch(self, mode: str) -> None:
-        if mode not in ("gather", "grouped"):
-            raise ValueError(f"expert_dispatch must be 'gather' or 'grouped', got {mode!r}")
+        if mode not in ("gather", "grouped", "cpu"):
+            raise ValueError(f"expert_dispatch must be 'gather', 'grouped' or 'cpu', got {mode!r}")
         for layer in self.layers:
             layer.experts.dispatch = mode
 
@@ -565,8 +568,8 @@ class Model(nn.Module):
 
     @encoder_expert_dispatch.setter
     def encoder_expert_dispatch(self, mode: Optional[str]) -> None:
-        if mode not in (None, "gather", "grouped"):
-            raise ValueError(f"encoder_expert_dispatch must be None, 'gather' or 'grouped', got {mode!r}")
+        if mode not in (None, "gather", "grouped", "cpu"):
+            raise ValueError(f"encoder_expert_dispatch must be None, 'gather', 'grouped' or 'cpu', got {mode!r}")
         for layer in self.layers:
             layer.experts.encoder_dispatch = mode
 
@@ -701,7 +704,9 @@ class Model(nn.Module):
                 if name == "down_proj":
                     split[f"{prefix}.down_proj{suffix}"] = v
                 else:
-                    gate, up = mx.split(v, 2, axis=-2)
+                    # contiguous copies, not views of the fused tensor: the CPU kernels read
+                    # each expert's rows in place (the fused tensor is then freed)
+                    gate, up = (mx.contiguous(t) for t in mx.split(v, 2, axis=-2))
                     split[f"{prefix}.gate_proj{suffix}"] = gate
                     split[f"{prefix}.up_proj{suffix}"] = up
         out.update(split)

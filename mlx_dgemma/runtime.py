@@ -143,8 +143,21 @@ def announce(file=None) -> None:
     print(f"mlx_dgemma: {describe()}", file=file or sys.stderr, flush=True)
 
 
+def warn_if_slow() -> None:
+    """Once per process, a RuntimeWarning when MLX's matmuls run on the slow BLAS (``load``
+    calls this: a user's script that imported mlx before mlx_dgemma hears about it)."""
+    global _announced
+    if _announced or fast_blas():
+        return
+    _announced = True
+    import warnings
+
+    warnings.warn(f"mlx_dgemma: {describe()}", RuntimeWarning, stacklevel=3)
+
+
 def state() -> Dict[str, Optional[str]]:
     return dict(_state)
 
 
-__all__: List[str] = ["ENV_BLAS", "ENV_MALLOC", "announce", "describe", "fast_blas", "find_openblas", "setup", "state"]
+__all__: List[str] = ["ENV_BLAS", "ENV_MALLOC", "announce", "describe", "fast_blas", "find_openblas", "setup", "state",
+                      "warn_if_slow"]

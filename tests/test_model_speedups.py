@@ -137,6 +137,8 @@ VARIANTS = [
     pytest.param(dict(PLAIN, cpu_attention=True), marks=needs_cpu_attention),
     dict(PLAIN, encoder_expert_dispatch="grouped"),
     dict(PLAIN, expert_dispatch="grouped"),
+    pytest.param(dict(PLAIN, expert_dispatch="cpu"), marks=needs_cpu_attention),
+    pytest.param(dict(PLAIN, expert_dispatch="cpu", cpu_attention=True, numpy_softcap=True), marks=needs_cpu_attention),
     dict(PLAIN, merge_prefix=True),
     dict(PLAIN, numpy_softcap=True),
     dict(PLAIN, compile_decoder=True, merge_prefix=True),
@@ -163,6 +165,7 @@ def test_speed_switches_keep_the_logits(model, variant):
 @pytest.mark.parametrize("variant", [
     pytest.param(dict(cpu_attention=True), marks=needs_cpu_attention),
     dict(encoder_expert_dispatch="grouped"),
+    pytest.param(dict(encoder_expert_dispatch="cpu"), marks=needs_cpu_attention),
 ], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()))
 def test_encoder_speed_switches_keep_the_cache(model, variant):
     """Prefill in chunks past the sliding window (8), then a committed block: the cache
@@ -183,6 +186,46 @@ def test_encoder_speed_switches_keep_the_cache(model, variant):
     for a, b in zip(got_kv, want_kv):
         close(a, b)
     close(got, want)
+
+
+@needs_cpu_attention
+def test_cpu_experts_match_switch_glu_and_fall_back_when_quantized():
+    import mlx.nn as nn
+
+    model = tiny_model(5)
+    experts = model.layers[0].experts
+    x = mx.random.normal((2, 9, 64))
+    idx = mx.argpartition(-mx.random.normal((2, 9, 8)), kth=1, axis=-1)[..., :2]
+    w = mx.softmax(mx.random.normal((2, 9, 2)), axis=-1)
+    want = (experts.switch_glu(x, idx) * w[..., None]).sum(-2)
+    got = cpu_kernels.moe(experts.switch_glu, x, idx, w)
+    # float32: the same products summed in another order (and tanh through exp): within
+    # a few ulp of the output's scale
+    assert got.shape == want.shape
+    assert float(mx.abs(got - want).max()) <= 1e-5 * max(1.0, float(mx.abs(want).max()))
+    # an expert no token uses, and a single token
+    got1 = cpu_kernels.moe(experts.switch_glu, x[:1, :1], idx[:1, :1], w[:1, :1])
+    close(np.array(got1), np.array(want[:1, :1]))
+    nn.quantize(model, group_size=32, bits=4)
+    experts = model.layers[0].experts
+    assert not cpu_kernels.moe_supported(experts.switch_glu)
+    experts.dispatch = "cpu"  # falls back to the grouped MLX path
+    want = (experts.switch_glu(x, idx) * w[..., None]).sum(-2)
+    assert float(mx.abs(experts(x, idx, w) - want).max()) <= 1e-4 * max(1.0, float(mx.abs(want).max()))
+
+
+@needs_cpu_attention
+def test_cpu_geglu_matches_mlx():
+    from mlx_dgemma.kernels import _cpu
+    from mlx_dgemma.model import geglu
+
+    g = np.concatenate([np.linspace(-12, 12, 2001), [0.0, -0.0, 1e-8, -1e-8, 40.0, -40.0]]).astype(np.float32)
+    u = np.random.default_rng(0).normal(size=g.shape).astype(np.float32)
+    out = np.empty_like(g)
+    _cpu.geglu(g, u, out, g.size)
+    want = np.array(geglu(mx.array(g), mx.array(u)))
+    # tanh through exp: an absolute error of a few ulp of 1 in tanh, times 0.5 |g u|
+    assert np.all(np.abs(out - want) <= 4e-7 * (np.abs(g * u) + 1e-6))
 
 
 def test_grouped_experts_match_gather_mm_float_and_quantized():

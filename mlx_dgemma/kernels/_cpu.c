@@ -507,6 +507,143 @@ static PyObject* attention(PyObject* self, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+
+/* Mixture of experts on the CPU --------------------------------------------------------
+ * y[n] = sum_k w[n, k] * down_e(gelu_tanh(gate_e(x_n)) * up_e(x_n)), e = idx[n, k]:
+ * the (token, expert) pairs are grouped by expert (counting sort, token order kept), and
+ * each used expert runs three GEMMs over its rows through the process's sgemm (threaded
+ * by the BLAS); gather, activation and the weighted scatter-add are vectorised C.
+ * Weights as SwitchGLU keeps them: gate, up [E, I, H]; down [E, H, I].
+ */
+static inline float gelu_tanh_c(float x) {
+  const float z = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  const float e = dg_exp(-2.0f * fabsf(z));
+  const float t = (1.0f - e) / (1.0f + e);
+  return 0.5f * x * (1.0f + (z < 0.0f ? -t : t));
+}
+
+static void geglu_c(const float* g, const float* u, float* a, Py_ssize_t n) {
+  for (Py_ssize_t i = 0; i < n; i++) a[i] = gelu_tanh_c(g[i]) * u[i];
+}
+
+#ifdef DG_AVX2
+DG_TARGET static void geglu_avx2(const float* g, const float* u, float* a, Py_ssize_t n) {
+  const __m256 c0 = _mm256_set1_ps(0.7978845608028654f), c1 = _mm256_set1_ps(0.044715f);
+  const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.0f);
+  Py_ssize_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 z = _mm256_mul_ps(c0, _mm256_add_ps(x, _mm256_mul_ps(c1, _mm256_mul_ps(_mm256_mul_ps(x, x), x))));
+    const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign, z)));
+    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    t = _mm256_or_ps(t, _mm256_and_ps(sign, z)); /* tanh is odd: take z's sign */
+    const __m256 y = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t));
+    _mm256_storeu_ps(a + i, _mm256_mul_ps(y, _mm256_loadu_ps(u + i)));
+  }
+  geglu_c(g + i, u + i, a + i, n - i);
+}
+#endif
+static void (*geglu)(const float*, const float*, float*, Py_ssize_t) = geglu_c;
+
+static PyObject* moe(PyObject* self, PyObject* args) {
+  PyObject *o_x, *o_idx, *o_w, *o_g, *o_u, *o_d, *o_out;
+  Py_ssize_t N, K, E, H, I;
+  if (!PyArg_ParseTuple(args, "OOOOOOOnnnnn", &o_x, &o_idx, &o_w, &o_g, &o_u, &o_d, &o_out, &N, &K, &E, &H, &I))
+    return NULL;
+  if (!dg_sgemm) return PyErr_Format(PyExc_RuntimeError, "moe: no cblas_sgemm in the process");
+  if (N < 0 || K < 1 || E < 1 || H < 1 || I < 1) return PyErr_Format(PyExc_ValueError, "moe: bad shapes");
+  Py_buffer b[7];
+  PyObject* objs[7] = {o_x, o_idx, o_w, o_g, o_u, o_d, o_out};
+  const char* names[7] = {"x", "indices", "weights", "gate", "up", "down", "out"};
+  const Py_ssize_t counts[7] = {N * H, N * K, N * K, E * I * H, E * I * H, E * H * I, N * H};
+  int got = 0;
+  for (; got < 7; got++)
+    if (get_buffer(objs[got], &b[got], got == 6, 4, counts[got], names[got]) != 0) break;
+  if (got < 7) {
+    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    return NULL;
+  }
+  const float* x = (const float*)b[0].buf;
+  const int32_t* idx = (const int32_t*)b[1].buf;
+  const float* w = (const float*)b[2].buf;
+  const float *Wg = (const float*)b[3].buf, *Wu = (const float*)b[4].buf, *Wd = (const float*)b[5].buf;
+  float* y = (float*)b[6].buf;
+  const Py_ssize_t P = N * K;
+  Py_ssize_t* start = (Py_ssize_t*)calloc((size_t)E + 1, sizeof(Py_ssize_t));
+  Py_ssize_t* order = (Py_ssize_t*)malloc(sizeof(Py_ssize_t) * (size_t)(P > 0 ? P : 1));
+  Py_ssize_t maxc = 0;
+  int bad_index = 0;
+  for (Py_ssize_t p = 0; p < P; p++) {
+    if (idx[p] < 0 || idx[p] >= E) bad_index = 1;
+  }
+  float* buf = NULL;
+  if (start && order && !bad_index) {
+    for (Py_ssize_t p = 0; p < P; p++) start[idx[p] + 1]++;
+    for (Py_ssize_t e = 0; e < E; e++) {
+      maxc = start[e + 1] > maxc ? start[e + 1] : maxc;
+      start[e + 1] += start[e];
+    }
+    buf = (float*)malloc(sizeof(float) * (size_t)(maxc * (H + 3 * I + H) + 1));
+  }
+  if (!start || !order || !buf || bad_index) {
+    free(start), free(order), free(buf);
+    for (int i = 0; i < 7; i++) PyBuffer_Release(&b[i]);
+    if (bad_index) return PyErr_Format(PyExc_ValueError, "moe: an expert index is out of range");
+    return PyErr_NoMemory();
+  }
+  Py_BEGIN_ALLOW_THREADS;
+  {
+    Py_ssize_t* fill = (Py_ssize_t*)malloc(sizeof(Py_ssize_t) * (size_t)E);
+    memcpy(fill, start, sizeof(Py_ssize_t) * (size_t)E);
+    for (Py_ssize_t p = 0; p < P; p++) order[fill[idx[p]]++] = p;
+    free(fill);
+  }
+  memset(y, 0, sizeof(float) * (size_t)(N * H));
+  float* xe = buf;            /* rows x H */
+  float* ge = xe + maxc * H;  /* rows x I */
+  float* ue = ge + maxc * I;  /* rows x I */
+  float* ae = ue + maxc * I;  /* rows x I */
+  float* de = ae + maxc * I;  /* rows x H */
+  for (Py_ssize_t e = 0; e < E; e++) {
+    const Py_ssize_t c = start[e + 1] - start[e];
+    if (c == 0) continue;
+    const Py_ssize_t* pe = order + start[e];
+    for (Py_ssize_t r = 0; r < c; r++) memcpy(xe + r * H, x + (pe[r] / K) * H, sizeof(float) * (size_t)H);
+    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c, (int)I, (int)H, 1.0f, xe, (int)H, Wg + e * I * H,
+             (int)H, 0.0f, ge, (int)I);
+    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c, (int)I, (int)H, 1.0f, xe, (int)H, Wu + e * I * H,
+             (int)H, 0.0f, ue, (int)I);
+    geglu(ge, ue, ae, c * I);
+    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c, (int)H, (int)I, 1.0f, ae, (int)I, Wd + e * H * I,
+             (int)I, 0.0f, de, (int)H);
+    for (Py_ssize_t r = 0; r < c; r++) {
+      const float wr = w[pe[r]];
+      float* yr = y + (pe[r] / K) * H;
+      const float* dr = de + r * H;
+      for (Py_ssize_t j = 0; j < H; j++) yr[j] += wr * dr[j];
+    }
+  }
+  Py_END_ALLOW_THREADS;
+  free(start), free(order), free(buf);
+  for (int i = 0; i < 7; i++) PyBuffer_Release(&b[i]);
+  Py_RETURN_NONE;
+}
+
+static PyObject* geglu_py(PyObject* self, PyObject* args) {
+  PyObject *o_g, *o_u, *o_a;
+  Py_ssize_t n;
+  if (!PyArg_ParseTuple(args, "OOOn", &o_g, &o_u, &o_a, &n)) return NULL;
+  Py_buffer b[3];
+  int got = 0;
+  PyObject* objs[3] = {o_g, o_u, o_a};
+  for (; got < 3; got++)
+    if (get_buffer(objs[got], &b[got], got == 2, 4, n, "geglu") != 0) break;
+  if (got == 3) geglu((const float*)b[0].buf, (const float*)b[1].buf, (float*)b[2].buf, n);
+  for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+  if (got < 3) return NULL;
+  Py_RETURN_NONE;
+}
+
 /* Finds cblas_sgemm among the libraries loaded globally (OpenBLAS by runtime.py or
    LD_PRELOAD); returns whether attention() can run. */
 static PyObject* find_sgemm(PyObject* self, PyObject* noargs) {
@@ -663,6 +800,8 @@ static PyMethodDef methods[] = {
     {"attention", attention, METH_VARARGS,
      "attention(q, k, v, out, B, Hq, Hkv, L, S, D, Dv, Bk, scale, causal, q_pos0, k_pos0, window, key_mask|None, "
      "block_rows, threads)"},
+    {"moe", moe, METH_VARARGS, "moe(x, indices, weights, gate, up, down, out, N, K, E, H, I)"},
+    {"geglu", geglu_py, METH_VARARGS, "geglu(gate, up, out, n) (for tests)"},
     {"find_sgemm", find_sgemm, METH_NOARGS, "Look up cblas_sgemm in the process; whether attention can run."},
     {"info", info, METH_NOARGS, "Which passes are in use: {'avx2': bool, 'vector_noise': bool}."},
     {"exp", exp_, METH_VARARGS, "MLX's CPU exp of one float32 (for tests)."},
@@ -680,6 +819,7 @@ PyMODINIT_FUNC PyInit__cpu(void) {
     sums = sums_avx2;
     probs_pass = probs_avx2;
     exp_pass = exp_pass_avx2;
+    geglu = geglu_avx2;
   }
 #endif
   return PyModule_Create(&module);

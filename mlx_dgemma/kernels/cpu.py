@@ -95,6 +95,32 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, *, causal: bo
     return mx.array(out)
 
 
+def moe_supported(glu) -> bool:
+    """A float32, unquantized SwitchGLU whose activation is GeGLU (DiffusionGemma's)."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    lins = (glu.gate_proj, glu.up_proj, glu.down_proj)
+    return (attention_available() and all(type(p) is SwitchLinear and "bias" not in p for p in lins)
+            and all(p.weight.dtype == mx.float32 and np.asarray(p.weight).flags.c_contiguous for p in lins))
+
+
+def moe(glu, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+    """``sum_k weights[..., k] * SwitchGLU(x, indices)[..., k, :]`` with gelu(tanh) * up,
+    through the C kernel (float32; evaluates its inputs). x [..., H]; indices, weights [..., K]."""
+    *lead, H = x.shape
+    K = indices.shape[-1]
+    N = int(np.prod(lead)) if lead else 1
+    wg, wu, wd = glu.gate_proj.weight, glu.up_proj.weight, glu.down_proj.weight
+    E, I = wg.shape[0], wg.shape[1]
+    xn = np.ascontiguousarray(np.asarray(x.astype(mx.float32)))
+    idx = np.ascontiguousarray(np.asarray(indices.astype(mx.int32)))
+    w = np.ascontiguousarray(np.asarray(weights.astype(mx.float32)))
+    out = np.empty((N, H), np.float32)
+    # the weights are used in place (a copy per call would cost more than the GEMMs)
+    _cpu.moe(xn, idx, w, np.asarray(wg), np.asarray(wu), np.asarray(wd), out, N, K, E, H, I)
+    return mx.array(out).reshape(*lead, H)
+
+
 def threads() -> int:
     n = os.environ.get("MLX_DGEMMA_CPU_THREADS")
     if n and n.isdigit() and int(n) > 0:
