@@ -648,7 +648,7 @@ class Model(nn.Module):
         if not cap:
             return logits
         if self.numpy_softcap:
-            return numpy_softcap(logits, cap)
+            return cpu_kernels.softcap(logits, cap) if cpu_kernels.built() else numpy_softcap(logits, cap)
         return softcap(logits, cap)
 
     def soft_embeddings(self, probs: mx.array) -> mx.array:

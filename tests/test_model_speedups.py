@@ -214,6 +214,18 @@ def test_cpu_experts_match_switch_glu_and_fall_back_when_quantized():
     assert float(mx.abs(experts(x, idx, w) - want).max()) <= 1e-4 * max(1.0, float(mx.abs(want).max()))
 
 
+@pytest.mark.skipif(not cpu_kernels.built(), reason="the CPU kernel is not built here")
+def test_cpu_softcap_matches_mlx():
+    from mlx_dgemma.model import softcap
+
+    x = mx.concatenate([mx.random.normal((3, 1000)) * 40, mx.array([[0.0, -0.0, 1e-7, -1e-7, 1e4, -1e4] * 3]).reshape(3, 6)
+                        .astype(mx.float32)], axis=1)
+    got, want = cpu_kernels.softcap(x, 30.0), softcap(x, 30.0)
+    # tanh through MLX's exp, (1 - e) / (1 + e): within 4 ulp of the cap (measured: 3)
+    assert float(mx.abs(got - want).max()) <= 4 * float(np.spacing(np.float32(30)))
+    assert got.dtype == mx.float32 and got.shape == x.shape
+
+
 @needs_cpu_attention
 def test_cpu_geglu_matches_mlx():
     from mlx_dgemma.kernels import _cpu

@@ -644,6 +644,79 @@ static PyObject* geglu_py(PyObject* self, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+
+/* Soft-capping of the logits: y = tanh(x / cap) * cap, tanh through MLX's exp
+   (tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2 |z|)): within a few 1e-7 of cap. */
+static void softcap_c(const float* x, float* y, Py_ssize_t n, float cap) {
+  for (Py_ssize_t i = 0; i < n; i++) {
+    const float z = x[i] / cap;
+    const float e = dg_exp(-2.0f * fabsf(z));
+    const float t = (1.0f - e) / (1.0f + e);
+    y[i] = (z < 0.0f ? -t : t) * cap;
+  }
+}
+#ifdef DG_AVX2
+DG_TARGET static void softcap_avx2(const float* x, float* y, Py_ssize_t n, float cap) {
+  const __m256 cv = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  Py_ssize_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 z = _mm256_div_ps(_mm256_loadu_ps(x + i), cv);
+    const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign, z)));
+    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    t = _mm256_or_ps(t, _mm256_and_ps(sign, z));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(t, cv));
+  }
+  softcap_c(x + i, y + i, n - i, cap);
+}
+#endif
+static void (*softcap_pass)(const float*, float*, Py_ssize_t, float) = softcap_c;
+
+typedef struct {
+  const float* x;
+  float* y;
+  Py_ssize_t n;
+  float cap;
+} CapJob;
+
+static void* softcap_worker(void* arg) {
+  CapJob* j = (CapJob*)arg;
+  softcap_pass(j->x, j->y, j->n, j->cap);
+  return NULL;
+}
+
+static PyObject* softcap(PyObject* self, PyObject* args) {
+  PyObject *o_x, *o_y;
+  Py_ssize_t n;
+  float cap;
+  int threads;
+  if (!PyArg_ParseTuple(args, "OOnfi", &o_x, &o_y, &n, &cap, &threads)) return NULL;
+  Py_buffer bx, by;
+  if (get_buffer(o_x, &bx, 0, 4, n, "x") != 0) return NULL;
+  if (get_buffer(o_y, &by, 1, 4, n, "y") != 0) {
+    PyBuffer_Release(&bx);
+    return NULL;
+  }
+  if (threads < 1) threads = 1;
+  if (threads > 64) threads = 64;
+  CapJob jobs[64];
+  pthread_t tids[64];
+  char started[64] = {0};
+  Py_BEGIN_ALLOW_THREADS;
+  for (int i = 0; i < threads; i++) {
+    const Py_ssize_t a = n * i / threads, b = n * (i + 1) / threads;
+    jobs[i] = (CapJob){(const float*)bx.buf + a, (float*)by.buf + a, b - a, cap};
+    if (i > 0) started[i] = pthread_create(&tids[i], NULL, softcap_worker, &jobs[i]) == 0;
+  }
+  for (int i = 0; i < threads; i++)
+    if (!started[i]) softcap_worker(&jobs[i]);
+  for (int i = 1; i < threads; i++)
+    if (started[i]) pthread_join(tids[i], NULL);
+  Py_END_ALLOW_THREADS;
+  PyBuffer_Release(&bx);
+  PyBuffer_Release(&by);
+  Py_RETURN_NONE;
+}
+
 /* Finds cblas_sgemm among the libraries loaded globally (OpenBLAS by runtime.py or
    LD_PRELOAD); returns whether attention() can run. */
 static PyObject* find_sgemm(PyObject* self, PyObject* noargs) {
@@ -802,6 +875,7 @@ static PyMethodDef methods[] = {
      "block_rows, threads)"},
     {"moe", moe, METH_VARARGS, "moe(x, indices, weights, gate, up, down, out, N, K, E, H, I)"},
     {"geglu", geglu_py, METH_VARARGS, "geglu(gate, up, out, n) (for tests)"},
+    {"softcap", softcap, METH_VARARGS, "softcap(x, y, n, cap, threads): y = tanh(x / cap) * cap"},
     {"find_sgemm", find_sgemm, METH_NOARGS, "Look up cblas_sgemm in the process; whether attention can run."},
     {"info", info, METH_NOARGS, "Which passes are in use: {'avx2': bool, 'vector_noise': bool}."},
     {"exp", exp_, METH_VARARGS, "MLX's CPU exp of one float32 (for tests)."},
@@ -820,6 +894,7 @@ PyMODINIT_FUNC PyInit__cpu(void) {
     probs_pass = probs_avx2;
     exp_pass = exp_pass_avx2;
     geglu = geglu_avx2;
+    softcap_pass = softcap_avx2;
   }
 #endif
   return PyModule_Create(&module);

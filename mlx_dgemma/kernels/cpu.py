@@ -121,6 +121,14 @@ def moe(glu, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
     return mx.array(out).reshape(*lead, H)
 
 
+def softcap(x: mx.array, cap: float) -> mx.array:
+    """``tanh(x / cap) * cap`` (float32) through the C kernel; evaluates ``x``."""
+    xn = np.ascontiguousarray(np.asarray(x.astype(mx.float32)))
+    out = np.empty_like(xn)
+    _cpu.softcap(xn, out, xn.size, float(cap), threads())
+    return mx.array(out)
+
+
 def threads() -> int:
     n = os.environ.get("MLX_DGEMMA_CPU_THREADS")
     if n and n.isdigit() and int(n) > 0:
