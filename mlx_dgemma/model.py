@@ -67,6 +67,26 @@ def numpy_softcap(x: mx.array, cap: float) -> mx.array:
     return mx.array(y)
 
 
+def dequantized(m: nn.Module, rows=None) -> mx.array:
+    """The float weight of a quantized layer (rows ``rows`` of it), float32 on the CPU."""
+    w, scales, biases = m.weight, m.scales, m.get("biases")
+    if rows is not None:
+        w, scales = w[rows], scales[rows]
+        biases = None if biases is None else biases[rows]
+    out = mx.dequantize(w, scales, biases, group_size=m.group_size, bits=m.bits, mode=m.mode)
+    return out.astype(mx.float32)
+
+
+def linear(m: nn.Module, x: mx.array, dequantize: bool) -> mx.array:
+    """``m(x)``. ``dequantize``: a quantized ``m`` runs as its dequantized weight through
+    a float32 BLAS matmul: MLX 0.32's CPU ``quantized_matmul`` is a scalar loop, 20-35x
+    slower at these shapes (benchmarks/README.md); the float weight lives for this call."""
+    if not dequantize or not isinstance(m, nn.QuantizedLinear) or getattr(m, "global_scale", None) is not None:
+        return m(x)
+    y = (x.astype(mx.float32) @ dequantized(m).T).astype(x.dtype)
+    return y + m.bias if "bias" in m else y
+
+
 class RMSNormNoScale(nn.Module):
     def __init__(self, eps: float):
         super().__init__()
@@ -89,9 +109,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.dequantize = False  # see linear()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+        d = self.dequantize
+        return linear(self.down_proj, geglu(linear(self.gate_proj, x, d), linear(self.up_proj, x, d)), d)
 
 
 class Router(nn.Module):
@@ -106,10 +128,11 @@ class Router(nn.Module):
         self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.scale = mx.ones((args.hidden_size,))
         self.per_expert_scale = mx.ones((args.num_experts,))
+        self.dequantize = False  # see linear()
 
     def __call__(self, x: mx.array):
         x = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root_size
-        scores = self.proj(x).astype(mx.float32)
+        scores = linear(self.proj, x, self.dequantize).astype(mx.float32)
         k = self.top_k
         indices = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
         # softmax over all experts then renormalising the top k equals a softmax over
@@ -119,9 +142,11 @@ class Router(nn.Module):
         return indices, weights
 
 
-def _expert_matmul(lin: nn.Module, x: mx.array, e: int) -> mx.array:
+def _expert_matmul(lin: nn.Module, x: mx.array, e: int, dequantize: bool = False) -> mx.array:
     """x [n, in] through expert ``e`` of a (Quantized)SwitchLinear: [n, out]."""
-    if isinstance(lin, QuantizedSwitchLinear):
+    if isinstance(lin, QuantizedSwitchLinear) and dequantize:
+        y = (x.astype(mx.float32) @ dequantized(lin, e).T).astype(x.dtype)
+    elif isinstance(lin, QuantizedSwitchLinear):
         y = mx.quantized_matmul(
             x, lin.weight[e], lin.scales[e], None if lin.biases is None else lin.biases[e],
             transpose=True, group_size=lin.group_size, bits=lin.bits, mode=lin.mode,
@@ -133,7 +158,7 @@ def _expert_matmul(lin: nn.Module, x: mx.array, e: int) -> mx.array:
     return y
 
 
-def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> mx.array:
+def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array, dequantize: bool = False) -> mx.array:
     """SwitchGLU(x, indices) as one dense GEMM per expert over the rows routed to it.
 
     ``gather_mm`` on MLX's CPU backend runs one matrix-vector product per (token, expert)
@@ -152,9 +177,9 @@ def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> mx.arr
         n = int(counts[e])
         xe = xs[start : start + n]
         start += n
-        gate = _expert_matmul(glu.gate_proj, xe, int(e))
-        up = _expert_matmul(glu.up_proj, xe, int(e))
-        outs.append(_expert_matmul(glu.down_proj, glu.activation(up, gate), int(e)))
+        gate = _expert_matmul(glu.gate_proj, xe, int(e), dequantize)
+        up = _expert_matmul(glu.up_proj, xe, int(e), dequantize)
+        outs.append(_expert_matmul(glu.down_proj, glu.activation(up, gate), int(e), dequantize))
     y = mx.concatenate(outs)[mx.argsort(order)]
     return y.reshape(*lead, K, y.shape[-1])
 
@@ -170,6 +195,7 @@ class Experts(nn.Module):
         # kernel (kernels.cpu.moe: float32 experts; others take the grouped path).
         self.dispatch = "gather"
         self.encoder_dispatch: Optional[str] = None  # the encoder's, when it differs
+        self.dequantize = False  # quantized experts, grouped: see linear()
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array, encoder: bool = False) -> mx.array:
         glu = self.switch_glu
@@ -179,7 +205,7 @@ class Experts(nn.Module):
                 return cpu_kernels.moe(glu, x, indices, weights)
             dispatch = "grouped"  # quantized or bf16 experts: the MLX grouped path
         if dispatch == "grouped" and getattr(glu.gate_proj, "global_scale", None) is None:
-            y = grouped_switch_glu(glu, x, indices)
+            y = grouped_switch_glu(glu, x, indices, self.dequantize)
         else:
             y = glu(x, indices)
         return (y * weights[..., None].astype(y.dtype)).sum(-2)
@@ -231,6 +257,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
         self.v_norm = RMSNormNoScale(eps)
         self.window = None if self.is_full else args.sliding_window
+        self.dequantize = False  # see linear()
         # CPU: the C attention kernel (kernels.cpu.attention) instead of MLX's SDPA, whose
         # CPU fallback materialises every score and runs a scalar softmax over them.
         self.cpu_attention = False
@@ -248,8 +275,9 @@ class Attention(nn.Module):
 
     def kv(self, x: mx.array, offset: int):
         B, L, _ = x.shape
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if not self.is_full else k
+        d = self.dequantize
+        k = linear(self.k_proj, x, d).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = linear(self.v_proj, x, d).reshape(B, L, self.n_kv_heads, self.head_dim) if not self.is_full else k
         k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=offset)
         v = self.v_norm(v).transpose(0, 2, 1, 3)
         return k, v
@@ -259,7 +287,7 @@ class Attention(nn.Module):
         Otherwise ``cache`` is the (keys, values) prefix the canvas sees, ``offset`` an
         int or a per-row [B] array of positions, ``mask`` None or a key mask (decoder)."""
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        q = self.q_norm(linear(self.q_proj, x, self.dequantize).reshape(B, L, self.n_heads, self.head_dim))
         q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
         k, v = self.kv(x, offset)
         if write:
@@ -282,7 +310,7 @@ class Attention(nn.Module):
                     pv = mx.broadcast_to(pv, (B, *pv.shape[1:]))
                 k, v = mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
                 out = self._decoder_attention(q, k, v, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1), self.dequantize)
 
     def _decoder_attention(self, q, k, v, mask) -> mx.array:
         """Bidirectional; ``mask`` None or a key mask [B, 1, 1, S] (ragged prefixes)."""
@@ -334,13 +362,15 @@ class SelfConditioning(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.dequantize = False  # see linear()
 
     def __call__(self, embeds: mx.array, signal: Optional[mx.array]) -> mx.array:
         if signal is None:
             # Zero signal: the MLP of zeros is zero (no biases), so only the norm remains.
             return self.post_norm(embeds)
-        s = self.pre_norm(signal)
-        return self.post_norm(embeds + self.down_proj(geglu(self.gate_proj(s), self.up_proj(s))))
+        s, d = self.pre_norm(signal), self.dequantize
+        mlp = linear(self.down_proj, geglu(linear(self.gate_proj, s, d), linear(self.up_proj, s, d)), d)
+        return self.post_norm(embeds + mlp)
 
 
 class Decoder(nn.Module):
@@ -477,6 +507,10 @@ class Model(nn.Module):
         # experts may be dispatched apart from the decoder's (None: the same).
         self.cpu_attention = not gpu and cpu_kernels.attention_available()
         self.encoder_expert_dispatch = None
+        # CPU: quantized layers run dequantized (per call) through float32 BLAS; the
+        # vocabulary-sized tables in row chunks of ``dequantize_rows``.
+        self.dequantize_matmuls = not gpu
+        self.dequantize_rows = 16384
 
     @property
     def decoder(self) -> Decoder:
@@ -550,6 +584,19 @@ class Model(nn.Module):
             raise ValueError(f"expert_dispatch must be 'gather', 'grouped' or 'cpu', got {mode!r}")
         for layer in self.layers:
             layer.experts.dispatch = mode
+
+    @property
+    def dequantize_matmuls(self) -> bool:
+        return bool(self.__dict__.get("_dequantize", False))
+
+    @dequantize_matmuls.setter
+    def dequantize_matmuls(self, on: bool) -> None:
+        object.__setattr__(self, "_dequantize", bool(on))
+        mods = [self.decoder.self_conditioning]
+        for layer in self.layers:
+            mods += [layer.self_attn, layer.mlp, layer.router, layer.experts]
+        for m in mods:
+            m.dequantize = bool(on)
 
     @property
     def cpu_attention(self) -> bool:
@@ -642,8 +689,21 @@ class Model(nn.Module):
         """
         return self._run_decoder(canvas, cache, self_conditioning_logits, self_conditioning_embeddings, True)
 
+    def _table_chunks(self):
+        """(rows, dequantized float32 rows) of a quantized embedding table, in chunks."""
+        emb = self.decoder.embed_tokens
+        V, step = emb.weight.shape[0], max(1, self.dequantize_rows)
+        for start in range(0, V, step):
+            rows = slice(start, min(V, start + step))
+            yield rows, dequantized(emb, rows)
+
     def lm_head(self, h: mx.array) -> mx.array:
-        logits = self.decoder.embed_tokens.as_linear(h).astype(mx.float32)
+        emb = self.decoder.embed_tokens
+        if self.dequantize_matmuls and isinstance(emb, nn.QuantizedEmbedding):
+            hf = h.astype(mx.float32)
+            logits = mx.concatenate([hf @ w.T for _, w in self._table_chunks()], axis=-1)
+        else:
+            logits = emb.as_linear(h).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         if not cap:
             return logits
@@ -654,7 +714,16 @@ class Model(nn.Module):
     def soft_embeddings(self, probs: mx.array) -> mx.array:
         """probs [.., V] (float32) @ embedding matrix * embedding scale, in the weights' dtype."""
         emb = self.decoder.embed_tokens
-        if isinstance(emb, nn.QuantizedEmbedding):
+        if isinstance(emb, nn.QuantizedEmbedding) and self.dequantize_matmuls:
+            dtype = emb.scales.dtype
+            p = probs.astype(mx.float32)
+            out = None
+            for rows, w in self._table_chunks():
+                part = p[..., rows] @ w
+                out = part if out is None else out + part
+                mx.eval(out)  # one chunk of the table at a time
+            out = out.astype(dtype)
+        elif isinstance(emb, nn.QuantizedEmbedding):
             dtype = emb.scales.dtype
             out = mx.quantized_matmul(
                 probs.astype(dtype), emb.weight, emb.scales, emb.biases,

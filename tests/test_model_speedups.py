@@ -131,7 +131,7 @@ def switched(model, **settings):
 
 
 PLAIN = dict(compile_decoder=False, expert_dispatch="gather", merge_prefix=False, numpy_softcap=False,
-             cpu_attention=False, encoder_expert_dispatch=None)
+             cpu_attention=False, encoder_expert_dispatch=None, dequantize_matmuls=False)
 VARIANTS = [
     dict(PLAIN, compile_decoder=True),
     pytest.param(dict(PLAIN, cpu_attention=True), marks=needs_cpu_attention),
@@ -238,6 +238,29 @@ def test_cpu_geglu_matches_mlx():
     want = np.array(geglu(mx.array(g), mx.array(u)))
     # tanh through exp: an absolute error of a few ulp of 1 in tanh, times 0.5 |g u|
     assert np.all(np.abs(out - want) <= 4e-7 * (np.abs(g * u) + 1e-6))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_matmuls_match_quantized_matmul(bits):
+    """CPU: quantized layers, experts (grouped) and the embedding table (LM head, in row
+    chunks; self-conditioning) run dequantized through float32 matmuls: the same weights,
+    so the logits agree to float32 rounding of the sums."""
+    import mlx.nn as nn
+
+    model = tiny_model(9)
+    nn.quantize(model, group_size=32, bits=bits)
+    rng = np.random.default_rng(9)
+    prompt, canvas = rng.integers(0, 160, 11), mx.array(rng.integers(0, 160, (1, 16)))
+    probs = mx.softmax(mx.array(rng.normal(size=(1, 16, 160)).astype(np.float32)), -1)
+    out = []
+    for on in (False, True):
+        with switched(model, **dict(PLAIN, expert_dispatch="grouped", dequantize_matmuls=on, dequantize_rows=64)):
+            cache = encoded(model, prompt)
+            sc = model.soft_embeddings(probs)
+            out.append((np.array(model.denoise(canvas, cache, self_conditioning_embeddings=sc)), np.array(sc)))
+    (want, want_sc), (got, got_sc) = out
+    close(got_sc, want_sc)
+    close(got, want)
 
 
 def test_grouped_experts_match_gather_mm_float_and_quantized():
