@@ -12,6 +12,11 @@ Per step ``n`` (counting DOWN from ``N = max_denoising_steps`` to 1):
 5. a row stops when its argmax canvas equals the previous ``stability_threshold``
    argmax canvases of this block AND the mean entropy is below ``confidence_threshold``.
 
+Two opt-in additions, neither in the reference (with neither, the tokens are the
+reference's): canvas constraints (``constraints``: per row ``{position: token}`` pinned
+through every step, see :class:`CanvasPins`) and the confidence-threshold acceptance rule
+(``DenoiseSettings.sampler = "confidence"``, see :func:`confidence_mask`).
+
 The committed block is the LAST ARGMAX canvas. All randomness comes from ``rng``:
 the initial canvas from ``CANVAS`` (step 0), the Gumbel noise from ``SAMPLE`` and the
 renoising tokens from ``RENOISE`` (both keyed by the reference's counting-down step).
@@ -49,6 +54,9 @@ from .kernels import soft_embeddings as _soft_embeddings  # noqa: E402
 SampleFn = Callable[[mx.array, float, mx.array], StepSample]
 
 
+SAMPLERS = ("entropy-bound", "confidence")
+
+
 class SettingsError(ValueError):
     """A sampler setting out of range (one-line message naming the setting)."""
 
@@ -82,6 +90,8 @@ class DenoiseSettings:
     stability_threshold: Optional[int] = 1
     confidence_threshold: Optional[float] = 0.005
     sc_top_k: Optional[int] = None
+    sampler: str = "entropy-bound"
+    threshold: float = 0.9
 
     def __post_init__(self):
         self.validate()
@@ -122,6 +132,11 @@ class DenoiseSettings:
             self.sc_top_k = integer("sc_top_k", self.sc_top_k)
             if self.sc_top_k < 1:
                 raise SettingsError(f"sc_top_k must be >= 1, got {self.sc_top_k}")
+        if self.sampler not in SAMPLERS:
+            raise SettingsError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        self.threshold = num("threshold", self.threshold)
+        if not 0 <= self.threshold <= 1:
+            raise SettingsError(f"threshold must be in [0, 1], got {self.threshold}")
         return self
 
     @property
@@ -237,6 +252,93 @@ def entropy_bound_mask(entropy: mx.array, bound: float) -> mx.array:
     return mx.put_along_axis(mx.zeros(sel.shape, dtype=mx.bool_), order, sel, axis=-1)
 
 
+def confidence_mask(confidence: mx.array, threshold: float, free: Optional[mx.array] = None) -> mx.array:
+    """[B, L] bool: the confidence-threshold rule (Fast-dLLM; mlx-vlm's ``confidence-threshold``).
+
+    Accept where the top probability exceeds ``threshold``, and at least the most confident
+    position of each row (among the ``free`` ones, when some are pinned).
+    """
+    c = confidence if free is None else mx.where(free, confidence, -1.0)
+    best = mx.arange(c.shape[-1])[None] == mx.argmax(c, axis=-1)[:, None]
+    if free is not None:
+        best = best & free
+    return (c > threshold) | best
+
+
+def top_probability(logits: mx.array, temp: float, sample: StepSample) -> mx.array:
+    """[B, L] max of softmax(logits / t), from the step's argmax and log-sum-exp."""
+    top = mx.take_along_axis(logits, sample.argmax[..., None], axis=-1)[..., 0].astype(mx.float32) / temp
+    return mx.exp(top - sample.lse)
+
+
+class ConstraintError(ValueError):
+    """A canvas constraint out of range (one-line message)."""
+
+
+@dataclass
+class CanvasPins:
+    """Canvas constraints for one block: positions pinned to given tokens, per batch row.
+
+    A pinned position holds its token through every step: it starts the block with it, is
+    never renoised, is counted as accepted (its entropy counts as 0 in the entropy-bound
+    rule and in the stopping criterion's mean entropy), its argmax (so the committed block)
+    is the pinned token, and self-conditioning sees it as certain (a one-hot probability
+    row, i.e. the token's own embedding) from the second step on; the first step takes the
+    reference's no-self-conditioning path for the whole canvas. Every free position follows
+    the reference's rule unchanged: with pinned entropies at 0 the entropy-bound selection
+    over the free positions is exactly the reference's, and a row without pins is exactly
+    the reference's.
+    """
+
+    mask: mx.array  # [B, L] bool
+    tokens: mx.array  # [B, L] int32 (0 where free)
+    _embeddings: Optional[mx.array] = field(default=None, repr=False)
+
+    @classmethod
+    def from_rows(
+        cls, rows: Sequence[Optional[Mapping[int, int]]], length: int, vocab_size: int
+    ) -> Optional["CanvasPins"]:
+        """From one ``{position: token}`` per row (``None`` or ``{}``: nothing pinned);
+        ``None`` when no row pins anything."""
+        mask = np.zeros((len(rows), length), bool)
+        toks = np.zeros((len(rows), length), np.int32)
+        for b, row in enumerate(rows):
+            for pos, tok in (row or {}).items():
+                if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or not 0 <= pos < length:
+                    raise ConstraintError(f"pinned position {pos!r} is outside the canvas [0, {length})")
+                if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)) or not 0 <= tok < vocab_size:
+                    raise ConstraintError(f"pinned token {tok!r} at position {pos} is outside the vocabulary [0, {vocab_size})")
+                mask[b, pos], toks[b, pos] = True, tok
+        if not mask.any():
+            return None
+        return cls(mx.array(mask), mx.array(toks))
+
+    def embeddings(self, model) -> mx.array:
+        """[B, L, H]: the self-conditioning signal of a one-hot row (the token's embedding
+        times the embedding scale; ``onehot @ E`` is exactly that row)."""
+        if self._embeddings is None:
+            self._embeddings = model._embed(self.tokens)
+        return self._embeddings
+
+    def canvas(self, canvas: mx.array) -> mx.array:
+        return mx.where(self.mask, self.tokens, canvas)
+
+
+def block_constraints(constraints: Optional[Mapping[int, int]], block: int, length: int) -> Dict[int, int]:
+    """The part of a row's constraints (keyed by offset in the generated tokens) that falls
+    in block ``block``, keyed by canvas position."""
+    lo = block * length
+    return {int(p) - lo: int(t) for p, t in (constraints or {}).items() if lo <= int(p) < lo + length}
+
+
+class StepUpdate(NamedTuple):
+    canvas: mx.array  # [B, L] the next canvas: accepted samples, fresh noise elsewhere
+    argmax: mx.array  # [B, L] the step's argmax canvas (the draft)
+    accept: mx.array  # [B, L] bool
+    self_conditioning: mx.array  # [B, L, H] the next step's signal
+    mean_entropy: mx.array  # [B] for the stopping criterion
+
+
 def self_conditioning(model, logits: mx.array, temp: float, sample: StepSample, settings: DenoiseSettings) -> mx.array:
     """The next step's self-conditioning embeddings from this step's logits (with the
     probabilities the sampling pass wrote, when it wrote them: the CPU kernel)."""
@@ -244,6 +346,30 @@ def self_conditioning(model, logits: mx.array, temp: float, sample: StepSample, 
     if probs is not None:
         sample.probs = None  # used once; do not keep [B, L, V] alive through the next step
     return _soft_embeddings(model, logits, temp, sample.lse, top_k=settings.sc_top_k, probs=probs)
+
+
+def update(
+    model, logits: mx.array, temp: float, sample: StepSample, renoise: mx.array,
+    settings: DenoiseSettings, pins: Optional[CanvasPins] = None,
+) -> StepUpdate:
+    """One step's acceptance, renoising and next self-conditioning signal (the drafter's
+    and the server scheduler's shared step). Without pins and with the entropy-bound rule
+    this is the reference's accept_canvas then renoise_canvas: accepted positions take the
+    sample, every other position a fresh token (the current canvas survives nowhere)."""
+    entropy = sample.entropy if pins is None else mx.where(pins.mask, 0.0, sample.entropy)
+    if settings.sampler == "confidence":
+        free = None if pins is None else ~pins.mask
+        accept = confidence_mask(top_probability(logits, temp, sample), settings.threshold, free)
+    else:
+        accept = entropy_bound_mask(entropy, settings.entropy_bound)
+    canvas = mx.where(accept, sample.sampled, renoise)
+    argmax = sample.argmax
+    sc = self_conditioning(model, logits, temp, sample, settings)
+    if pins is not None:
+        accept = accept | pins.mask
+        canvas, argmax = pins.canvas(canvas), pins.canvas(argmax)
+        sc = mx.where(pins.mask[..., None], pins.embeddings(model).astype(sc.dtype), sc)
+    return StepUpdate(canvas, argmax, accept, sc, entropy.mean(-1))
 
 
 def denoise_steps(
@@ -254,6 +380,7 @@ def denoise_steps(
     block: int,
     sample_fn: Optional[SampleFn] = None,
     active: Optional[Sequence[bool]] = None,
+    constraints: Optional[Sequence[Optional[Mapping[int, int]]]] = None,
 ) -> Iterator[Draft]:
     """Generator form of :func:`denoise_block`: yields a :class:`Draft` after every step
     and returns the :class:`BlockResult` (``result = yield from denoise_steps(...)``).
@@ -261,12 +388,19 @@ def denoise_steps(
     ``active``: rows to denoise (default all). Inactive rows (sequences already finished)
     start frozen and are not counted as passes, as the reference counts them; their
     tokens are the initial canvas (the caller pads them anyway).
+    ``constraints``: one ``{canvas position: token id}`` per row (or ``None``), pinned
+    through every step (:class:`CanvasPins`).
     """
     sample_fn = sample_fn or _sample_step
     seeds = [int(s) for s in seeds]
     B, L, V = len(seeds), model.args.canvas_length, model.args.vocab_size
+    if constraints is not None and len(constraints) != B:
+        raise ConstraintError(f"{len(constraints)} constraint rows for a batch of {B}")
+    pins = CanvasPins.from_rows(constraints, L, V) if constraints is not None else None
     N = settings.max_denoising_steps
     canvas = initial_canvas(seeds, block, L, V)
+    if pins is not None:
+        canvas = pins.canvas(canvas)
     argmax = canvas
     sc: Optional[mx.array] = None
     live = np.ones(B, bool) if active is None else np.asarray(active, bool).copy()
@@ -285,20 +419,16 @@ def denoise_steps(
         t = temperature(n, N, settings.t_min, settings.t_max)
         logits = model.denoise(canvas, cache, self_conditioning_embeddings=sc)
         s = sample_fn(logits, t, rng.position_keys(seeds, rng.SAMPLE, block, n, L))
-        accept = entropy_bound_mask(s.entropy, settings.entropy_bound)
         renoise = rng.random_tokens(rng.position_keys(seeds, rng.RENOISE, block, n, L), V)
-        # accept_canvas then renoise_canvas: accepted positions take the sample, every
-        # other position a fresh token (the current canvas survives nowhere).
-        new_canvas = mx.where(accept, s.sampled, renoise)
-        new_argmax = s.argmax
-        new_sc = self_conditioning(model, logits, t, s, settings)
+        u = update(model, logits, t, s, renoise, settings, pins)
+        new_canvas, new_argmax, new_sc, accept = u.canvas, u.argmax, u.self_conditioning, u.accept
         if finished.any():  # freeze rows that stopped earlier
             fz = mx.array(finished)
             new_argmax = mx.where(fz[:, None], argmax, new_argmax)
             new_canvas = mx.where(fz[:, None], canvas, new_canvas)
             if sc is not None:
                 new_sc = mx.where(fz[:, None, None], sc, new_sc)
-        ent = s.entropy.mean(-1)
+        ent = u.mean_entropy
         mx.eval(new_canvas, new_argmax, new_sc, ent, accept)
         ent_np = np.array(ent)
         mean_entropy = np.where(finished, mean_entropy, ent_np)
@@ -320,6 +450,7 @@ def denoise_block(
     on_draft: Optional[Callable[[Draft], None]] = None,
     sample_fn: Optional[SampleFn] = None,
     active: Optional[Sequence[bool]] = None,
+    constraints: Optional[Sequence[Optional[Mapping[int, int]]]] = None,
 ) -> BlockResult:
     """Denoise one canvas of ``canvas_length`` tokens for each of ``len(seeds)`` rows.
 
@@ -327,7 +458,8 @@ def denoise_block(
     the generation (it keys the random streams). ``on_draft`` gets a :class:`Draft` after
     each step. Returns the committed block (the last argmax canvas) and the counts.
     """
-    gen = denoise_steps(model, cache, settings, seeds, block, sample_fn=sample_fn, active=active)
+    gen = denoise_steps(model, cache, settings, seeds, block, sample_fn=sample_fn, active=active,
+                        constraints=constraints)
     while True:
         try:
             d = next(gen)

@@ -16,6 +16,11 @@ Text APIs (:func:`stream_generate`, :func:`generate`) trim the output to ``max_t
 tokens (the reference returns whole blocks); ``tokens_per_forward`` is still computed
 over the whole blocks, exactly as the reference computes it.
 
+``decode`` picks the decoding (default ``"diffusion"``: the block loop above).
+``"ar"`` decodes with the encoder alone, one token per forward, and ``"verified"``
+writes exactly the same tokens, the decoder drafting blocks that the encoder verifies
+(:mod:`mlx_dgemma.verify`; token-level loop: :func:`generate_steps`).
+
 Run ``python -m mlx_dgemma.generate --help`` for the command line.
 """
 
@@ -28,12 +33,23 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .drafter import BlockResult, DenoiseSettings, Draft, SettingsError, denoise_steps, load_generation_config
+from .cache import PrefixCache
+from .drafter import (
+    BlockResult,
+    ConstraintError,
+    DenoiseSettings,
+    Draft,
+    SettingsError,
+    block_constraints,
+    denoise_steps,
+    load_generation_config,
+)
+from .verify import DECODE_MODES, EncoderRule, Step, decode_steps
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 
@@ -77,6 +93,55 @@ def tokens_per_forward(generated: np.ndarray, passes: np.ndarray, pad_token_id: 
         valid = np.full(generated.shape[0], generated.shape[1])
     with np.errstate(divide="ignore", invalid="ignore"):
         return valid / np.asarray(passes, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Canvas constraints: pinned tokens by offset in the generated sequence
+
+
+Constraints = Mapping[int, int]  # offset in the generated tokens (0 = the first) -> token id
+
+
+def check_constraints(constraints: Optional[Constraints], max_tokens: int, vocab_size: int) -> Dict[int, int]:
+    """``{offset: token}`` as plain ints, each offset in [0, max_tokens) and token in the
+    vocabulary (one-line errors)."""
+    out: Dict[int, int] = {}
+    for p, t in (constraints or {}).items():
+        if isinstance(p, str) and p.strip().lstrip("-").isdigit():
+            p = int(p)  # JSON object keys
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < max_tokens:
+            raise GenerateInputError(f"constraint offset {p!r} is outside the generated tokens [0, {max_tokens})")
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size:
+            raise GenerateInputError(f"constraint token {t!r} at offset {p} is outside the vocabulary [0, {vocab_size})")
+        out[int(p)] = int(t)
+    return out
+
+
+def template_constraints(tokenizer, template: str, hole: str = "_") -> Dict[int, int]:
+    """Constraints from a template with holes: every ``hole`` marker is one free position,
+    the text between holes is tokenized and pinned at the positions it takes.
+
+    ``'{"name": "____", "age": __}'`` pins the JSON punctuation and leaves four tokens for the
+    name and two for the age. Each piece of text is tokenized on its own (with a BPE
+    vocabulary a piece can tokenize differently than inside a longer text); special-token
+    text such as ``<turn|>`` becomes that special token. Positions after the template stay
+    free.
+    """
+    if not isinstance(template, str) or not template:
+        raise GenerateInputError("canvas template is empty")
+    if not hole:
+        raise GenerateInputError("the hole marker is empty")
+    out: Dict[int, int] = {}
+    pos = 0
+    parts = template.split(hole)
+    for i, part in enumerate(parts):
+        if part:
+            for t in tokenizer.encode(part, add_special_tokens=False):
+                out[pos] = int(t)
+                pos += 1
+        if i < len(parts) - 1:
+            pos += 1  # the hole
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,6 +203,7 @@ def _events(
     eos_token_ids: Sequence[int] = (),
     pad_token_id: Optional[int] = 0,
     sample_fn=None,
+    constraints: Optional[Sequence[Optional[Constraints]]] = None,
 ) -> Iterator[Union[Draft, Block]]:
     tokens = _as_batch(prompt_tokens)
     B, T = tokens.shape
@@ -151,6 +217,10 @@ def _events(
     settings = settings or DenoiseSettings()
     n_blocks = plan_blocks(model, T, cache.offset, max_tokens)
     L = model.args.canvas_length
+    if constraints is not None:
+        if len(constraints) != B:
+            raise GenerateInputError(f"{len(constraints)} constraint rows for a batch of {B} prompts")
+        constraints = [check_constraints(c, n_blocks * L, model.args.vocab_size) for c in constraints]
     finished = np.zeros(B, bool)
     total_passes = np.zeros(B, np.int64)
     generated: List[np.ndarray] = []
@@ -163,8 +233,9 @@ def _events(
             if b == 0:
                 prompt_time = time.perf_counter() - t0
                 t_start = time.perf_counter()
+        pinned = None if constraints is None else [block_constraints(c, b, L) for c in constraints]
         res: BlockResult = yield from denoise_steps(
-            model, cache, settings, seeds, b, sample_fn=sample_fn, active=~finished
+            model, cache, settings, seeds, b, sample_fn=sample_fn, active=~finished, constraints=pinned
         )
         block, finished = finalize_block(np.array(res.tokens), finished, eos_token_ids, pad_token_id)
         total_passes = total_passes + res.passes
@@ -201,6 +272,7 @@ def generate_blocks(
     pad_token_id: Optional[int] = 0,
     on_draft: Optional[Callable[[Draft], None]] = None,
     sample_fn=None,
+    constraints: Optional[Sequence[Optional[Constraints]]] = None,
 ) -> Iterator[Block]:
     """Generate block by block from token ids; yields one :class:`Block` per committed block.
 
@@ -208,6 +280,10 @@ def generate_blocks(
     ``cache``: a :class:`~mlx_dgemma.cache.PrefixCache` that may already hold a prefix
     (multi-turn); only the new tokens are encoded. ``seeds``: one per row (an int: the same
     seed for every row). Block ``b`` of the call keys the random streams with ``b``.
+    ``constraints``: canvas constraints, one ``{offset: token id}`` per row (or ``None``),
+    the offset counting generated tokens from 0 across blocks (block ``b`` gets the offsets
+    ``b * L .. b * L + L - 1``); those tokens are pinned through every denoising step
+    (``drafter.CanvasPins``).
 
     On return the cache holds the prefix, the prompt and every committed block except
     the LAST one yielded (the reference encodes a block at the start of the next one), each
@@ -215,11 +291,93 @@ def generate_blocks(
     conversation, encode the last block (or its non-pad part) yourself.
     """
     for ev in _events(model, prompt_tokens, cache, settings, max_tokens, seeds, eos_token_ids,
-                      pad_token_id, sample_fn):
+                      pad_token_id, sample_fn, constraints):
         if isinstance(ev, Block):
             yield ev
         elif on_draft is not None:
             on_draft(ev)
+
+
+def _as_rows(prompt_tokens) -> List[np.ndarray]:
+    """Prompts as one int32 array per row: [T], [B, T], or a list of lists (lengths may differ)."""
+    if isinstance(prompt_tokens, mx.array):
+        prompt_tokens = np.array(prompt_tokens)
+    if isinstance(prompt_tokens, np.ndarray):
+        if prompt_tokens.ndim not in (1, 2):
+            raise GenerateInputError(f"prompt tokens must be [T], [B, T] or a list of token lists, got shape {prompt_tokens.shape}")
+        return [r.astype(np.int32) for r in np.atleast_2d(prompt_tokens)]
+    items = list(prompt_tokens)
+    if items and all(isinstance(t, (int, np.integer)) for t in items):
+        items = [items]
+    try:
+        return [np.asarray(r, dtype=np.int32).reshape(-1) for r in items]
+    except (TypeError, ValueError):
+        raise GenerateInputError("prompt tokens must be [T], [B, T] or a list of token lists") from None
+
+
+def generate_steps(
+    model,
+    prompt_tokens,
+    decode: str = "verified",
+    verify: str = "greedy",
+    temperature: float = 1.0,
+    cache=None,
+    draft_settings: Optional[DenoiseSettings] = None,
+    max_tokens: int = 256,
+    seeds: Union[int, Sequence[int]] = 0,
+    eos_token_ids: Sequence[int] = (),
+    on_draft: Optional[Callable[[Draft], None]] = None,
+    draft_fn=None,
+    sample_fn=None,
+) -> Iterator[Step]:
+    """``decode="ar"`` or ``"verified"`` from token ids; yields one
+    :class:`~mlx_dgemma.verify.Step` per round (a token per row, or a verification).
+
+    ``prompt_tokens``: [T], [B, T] or one list per row (lengths may differ): the tokens
+    NOT yet in ``cache`` (None; a PrefixCache holding a prefix of one row, continued in
+    place; or one cache per row). ``verify``: the encoder's rule, "greedy" or "sample"
+    (at ``temperature``, noise keyed by seed and absolute position). ``draft_settings``:
+    the drafter's settings for ``"verified"`` (its ``max_denoising_steps`` is the draft's
+    step budget). On return each cache holds every committed token but the last.
+    """
+    for ev in _step_events(model, prompt_tokens, decode, verify, temperature, cache, draft_settings, max_tokens,
+                           seeds, eos_token_ids, draft_fn, sample_fn):
+        if isinstance(ev, Step):
+            yield ev
+        elif on_draft is not None:
+            on_draft(ev)
+
+
+def _step_events(model, prompt_tokens, decode, verify, temperature, cache, draft_settings, max_tokens, seeds,
+                 eos_token_ids, draft_fn, sample_fn) -> Iterator[Union[Draft, Step]]:
+    if decode not in ("ar", "verified"):
+        raise GenerateInputError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    try:
+        rule = EncoderRule(verify, temperature)
+    except SettingsError as e:
+        raise GenerateInputError(str(e)) from None
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise GenerateInputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    rows = _as_rows(prompt_tokens)
+    B = len(rows)
+    if B == 0 or any(len(r) == 0 for r in rows):
+        raise GenerateInputError(f"empty prompt: decode={decode!r} takes the encoder's logits from the last new token")
+    seeds = [int(seeds)] * B if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    if len(seeds) != B:
+        raise GenerateInputError(f"{len(seeds)} seeds for a batch of {B} prompts")
+    caches = [cache] if isinstance(cache, PrefixCache) else (None if cache is None else list(cache))
+    if caches is not None and len(caches) != B:
+        raise GenerateInputError(f"{len(caches)} caches for a batch of {B} prompts (expected one per row)")
+    L, ctx = model.args.canvas_length, model.args.max_position_embeddings
+    need = L if decode == "verified" else 1
+    for b, r in enumerate(rows):
+        used = len(r) + (caches[b].offset if caches is not None else 0)
+        if used + need > ctx:
+            what = f"a {L}-token canvas" if decode == "verified" else "a generated token"
+            raise GenerateInputError(f"prompt of {used} tokens leaves no room for {what} in the model's context "
+                                     f"of {ctx} tokens (max_position_embeddings)")
+    return (yield from decode_steps(model, rows, decode, rule, cache, draft_settings or DenoiseSettings(), max_tokens,
+                                    seeds, eos_token_ids, draft_fn=draft_fn, sample_fn=sample_fn))
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,8 +389,14 @@ class GenerationResponse:
     """One item of :func:`stream_generate`.
 
     ``kind == "block"``: ``text``/``thought`` are the NEW answer/thought text of this
-    block, ``tokens`` the block's kept tokens. ``kind == "draft"``: ``text`` is the whole
-    current canvas decoded (the argmax draft), ``step`` the denoising step.
+    block, ``tokens`` the block's kept tokens (with ``decode="verified"``: the tokens one
+    verification committed; ``"ar"``: one token). ``kind == "draft"``: ``text`` is the
+    whole current canvas decoded (the argmax draft), ``step`` the denoising step.
+
+    ``tokens_per_forward`` is the reference's figure (tokens per decoder pass; 0 for
+    ``"ar"``); ``tokens_per_model_forward`` counts every model forward after the prompt:
+    decoder passes and encoder passes (the commit of each block, the verifications and
+    the single-token passes of ``"verified"``, every token of ``"ar"``).
     """
 
     kind: str
@@ -250,6 +414,11 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: Optional[str]  # "stop" (EOS), "length", or None while running
     total_steps: int = 0  # denoising steps over all blocks so far
+    decode: str = "diffusion"
+    model_forwards: int = 0  # decoder + encoder forwards after the prompt
+    tokens_per_model_forward: float = 0.0
+    verifications: int = 0  # drafts verified (decode="verified")
+    accepted_per_verification: float = 0.0  # draft tokens accepted per verification
 
 
 def generation_defaults(model) -> Dict[str, Any]:
@@ -301,6 +470,16 @@ def stream_generate(
     thinking: bool = False,
     system: Optional[str] = None,
     sample_fn=None,
+    sampler: Optional[str] = None,
+    threshold: Optional[float] = None,
+    constraints: Optional[Constraints] = None,
+    canvas_template: Optional[str] = None,
+    hole: str = "_",
+    decode: str = "diffusion",
+    verify: str = "greedy",
+    draft_steps: Optional[int] = None,
+    temperature: float = 1.0,
+    draft_fn=None,
 ) -> Iterator[GenerationResponse]:
     """Generate text; yields one :class:`GenerationResponse` per committed block (and one
     per denoising step with ``show_drafts``).
@@ -310,18 +489,47 @@ def stream_generate(
     ``entropy_bound``, ``t_min``, ``t_max`` override generation_config.json; ``sc_top_k``
     opts into top-k self-conditioning (``DenoiseSettings.sc_top_k``).
     ``thinking`` switches Gemma 4's thinking mode (``enable_thinking``); thought text comes
-    in ``thought``, apart from the answer in ``text``.
+    in ``thought``, apart from the answer in ``text``. ``sampler="confidence"`` with
+    ``threshold`` picks the confidence-threshold acceptance rule (default: the reference's
+    entropy bound).
+
+    Canvas constraints pin output tokens: ``constraints={offset: token id}`` (offset 0 is
+    the first generated token), or ``canvas_template``: text whose ``hole`` markers (one
+    per free token) are left to the model (:func:`template_constraints`); both may be
+    given (``constraints`` wins where they overlap). Uses: fill-in-the-middle (pin the
+    prefix and the suffix, leave holes between), JSON skeletons (pin the keys and
+    punctuation), forms, a forced opening (pin the first tokens), Sudoku (pin the givens).
+
+    ``decode``: ``"diffusion"`` (block diffusion, the default), ``"ar"`` (the encoder
+    alone, token by token) or ``"verified"`` (the decoder drafts, the encoder verifies:
+    the same tokens as ``"ar"``). ``verify``: the encoder's rule for both, ``"greedy"``
+    or ``"sample"`` (at ``temperature``). ``draft_steps``: the verified draft's step
+    budget (default: ``steps``, else generation_config.json). ``draft_fn``: see
+    :func:`mlx_dgemma.verify.decode_steps`. Canvas constraints apply to ``"diffusion"``
+    only (the encoder's own choices cannot be pinned).
     """
     from .chat import ThoughtParser, encode_prompt
 
     if isinstance(prompt, str) and not prompt.strip():
         raise GenerateInputError("empty prompt")
+    if decode not in DECODE_MODES:
+        raise GenerateInputError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode != "diffusion" and (canvas_template is not None or constraints):
+        raise GenerateInputError(f"canvas constraints apply to decode='diffusion' only, not {decode!r} "
+                                 "(the encoder writes its own tokens)")
+    if decode == "verified" and draft_steps is not None:
+        steps = draft_steps
     settings = make_settings(model, settings, max_denoising_steps=steps, entropy_bound=entropy_bound,
-                             t_min=t_min, t_max=t_max, sc_top_k=sc_top_k)
+                             t_min=t_min, t_max=t_max, sc_top_k=sc_top_k, sampler=sampler, threshold=threshold)
     eos, pad = resolve_ids(model, generation_defaults(model))
     ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system)
     if not ids:
         raise GenerateInputError("empty prompt")
+    pinned: Optional[Dict[int, int]] = None
+    if canvas_template is not None or constraints:
+        pinned = template_constraints(tokenizer, canvas_template, hole) if canvas_template is not None else {}
+        pinned.update(constraints or {})
+        pinned = check_constraints(pinned, max_tokens, model.args.vocab_size)
     parser = ThoughtParser(tokenizer, thinking=thinking, prompt_tokens=ids, stop_tokens=eos)
     kept: List[int] = []
     total_steps = 0
@@ -331,7 +539,13 @@ def stream_generate(
     except Exception:  # backends without memory accounting
         pass
 
-    for ev in _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn):
+    if decode != "diffusion":
+        yield from _stream_steps(model, tokenizer, ids, parser, settings, max_tokens, seed, eos, show_drafts,
+                                 sample_fn, decode, verify, temperature, draft_fn)
+        return
+    events = _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn,
+                     None if pinned is None else [pinned])
+    for ev in events:
         if isinstance(ev, Draft):
             if not show_drafts:
                 continue
@@ -362,13 +576,61 @@ def stream_generate(
         reason = None
         if last:
             reason = "stop" if hit_eos else "length"
+        forwards = int(ev.total_passes[0]) + ev.index  # decoder passes + the commits of earlier blocks
         yield GenerationResponse(
             kind="block", text=d["answer"], thought=d["thought"], tokens=new, block=ev.index,
             step=ev.steps, steps=ev.steps, tokens_per_forward=stats["tpf"], prompt_tokens=len(ids),
             prompt_tps=stats["prompt_tps"], generation_tokens=n_gen, generation_tps=stats["generation_tps"],
             peak_memory=_peak_gb(), finish_reason=reason, total_steps=total_steps,
+            model_forwards=forwards, tokens_per_model_forward=n_gen / forwards if forwards else 0.0,
         )
         if last:
+            return
+
+
+def _stream_steps(model, tokenizer, ids, parser, settings, max_tokens, seed, eos, show_drafts, sample_fn,
+                  decode, verify, temperature, draft_fn) -> Iterator[GenerationResponse]:
+    """stream_generate for decode="ar" / "verified": one response per round."""
+    n_gen, total_steps, round_steps = 0, 0, 0
+    stats = dict(prompt_tps=0.0, generation_tps=0.0, tpf=0.0, tpmf=0.0)
+
+    def response(kind, text, thought, tokens, block, step, reason, ev=None):
+        extra = {}
+        if ev is not None:
+            extra = dict(model_forwards=int(ev.model_forwards[0]), verifications=int(ev.verifications[0]),
+                         accepted_per_verification=float(ev.accepted_per_verification[0]))
+        return GenerationResponse(
+            kind=kind, text=text, thought=thought, tokens=tokens, block=block, step=step, steps=step,
+            tokens_per_forward=stats["tpf"], prompt_tokens=len(ids), prompt_tps=stats["prompt_tps"],
+            generation_tokens=n_gen, generation_tps=stats["generation_tps"], peak_memory=_peak_gb(),
+            finish_reason=reason, total_steps=total_steps + (step if kind == "draft" else 0), decode=decode,
+            tokens_per_model_forward=stats["tpmf"], **extra,
+        )
+
+    events = _step_events(model, [ids], decode, verify, temperature, None, settings, max_tokens, seed, eos,
+                          draft_fn, sample_fn)
+    for ev in events:
+        if isinstance(ev, Draft):
+            round_steps = ev.step
+            if show_drafts:
+                canvas = [int(t) for t in np.array(ev.tokens[0])]
+                yield response("draft", tokenizer.decode(canvas, skip_special_tokens=True), "", canvas,
+                               ev.block, ev.step, None)
+            continue
+        total_steps += round_steps
+        new = ev.tokens[0]
+        n_gen += len(new)
+        parser.feed(new)
+        d = parser.deltas(final=ev.last)
+        stats["prompt_tps"] = ev.prompt_tokens[0] / ev.prompt_time if ev.prompt_time > 0 else 0.0
+        stats["generation_tps"] = n_gen / ev.elapsed if ev.elapsed > 0 else 0.0
+        dec = int(ev.decoder_passes[0])
+        stats["tpf"] = n_gen / dec if dec else 0.0
+        stats["tpmf"] = float(ev.tokens_per_model_forward[0])
+        yield response("block", d["answer"], d["thought"], list(new), ev.index, round_steps,
+                       ev.finish_reason[0] if ev.last else None, ev)
+        round_steps = 0
+        if ev.last:
             return
 
 
@@ -393,12 +655,23 @@ def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = Fa
 
 
 def format_stats(r: GenerationResponse) -> str:
-    blocks = r.block + 1
-    return (
+    head = (
         f"prompt {r.prompt_tokens} tok @ {r.prompt_tps:.1f} tok/s | "
         f"generated {r.generation_tokens} tok @ {r.generation_tps:.1f} tok/s | "
+    )
+    peak = f"peak {r.peak_memory:.2f} GB"
+    per_forward = f"{r.tokens_per_model_forward:.2f} tok/model forward ({r.model_forwards} forwards)"
+    if r.decode == "verified":
+        return head + (
+            f"{r.verifications} verifications, {r.accepted_per_verification:.2f} draft tok accepted each, "
+            f"{r.total_steps / max(r.verifications, 1):.1f} draft steps each | {per_forward} | {peak}"
+        )
+    if r.decode == "ar":
+        return head + f"encoder only | {per_forward} | {peak}"
+    blocks = r.block + 1
+    return head + (
         f"{blocks} block{'s' if blocks != 1 else ''}, {r.total_steps / blocks:.1f} steps/block | "
-        f"{r.tokens_per_forward:.2f} tok/forward | peak {r.peak_memory:.2f} GB"
+        f"{r.tokens_per_forward:.2f} tok/forward | {peak}"
     )
 
 
@@ -506,8 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="a model folder, a hub id (downloaded on first use; google/... originals are "
-                        "converted to 4-bit on first use), or 'demo': a small random-weight model built "
-                        "locally, no download (default: %(default)s)")
+                        "converted to 4-bit on first use), 'demo': a small random-weight model built "
+                        "locally, no download, or 'sudoku': the small Sudoku model shipped with the "
+                        "package (default: %(default)s)")
     p.add_argument("--prompt", required=True, help="the prompt (a user message unless --no-chat-template)")
     p.add_argument("--system", default=None, help="a system message (chat template only)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
@@ -526,6 +800,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sc-top-k", type=int, default=None, metavar="K",
                    help="approximate self-conditioning from the K most likely tokens per position "
                         "(faster, opt-in; default: exact)")
+    p.add_argument("--sampler", choices=("entropy-bound", "confidence"), default=None,
+                   help="acceptance rule: the reference's entropy bound (default), or 'confidence': "
+                        "accept positions whose top probability exceeds --threshold (at least one per step)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="top-probability threshold of --sampler confidence (default: 0.9)")
+    p.add_argument("--canvas-template", default=None, metavar="TEXT",
+                   help="pin the output to a template: every --hole marker is one free token, the rest "
+                        "is kept as written (fill-in-the-middle, JSON skeletons, forms)")
+    p.add_argument("--hole", default="_", help="the hole marker of --canvas-template (default: _)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="diffusion",
+                   help="diffusion: block diffusion (default); ar: the encoder alone, one token per forward; "
+                        "verified: the decoder drafts each block and the encoder verifies it, writing exactly "
+                        "what ar writes")
+    p.add_argument("--verify", choices=("greedy", "sample"), default="greedy",
+                   help="the encoder's rule for --decode ar/verified: its argmax, or a sample at --temperature "
+                        "keyed by seed and position (default: greedy)")
+    p.add_argument("--draft-steps", type=int, default=None, metavar="N",
+                   help="denoising steps per draft for --decode verified (default: --steps)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="the encoder's sampling temperature for --verify sample (default: 1.0)")
     return p
 
 
@@ -537,15 +831,16 @@ def _is_original_checkpoint(spec: str) -> bool:
 def resolve_model(spec: str, log: Callable[[str], None]):
     """``(model, tokenizer, is_demo)`` for a --model value."""
     from .config import ConfigError
-    from .loader import load
+    from .loader import BUILTIN_MODELS, builtin_model_path, load
 
-    if spec == "demo":
-        from . import demo
+    if spec in BUILTIN_MODELS:
+        path = builtin_model_path(spec, log=log)
+        if spec == "demo":
+            from .demo import UNTRAINED_NOTICE
 
-        path = demo.ensure_demo(log=log)
-        log(demo.UNTRAINED_NOTICE)
+            log(UNTRAINED_NOTICE)
         model, tok = load(path)
-        return model, tok, True
+        return model, tok, spec == "demo"
     local = Path(spec).expanduser()
     if not local.exists() and _is_original_checkpoint(spec):
         from .demo import cache_root
@@ -587,6 +882,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         v = getattr(args, name)
         if v is not None and not v >= 0:
             return _fail(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        return _fail(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.canvas_template is not None and not args.canvas_template:
+        return _fail("--canvas-template is empty")
+    if not args.hole:
+        return _fail("--hole is empty")
+    if args.draft_steps is not None and args.draft_steps < 1:
+        return _fail(f"--draft-steps must be >= 1, got {args.draft_steps}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        return _fail(f"--temperature must be a finite number > 0, got {args.temperature}")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -613,12 +918,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
             show_drafts=args.show_drafts and tty, chat_template=not args.no_chat_template,
             thinking=args.thinking, system=args.system, sc_top_k=args.sc_top_k,
+            sampler=args.sampler, threshold=args.threshold, canvas_template=args.canvas_template, hole=args.hole,
+            decode=args.decode, verify=args.verify, draft_steps=args.draft_steps, temperature=args.temperature,
         )
-        steps_cap = args.steps or make_settings(model, None, entropy_bound=args.entropy_bound, t_min=args.t_min,
-                                                t_max=args.t_max).max_denoising_steps
+        draft_cap = args.draft_steps if args.decode == "verified" else None
+        steps_cap = draft_cap or args.steps or make_settings(
+            model, None, entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max, sampler=args.sampler,
+            threshold=args.threshold).max_denoising_steps
         for r in stream:
             if r.kind == "draft":
-                view.draft(f"[block {r.block + 1} \u00b7 step {r.step}/{steps_cap}]", r.text)
+                what = "draft" if args.decode == "verified" else "block"
+                view.draft(f"[{what} {r.block + 1} \u00b7 step {r.step}/{steps_cap}]", r.text)
                 continue
             if r.thought:
                 if not shown_thought:

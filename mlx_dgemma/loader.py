@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -24,8 +25,29 @@ class WeightsError(ValueError):
     """Missing, truncated or mismatched weight files."""
 
 
+BUILTIN_MODELS = ("demo", "sudoku")
+
+
+def builtin_model_path(name: str, log=None) -> Path:
+    """The folder of a model known by name: ``demo`` (random weights, built locally on first
+    use) or ``sudoku`` (the trained Sudoku model shipped inside the package)."""
+    if name == "demo":
+        from .demo import ensure_demo
+
+        return ensure_demo(log=log or (lambda msg: print(msg, file=sys.stderr)))
+    if name == "sudoku":
+        from .sudoku import model_path
+
+        return model_path()
+    raise ConfigError(f"{name}: not a built-in model (expected one of {', '.join(BUILTIN_MODELS)})")
+
+
 def resolve_model_path(path_or_id: Union[str, Path]) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (weights and tokenizer only)."""
+    """A built-in name (``demo``, ``sudoku``), a local folder as is, or a hub id, downloaded
+    (weights and tokenizer only). Built-in names win over folders of the same name in the
+    working directory (write ``./demo`` for those)."""
+    if isinstance(path_or_id, str) and path_or_id in BUILTIN_MODELS:
+        return builtin_model_path(path_or_id)
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():

@@ -5,7 +5,8 @@ prefix cache. ``denoise`` runs the same layers bidirectionally over a canvas tha
 the whole cache, returns float32 soft-capped logits, and never writes the cache.
 
 API (stable; the drafter, generate and the server call it):
-  make_cache() -> PrefixCache; encode(tokens [B, T], cache);
+  make_cache() -> PrefixCache; encode(tokens [B, T], cache, return_logits=False)
+  (-> the encoder's next-token logits [B, T, V] when asked);
   denoise(canvas [B, L], cache, self_conditioning_logits=None,
           self_conditioning_embeddings=None) -> float32 logits [B, L, V];
   hidden(...) (same arguments) -> final hidden states; lm_head(h); soft_embeddings(probs);
@@ -530,31 +531,36 @@ class Model(nn.Module):
         h = self.decoder.embed_tokens(tokens)
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
-    def encode(self, tokens: mx.array, cache: PrefixCache) -> None:
+    def encode(self, tokens: mx.array, cache: PrefixCache, return_logits: bool = False) -> Optional[mx.array]:
         """Run the causal encoder over ``tokens`` [B, T] and append their K/V to ``cache``.
 
         Long inputs go through in chunks of ``prefill_chunk`` tokens (the same result:
         each chunk attends causally to the cache and itself). A sliding layer then scores
         each chunk against at most ``sliding_window - 1 + chunk`` keys instead of all
         ``T``, and a full layer skips most of the masked upper triangle.
+
+        ``return_logits``: also return the encoder's next-token logits [B, T, V] (float32,
+        soft-capped): the reference's ``encoder_last_hidden_state`` (final norm) through
+        the tied head, as its training computes the encoder's loss. Position t predicts
+        token t + 1. Costs the last layer's attention and FFN and the head, which a plain
+        encode skips.
         """
         if tokens.ndim == 1:
             tokens = tokens[None]
         T, chunk = tokens.shape[1], self.prefill_chunk
         if chunk and T > chunk:
-            for start in range(0, T, chunk):
-                self._encode(tokens[:, start : start + chunk], cache)
-            return
-        self._encode(tokens, cache)
+            out = [self._encode(tokens[:, s : s + chunk], cache, return_logits) for s in range(0, T, chunk)]
+            return mx.concatenate(out, axis=1) if return_logits else None
+        return self._encode(tokens, cache, return_logits)
 
-    def _encode(self, tokens: mx.array, cache: PrefixCache) -> None:
+    def _encode(self, tokens: mx.array, cache: PrefixCache, return_logits: bool = False) -> Optional[mx.array]:
         T = tokens.shape[1]
         offset = cache.offset
         h = self._embed(tokens)
         masks = {}
         last = len(self.layers) - 1
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            if i == last:
+            if i == last and not return_logits:
                 # Only the last layer's K/V is ever read: skip its attention and FFN.
                 k, v = layer.self_attn.kv(layer.input_layernorm(h), offset)
                 c.append(k, v)
@@ -565,7 +571,12 @@ class Model(nn.Module):
             if key not in masks:
                 masks[key] = encoder_mask(T, offset, n_keys, None if full else self.args.sliding_window)
             h = layer(h, c, offset, masks[key], write=True)
-        mx.eval([c.state for c in cache])
+        if not return_logits:
+            mx.eval([c.state for c in cache])
+            return None
+        logits = self.lm_head(self.decoder.norm(h))  # the encoder's norm is tied to the decoder's
+        mx.eval([c.state for c in cache], logits)
+        return logits
 
     # -- the decoder pass ------------------------------------------------------------
     # Within a block the prefix is constant, so everything derived from it (each layer's

@@ -27,9 +27,11 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from .chat import ThoughtParser, has_chat_template
 from .drafter import DenoiseSettings, SettingsError, load_generation_config
+from .generate import GenerateInputError, check_constraints, template_constraints
 from .serving.prompt_cache import PromptCacheStore
 from .serving.protocol import APIError, Parsed, parse_request
 from .serving.scheduler import Event, GenerationParams, GenerationRequest, Scheduler
+from .verify import EncoderRule
 
 try:
     from fastapi import FastAPI, Request
@@ -151,18 +153,36 @@ class ServerState:
             max_tokens = p.max_tokens
         else:
             max_tokens = min(room, self.default_max_tokens or room)
+        overrides = dict(p.settings_overrides)
+        if p.decode == "verified" and p.draft_steps is not None:
+            overrides["max_denoising_steps"] = p.draft_steps
         try:
-            settings = DenoiseSettings.from_generation_config(self.gen_config, **p.settings_overrides)
+            settings = DenoiseSettings.from_generation_config(self.gen_config, **overrides)
         except SettingsError as e:
             raise APIError(str(e)) from None
         seed = p.seed if p.seed is not None else secrets.randbits(32)
         return GenerationParams(
             prompt=prompt, max_tokens=max_tokens, settings=settings, seed=seed,
-            eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at,
+            constraints=self.constraints(p, max_tokens),
+            eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at, decode=p.decode, rule=EncoderRule(p.verify),
             # For chat, the history snapshot serves both the next turn and a re-sent
             # prompt (the generation prompt is a few tokens); do not store both.
             snapshot_prompt=not (chat and snapshot_at),
         )
+
+    def constraints(self, p: Parsed, max_tokens: int) -> Optional[Dict[int, int]]:
+        """The request's canvas constraints as {offset: token id}, checked against the
+        token budget and the vocabulary (``canvas_constraints`` win over the template)."""
+        if p.constraints is None and p.canvas_template is None:
+            return None
+        try:
+            pins = {}
+            if p.canvas_template is not None:
+                pins = template_constraints(self.tokenizer, p.canvas_template, p.canvas_hole)
+            pins.update(p.constraints or {})
+            return check_constraints(pins, max_tokens, self.model.args.vocab_size)
+        except GenerateInputError as e:
+            raise APIError(str(e), param="canvas_template" if p.constraints is None else "canvas_constraints") from None
 
     def check_model(self, name: str) -> None:
         if name not in self.aliases:

@@ -52,7 +52,8 @@ def test_help(env):
     r = run_cli(["--help"], env)
     assert r.returncode == 0
     for flag in ("--model", "--prompt", "--max-tokens", "--steps", "--seed", "--no-chat-template",
-                 "--show-drafts", "--thinking", "--entropy-bound", "--t-min", "--t-max", "demo"):
+                 "--show-drafts", "--thinking", "--entropy-bound", "--t-min", "--t-max", "demo",
+                 "--decode", "--verify", "--draft-steps", "--temperature"):
         assert flag in r.stdout
     assert "RuntimeWarning" not in r.stderr
 
@@ -83,6 +84,13 @@ def test_bad_input_exit_code_2_subprocess(env):
     (["--prompt", "hi", "--steps", "0"], "steps"),
     (["--prompt", "hi", "--entropy-bound", "0"], "entropy-bound"),
     (["--prompt", "hi", "--t-max", "0.1", "--t-min", "0.3"], "t_max"),
+    (["--prompt", "hi", "--sampler", "confidence", "--threshold", "2"], "threshold"),
+    (["--prompt", "hi", "--canvas-template", ""], "canvas-template"),
+    (["--prompt", "hi", "--canvas-template", "a_", "--hole", ""], "hole"),
+    (["--prompt", "hi", "--max-tokens", "4", "--canvas-template", "one two three four five six"], "outside the generated"),
+    (["--prompt", "hi", "--decode", "verified", "--draft-steps", "0"], "draft-steps"),
+    (["--prompt", "hi", "--decode", "ar", "--verify", "sample", "--temperature", "0"], "temperature"),
+    (["--prompt", "hi", "--decode", "ar", "--canvas-template", "a_"], "decode='diffusion' only"),
 ])
 def test_bad_flags(args, word, env, capsys):
     assert main(["--model", "demo", *args]) == 2
@@ -105,6 +113,32 @@ def test_unknown_model_and_other_model_type(tmp_path, env, capsys):
     assert main(["--model", str(other), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "llama" in err[0] and "DiffusionGemma" in err[0]
+
+
+def test_canvas_template_and_confidence_sampler(env, demo_model, capsys):
+    """The template's text is kept where it stands, holes are filled (fill-in-the-middle)."""
+    from mlx_dgemma.generate import template_constraints
+
+    model, tok = demo_model
+    template = "The quick ____ fox jumps ___ the lazy dog"
+    pins = template_constraints(tok, template)
+    assert main(["--model", "demo", "--prompt", "Hi", "--max-tokens", "24", "--steps", "4", "--seed", "2",
+                 "--canvas-template", template, "--sampler", "confidence", "--threshold", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The quick ") and " fox jumps " in text and "the lazy dog" in text
+    r = [x for x in stream_generate(model, tok, "Hi", max_tokens=24, steps=4, seed=2, canvas_template=template,
+                                    sampler="confidence", threshold=0.5)]
+    tokens = [t for x in r for t in x.tokens]
+    assert len(tokens) > max(pins) and all(tokens[p] == t for p, t in pins.items())
+    assert "".join(x.text for x in r) == text.rstrip("\n")
+
+
+def test_load_by_builtin_name(env):
+    import mlx_dgemma
+
+    model, tok = mlx_dgemma.load("demo")  # the name, not a folder in the working directory
+    assert model.args.canvas_length == 128 and tok is not None
+    assert str(model.path).startswith(os.environ[demo.CACHE_ENV])
 
 
 def test_argparse_errors_exit_2(capsys):
@@ -137,6 +171,28 @@ def test_stream_generate_blocks_drafts_and_stats(demo_model):
     assert text == tok.decode(blocks[0].tokens + blocks[1].tokens, skip_special_tokens=True)
     assert generate(model, tok, "Hello", max_tokens=L + 10, steps=3, seed=1) == text
     assert generate(model, tok, "Hello", max_tokens=L + 10, steps=3, seed=2) != text
+
+
+def test_decode_verified_equals_ar_with_stats(demo_model, env, capsys):
+    model, tok = demo_model
+    for verify in ("greedy", "sample"):
+        kw = dict(max_tokens=12, seed=3, verify=verify, temperature=0.7)
+        ar = list(stream_generate(model, tok, "Hello", decode="ar", **kw))
+        ver = list(stream_generate(model, tok, "Hello", decode="verified", draft_steps=2, show_drafts=True, **kw))
+        blocks = [r for r in ver if r.kind == "block"]
+        assert [t for r in blocks for t in r.tokens] == [t for r in ar for t in r.tokens]
+        assert len(ar) == 12 and all(len(r.tokens) == 1 for r in ar)  # one token per encoder pass
+        assert ar[-1].model_forwards == 11 and ar[-1].tokens_per_model_forward == pytest.approx(12 / 11)
+        last = blocks[-1]
+        assert last.finish_reason == "length" and last.verifications == len(blocks) and last.decode == "verified"
+        assert [r.step for r in ver if r.kind == "draft"] == [1, 2] * len(blocks)
+        assert last.model_forwards >= 2 * len(blocks) and last.total_steps == 2 * len(blocks)
+        assert "".join(r.text for r in blocks) == "".join(r.text for r in ar)
+    assert main(["--model", "demo", "--prompt", "Hello", "--max-tokens", "6", "--decode", "verified",
+                 "--draft-steps", "2"]) == 0
+    stats = capsys.readouterr().err.strip().splitlines()[-1]
+    for part in ("verifications", "draft tok accepted each", "tok/model forward", "length"):
+        assert part in stats, stats
 
 
 def test_stream_generate_stops_at_eos(demo_model, monkeypatch):

@@ -142,7 +142,7 @@ def test_chat_stream_and_whole_agree_one_chunk_per_block(server):
     assert chat(server, msgs, seed=12).choices[0].message.content != whole.choices[0].message.content
 
 
-def _library_tokens(server, prompt, seed, max_tokens):
+def _library_tokens(server, prompt, seed, max_tokens, constraints=None, **settings):
     """The library's block loop (mlx_dgemma.generate.generate_blocks), cold, on the
     scheduler thread (MLX streams are per thread)."""
     from mlx_dgemma.generate import generate_blocks
@@ -151,8 +151,9 @@ def _library_tokens(server, prompt, seed, max_tokens):
 
     def run():
         out = []
-        for b in generate_blocks(st.model, prompt, settings=DenoiseSettings(max_denoising_steps=STEPS),
-                                 max_tokens=max_tokens, seeds=seed, eos_token_ids=st.eos_token_ids):
+        for b in generate_blocks(st.model, prompt, settings=DenoiseSettings(max_denoising_steps=STEPS, **settings),
+                                 max_tokens=max_tokens, seeds=seed, eos_token_ids=st.eos_token_ids,
+                                 constraints=None if constraints is None else [constraints]):
             row = [int(t) for t in b.tokens[0]]
             out.extend(row)
             if b.finished[0]:
@@ -171,6 +172,74 @@ def test_reply_equals_library_generate(server):
     assert r.choices[0].model_extra["token_ids"] == want
     assert r.usage.completion_tokens == len(want)
     assert r.choices[0].text == server.state.tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_canvas_constraints_extension_pins_tokens_like_the_library(server):
+    prompt = [2, 40, 41, 42, 43, 44, 45]
+    # "ab" then two free tokens then "c": offsets 0, 1, 4; an explicit pin at offset L + 1
+    # lands in the second block; the confidence sampler rides along
+    a, b, c = (server.state.tokenizer.encode(ch, add_special_tokens=False)[0] for ch in "abc")
+    pins = {0: a, 1: b, 4: c, L + 1: 103}
+    body = {"return_token_ids": True, "canvas_template": "ab__c", "canvas_constraints": {str(L + 1): 103},
+            "sampler": "confidence", "threshold": 0.5}
+    r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=2 * L, seed=3, extra_body=body)
+    got = r.choices[0].model_extra["token_ids"]
+    assert got[:2] == [a, b]  # (an EOS in a hole may end the reply early)
+    want = _library_tokens(server, prompt, 3, 2 * L, constraints=pins, sampler="confidence", threshold=0.5)
+    assert got == want and len(got) > L + 1  # this seed's reply reaches the second block
+    assert all(got[i] == t for i, t in pins.items())
+    for extra, word in [({"canvas_constraints": {"x": 1}}, "offset"), ({"canvas_constraints": {"0": 10 ** 6}}, "vocabulary"),
+                        ({"canvas_constraints": {str(2 * L): 5}}, "outside"), ({"canvas_template": 5}, "canvas_template"),
+                        ({"sampler": "greedy"}, "sampler")]:
+        status, reply = http(server, "POST", "/v1/completions",
+                             {"model": "tiny", "prompt": prompt, "max_tokens": 2 * L, **extra})
+        assert status == 400 and word in reply["error"]["message"], reply
+
+
+def test_decode_verified_and_ar_equal_the_library(server):
+    """Our extension fields: decode="verified" (drafts verified by the encoder) and "ar"
+    give the library's encoder-only tokens under the same seed, alone or side by side,
+    cold or continuing a cached reply."""
+    from mlx_dgemma.generate import generate_steps
+
+    st = server.state
+    prompt = [2] + list(range(100, 120))
+
+    def library(verify):
+        def run():
+            steps = list(generate_steps(st.model, prompt, decode="ar", verify=verify, max_tokens=3 * L, seeds=5,
+                                        eos_token_ids=st.eos_token_ids))
+            out = [t for s in steps for t in s.tokens[0]]
+            return out[:-1] if out and out[-1] in st.eos_token_ids else out
+
+        return st.scheduler.call(run, timeout=60)
+
+    def ask(decode, verify, p=prompt, **kw):
+        return server.client.completions.create(
+            model="tiny", prompt=p, max_tokens=3 * L, seed=5,
+            extra_body={"return_token_ids": True, "decode": decode, "verify": verify, "draft_steps": 2, **kw})
+
+    for verify in ("greedy", "sample"):
+        want = library(verify)
+        with ThreadPoolExecutor(3) as ex:
+            got = list(ex.map(lambda d: ask(d, verify), ["verified", "ar", "diffusion"]))
+        for r in got[:2]:
+            assert r.choices[0].model_extra["token_ids"] == want
+        assert got[2].choices[0].model_extra["token_ids"] != want  # the diffusion reply is another text
+        stats = got[0].model_extra["x_stats"]
+        assert stats["decode"] == "verified" and stats["verifications"] >= 1 and stats["decoder_passes"] >= 2
+    # a continuation reuses the verified reply's cache and answers as a cold start does
+    reply = got[0].choices[0].model_extra["token_ids"]
+    follow = prompt + reply + ([tiny.EOS] if got[0].choices[0].finish_reason == "stop" else []) + [91, 92]
+    warm = ask("verified", "sample", follow)
+    assert warm.usage.prompt_tokens_details.cached_tokens >= len(prompt) + len(reply)
+    st.scheduler.call(st.store.clear)
+    cold = ask("verified", "sample", follow)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].model_extra["token_ids"] == warm.choices[0].model_extra["token_ids"]
+    for extra in ({"decode": "fast"}, {"decode": "ar", "canvas_template": "a_"}):
+        status, body = http(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "hi", **extra})
+        assert status == 400 and body["error"]["param"] == "decode", body
 
 
 def test_multi_turn_reuses_cache_and_matches_cold_start(server):

@@ -10,9 +10,17 @@ Field policy (documented in the README (Serving)):
 - mapped to the drafter: ``max_tokens`` / ``max_completion_tokens``, ``seed``,
   ``steps`` (= ``max_denoising_steps``), ``entropy_bound``, ``t_min``, ``t_max``,
   ``confidence_threshold``, ``stability_threshold``, ``sc_top_k``; ``stop``;
+  ``sampler`` / ``threshold`` (the confidence-threshold rule);
   thinking via ``enable_thinking``, ``chat_template_kwargs.enable_thinking`` or
   ``reasoning_effort``; ``return_token_ids`` (vLLM's extension) adds the generated and
   prompt token ids to the reply;
+- canvas constraints (an extension): ``canvas_constraints`` ``{"offset": token_id}``
+  (offset 0 = the first generated token) and/or ``canvas_template`` (text whose
+  ``canvas_hole`` markers, default ``_``, are one free token each) pin output tokens
+  through every denoising step;
+- our extension ``decode`` ("diffusion", "verified" or "ar"; see ``mlx_dgemma.verify``)
+  with ``verify`` ("greedy" or "sample", the encoder sampling at temperature 1) and
+  ``draft_steps``;
 - OpenAI sampling fields that would change the output (``temperature``, ``top_p``,
   penalties, ``logit_bias``, ``logprobs``, ``n > 1``, tools, JSON modes...) are accepted
   only at their neutral value (what omitting them means) and otherwise get a 400 saying
@@ -28,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..drafter import DenoiseSettings, SettingsError
+from ..verify import DECODE_MODES, VERIFY_RULES
 
 
 class APIError(Exception):
@@ -56,6 +65,8 @@ SAMPLER_FIELDS = {
     "confidence_threshold": "confidence_threshold",
     "stability_threshold": "stability_threshold",
     "sc_top_k": "sc_top_k",
+    "sampler": "sampler",
+    "threshold": "threshold",
 }
 
 _SCHEDULE = (
@@ -101,8 +112,10 @@ BENIGN = {
     "safety_identifier", "prompt_cache_key", "verbosity", "logprobs_mode", "ignore_eos_warning",
 }
 
+CONSTRAINT_FIELDS = ("canvas_constraints", "canvas_template", "canvas_hole")
 COMMON = {"model", "stream", "max_tokens", "max_completion_tokens", "seed", "stop",
-          "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids", *SAMPLER_FIELDS}
+          "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids", *SAMPLER_FIELDS,
+          *CONSTRAINT_FIELDS, "decode", "verify", "draft_steps"}
 CHAT_FIELDS = COMMON | {"messages"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 
@@ -124,6 +137,13 @@ class Parsed:
     prompt: Any = None  # completions: str or list of token ids
     return_token_ids: bool = False  # vLLM's extension: token ids in the reply
     ignored: List[str] = field(default_factory=list)
+    # canvas constraints (extension): {offset: token id}, a template with holes, its marker
+    constraints: Optional[Dict[int, int]] = None
+    canvas_template: Optional[str] = None
+    canvas_hole: str = "_"
+    decode: str = "diffusion"  # our extension: "diffusion", "verified" or "ar"
+    verify: str = "greedy"
+    draft_steps: Optional[int] = None
 
 
 def _is_neutral(value: Any, neutral: Tuple[Any, ...]) -> bool:
@@ -238,13 +258,47 @@ def parse_request(body: Any, chat: bool, ignore_sampling: bool = False, log=None
     rti = body.get("return_token_ids", False)
     if not isinstance(rti, bool) and rti is not None:
         raise APIError(f"return_token_ids must be a boolean, got {rti!r}", param="return_token_ids")
+    decode, verify = body.get("decode") or "diffusion", body.get("verify") or "greedy"
+    if decode not in DECODE_MODES:
+        raise APIError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}", param="decode")
+    if verify not in VERIFY_RULES:
+        raise APIError(f"verify must be one of {', '.join(VERIFY_RULES)}, got {verify!r}", param="verify")
     parsed = Parsed(model, stream, include_usage, max_tokens, seed, stop, overrides, bool(thinking),
-                    kwargs, return_token_ids=bool(rti), ignored=ignored)
+                    kwargs, return_token_ids=bool(rti), ignored=ignored, decode=decode, verify=verify,
+                    draft_steps=_int(body, "draft_steps", 1))
+    parsed.constraints, parsed.canvas_template, parsed.canvas_hole = _constraints(body)
+    if decode != "diffusion" and (parsed.constraints or parsed.canvas_template is not None):
+        raise APIError(f"canvas constraints apply to decode 'diffusion' only, not {decode!r}", param="decode")
     if chat:
         parsed.messages = _messages(body.get("messages"))
     else:
         parsed.prompt = _prompt(body.get("prompt"))
     return parsed
+
+
+def _constraints(body: dict) -> Tuple[Optional[Dict[int, int]], Optional[str], str]:
+    """The canvas-constraint extension fields, type-checked (ranges are checked against the
+    model and the token budget later)."""
+    raw, template, hole = body.get("canvas_constraints"), body.get("canvas_template"), body.get("canvas_hole")
+    pins = None
+    if raw is not None:
+        if not isinstance(raw, dict):
+            raise APIError('canvas_constraints must be an object {"offset": token_id}', param="canvas_constraints")
+        pins = {}
+        for k, v in raw.items():
+            if not (isinstance(k, str) and k.isdigit()):
+                raise APIError(f"canvas_constraints: key {k!r} is not a token offset (0, 1, 2 ...)",
+                               param="canvas_constraints")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise APIError(f"canvas_constraints[{k!r}] must be a token id, got {v!r}", param="canvas_constraints")
+            pins[int(k)] = v
+    if template is not None and (not isinstance(template, str) or not template):
+        raise APIError("canvas_template must be a non-empty string", param="canvas_template")
+    if hole is None:
+        hole = "_"
+    if not isinstance(hole, str) or not hole:
+        raise APIError("canvas_hole must be a non-empty string", param="canvas_hole")
+    return pins, template, hole
 
 
 def _text_content(content: Any, i: int) -> str:

@@ -1,0 +1,163 @@
+"""A small DiffusionGemma trained here to solve Sudoku, and the tools around it.
+
+    from mlx_dgemma.sudoku import solve
+    solve("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79")
+
+The model sees the puzzle in its prompt and fills one 88-token canvas (81 cells, the
+end-of-turn token, fill) by block diffusion, with the givens pinned in the canvas (canvas
+constraints), so it only ever chooses the blanks. ``python -m mlx_dgemma.sudoku PUZZLE``
+draws the grid (``--show-drafts``: redrawn at every denoising step).
+
+Modules: ``grid`` (parsing, checks, drawing), ``solver`` (a classical solver), ``rater``
+(human-style difficulty), ``generator`` (puzzles), ``recipe`` (tokenizer, template,
+architecture), ``data`` (training and held-out sets), ``train`` (the one rebuild command).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+from .grid import SudokuInputError, draw, givens, is_solution, parse
+from .rater import rate
+
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+_LOADED: Dict[str, tuple] = {}
+
+
+def model_path() -> Path:
+    """The shipped model folder (package data)."""
+    if not (MODEL_DIR / "config.json").is_file():
+        from ..config import ConfigError
+
+        raise ConfigError(f"{MODEL_DIR}: the sudoku model is not built here; "
+                          "`python -m mlx_dgemma.sudoku.train` rebuilds it")
+    return MODEL_DIR
+
+
+def load_model(model: Union[str, Path, tuple] = "sudoku"):
+    """``(model, tokenizer)``: a loaded pair as is, else loaded once per path and kept."""
+    if isinstance(model, tuple):
+        return model
+    from ..loader import load
+
+    key = str(model)
+    if key not in _LOADED:
+        _LOADED[key] = load(model)
+    return _LOADED[key]
+
+
+def constraints_for(puzzle: str, tokenizer) -> Dict[int, int]:
+    """Canvas constraints of a puzzle: its givens, then ``<turn|>`` after the 81st cell, then
+    the fill the training data puts after it."""
+    from .recipe import CANVAS_LENGTH, TURN_CLOSE, FILL
+
+    vocab = tokenizer.get_vocab()
+    pins = {i: vocab[ch] for i, ch in enumerate(puzzle) if ch in "123456789"}
+    pins[81] = TURN_CLOSE
+    for i in range(82, CANVAS_LENGTH):
+        pins[i] = FILL
+    return pins
+
+
+def _grid_of(tokens: Sequence[int], tokenizer) -> str:
+    """The first 81 canvas tokens as a grid; anything but a digit becomes ``0``."""
+    names = {v: k for k, v in tokenizer.get_vocab().items()}
+    cells = (names.get(int(t), "") for t in tokens[:81])
+    return "".join(c if len(c) == 1 and c in "123456789" else "0" for c in cells)
+
+
+class Solved(NamedTuple):
+    """One puzzle's outcome (``solve_details``)."""
+
+    grid: str  # the model's 81 cells ("0" where it wrote no digit)
+    solved: bool  # every cell right: givens kept, each unit 1-9 once
+    passes: int  # decoder passes (denoising steps) the canvas took
+    tokens_per_forward: float  # the reference's formula: non-pad canvas tokens / passes
+    cells_per_forward: float  # blanks filled / passes
+
+
+def solve_details(
+    puzzles: Sequence[str],
+    steps: Optional[int] = None,
+    seed: int = 0,
+    *,
+    model: Union[str, Path, tuple] = "sudoku",
+    batch_size: int = 64,
+    on_draft=None,
+    pin: bool = True,
+    **sampler,
+) -> List[Solved]:
+    """:func:`solve` with the counts: one :class:`Solved` per puzzle. ``pin=False`` leaves
+    the canvas unconstrained (the puzzle only in the prompt: the reference's own loop)."""
+    grids = [parse(p, what=f"puzzle {k + 1}") for k, p in enumerate(puzzles)]
+    if not grids:
+        return []
+    from ..chat import encode_prompt
+    from ..generate import GenerateInputError, generate_blocks, generation_defaults, make_settings, resolve_ids
+    from .recipe import prompt_messages
+
+    mdl, tok = load_model(model)
+    try:
+        settings = make_settings(mdl, None, max_denoising_steps=steps, **sampler)
+    except TypeError as e:  # an unknown keyword
+        raise GenerateInputError(str(e)) from None
+    eos, pad = resolve_ids(mdl, generation_defaults(mdl))
+    out: List[Solved] = []
+    for start in range(0, len(grids), batch_size):
+        chunk = grids[start : start + batch_size]
+        prompts = [encode_prompt(tok, prompt_messages(g)) for g in chunk]
+        pins = [constraints_for(g, tok) for g in chunk] if pin else None
+        seeds = [seed + start + k for k in range(len(chunk))]
+
+        def show(d):
+            import numpy as np
+
+            on_draft([_grid_of(row, tok) for row in np.array(d.tokens)], d)
+
+        block = next(iter(generate_blocks(
+            mdl, prompts, settings=settings, max_tokens=mdl.args.canvas_length, seeds=seeds, eos_token_ids=eos,
+            pad_token_id=pad, constraints=pins, on_draft=show if on_draft is not None else None)))
+        for g, row, passes, tpf in zip(chunk, block.tokens, block.passes, block.tokens_per_forward):
+            cells = _grid_of(row, tok)
+            out.append(Solved(cells, is_solution(g, cells), int(passes), float(tpf),
+                              g.count("0") / max(int(passes), 1)))
+    return out
+
+
+def solve(
+    puzzles: Union[str, Sequence[str]],
+    steps: Optional[int] = None,
+    seed: int = 0,
+    *,
+    model: Union[str, Path, tuple] = "sudoku",
+    batch_size: int = 64,
+    on_draft=None,
+    **sampler,
+) -> Union[str, List[str]]:
+    """Solve puzzles with the Sudoku model.
+
+    ``puzzles``: one 81-character string (``0`` or ``.`` for blanks; whitespace ignored) or a
+    list of them; returns the model's 81-digit grid(s) in the same shape (a cell the model
+    left without a digit comes back as ``0``; ``is_solution(puzzle, grid)`` checks a grid).
+    ``steps``: denoising steps at most (default: the model's generation_config). ``seed``:
+    puzzle ``i`` of the call uses seed ``seed + i``. ``model``: ``"sudoku"`` (the shipped
+    model), a folder, or a loaded ``(model, tokenizer)`` pair. ``sampler``: further
+    overrides (``entropy_bound``, ``t_min``, ``t_max``, ``sampler``, ``threshold`` ...).
+    ``on_draft(row_grids, draft)`` is called after every denoising step. Puzzles are
+    denoised ``batch_size`` at a time.
+
+    Bad input raises :class:`SudokuInputError` with a one-line message (wrong length, a
+    character other than 1-9 / 0 / ``.``, givens that break the rules).
+    """
+    single = isinstance(puzzles, str)
+    if single:
+        parse(puzzles)  # errors name "puzzle", not "puzzle 1"
+    items = [puzzles] if single else list(puzzles)
+    res = solve_details(items, steps, seed, model=model, batch_size=batch_size, on_draft=on_draft, **sampler)
+    grids = [r.grid for r in res]
+    return grids[0] if single else grids
+
+
+__all__ = ["MODEL_DIR", "Solved", "SudokuInputError", "draw", "givens", "is_solution", "load_model", "model_path",
+           "parse", "rate", "solve", "solve_details"]

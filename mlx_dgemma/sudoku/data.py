@@ -1,0 +1,151 @@
+"""Training data and the held-out evaluation sets.
+
+    python -m mlx_dgemma.sudoku.data --out DIR [--train N] [--valid N] [--base-easy N] [--base-medium N]
+    python -m mlx_dgemma.sudoku.data --heldout DIR
+
+Training (``train.jsonl`` / ``valid.jsonl`` in the trainer's chat format: a user turn with
+the puzzle, the assistant's reply the 81 digits of the solution): base puzzles made by
+``generator.puzzle`` with ``source="search"`` and ``order="random"``, easy and medium,
+then each training line a random symmetry of a base puzzle (``generator.transform``), so
+lines rarely repeat even when the base set is small.
+
+Held-out (``heldout_easy.txt`` / ``heldout_medium.txt``, one ``puzzle solution`` pair a
+line): ``source="seeded"``, ``order="symmetric"``, other seeds: grids, removal order and
+randomness the training never saw; easy = singles alone, 25-35 givens; medium = rated
+medium by the human-style solver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import generator
+from .rater import EASY, MEDIUM
+from .recipe import prompt_messages
+
+Pair = Tuple[str, str]
+
+# (level, givens range, seed namespace); the held-out sets use other namespaces.
+TRAIN_EASY = (EASY, (24, 36))
+TRAIN_MEDIUM = (MEDIUM, (22, 32))
+HELDOUT_EASY = (EASY, (25, 35))
+HELDOUT_MEDIUM = (MEDIUM, (22, 35))
+TRAIN_SEED, VALID_SEED, HELDOUT_SEED = 1_000, 2_000, 9_000
+
+
+def _make(job) -> List[Pair]:
+    level, givens_range, source, order, seed, n = job
+    rnd = random.Random(seed)
+    return list(generator.puzzles(rnd, n, level, givens_range=givens_range, source=source, order=order))
+
+
+def make_puzzles(level_range, n: int, source: str, order: str, seed: int, workers: int = 1,
+                 chunk: int = 50) -> List[Pair]:
+    """``n`` puzzles in chunks of ``chunk`` (each chunk seeded ``seed + k``: the result does
+    not depend on ``workers``)."""
+    level, givens_range = level_range
+    jobs = [(level, givens_range, source, order, seed + k, min(chunk, n - k * chunk))
+            for k in range((n + chunk - 1) // chunk)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as ex:
+            parts = list(ex.map(_make, jobs))
+    else:
+        parts = [_make(j) for j in jobs]
+    return [p for part in parts for p in part]
+
+
+def chat_line(puzzle: str, solution: str) -> str:
+    return json.dumps({"messages": prompt_messages(puzzle, solution)})
+
+
+def augment(base: Sequence[Pair], n: int, seed: int) -> List[Pair]:
+    """``n`` pairs, each a random symmetry of a base pair (cycling through the base set)."""
+    rnd = random.Random(seed)
+    order = list(range(len(base)))
+    out = []
+    while len(out) < n:
+        rnd.shuffle(order)
+        for i in order[: n - len(out)]:
+            out.append(generator.transform(*base[i], rnd))
+    return out
+
+
+def _write_atomic(path: Path, lines: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private
+    os.replace(tmp, path)
+
+
+def write_training_data(out: Path, train: int, valid: int, base_easy: int, base_medium: int,
+                        medium_share: float = 0.25, workers: int = 1, log=print) -> Dict[str, object]:
+    """train.jsonl / valid.jsonl under ``out``; returns what was made (for the record)."""
+    t0 = time.perf_counter()
+    easy = make_puzzles(TRAIN_EASY, base_easy, "search", "random", TRAIN_SEED, workers)
+    log(f"  {len(easy)} easy base puzzles ({time.perf_counter() - t0:.0f} s)")
+    t1 = time.perf_counter()
+    medium = make_puzzles(TRAIN_MEDIUM, base_medium, "search", "random", TRAIN_SEED + 500_000, workers)
+    log(f"  {len(medium)} medium base puzzles ({time.perf_counter() - t1:.0f} s)")
+    n_med = int(round(train * medium_share)) if medium else 0
+    pairs = augment(easy, train - n_med, TRAIN_SEED) + augment(medium, n_med, TRAIN_SEED + 1)
+    random.Random(TRAIN_SEED + 2).shuffle(pairs)
+    val_easy = make_puzzles(TRAIN_EASY, valid, "search", "random", VALID_SEED, workers)
+    _write_atomic(out / "train.jsonl", [chat_line(*p) for p in pairs])
+    _write_atomic(out / "valid.jsonl", [chat_line(*p) for p in val_easy])
+    return dict(train=len(pairs), valid=len(val_easy), base_easy=len(easy), base_medium=len(medium),
+                medium_share=medium_share, seconds=round(time.perf_counter() - t0, 1))
+
+
+def write_heldout(out: Path, easy: int = 300, medium: int = 200, workers: int = 1) -> None:
+    for name, lr, n, seed in (("easy", HELDOUT_EASY, easy, HELDOUT_SEED), ("medium", HELDOUT_MEDIUM, medium,
+                                                                            HELDOUT_SEED + 500_000)):
+        pairs = make_puzzles(lr, n, "seeded", "symmetric", seed, workers)
+        _write_atomic(out / f"heldout_{name}.txt", [f"{p} {s}" for p, s in pairs])
+
+
+def read_pairs(path: Path, limit: Optional[int] = None) -> List[Pair]:
+    pairs = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            p, s = line.split()
+            pairs.append((p, s))
+    return pairs[:limit] if limit else pairs
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mlx_dgemma.sudoku.data", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="write train.jsonl and valid.jsonl here")
+    ap.add_argument("--heldout", type=Path, help="write heldout_easy.txt and heldout_medium.txt here")
+    ap.add_argument("--train", type=int, default=100_000)
+    ap.add_argument("--valid", type=int, default=256)
+    ap.add_argument("--base-easy", type=int, default=4000)
+    ap.add_argument("--base-medium", type=int, default=1000)
+    ap.add_argument("--medium-share", type=float, default=0.25)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args(argv)
+    if not args.out and not args.heldout:
+        ap.error("give --out or --heldout")
+    if args.out:
+        info = write_training_data(args.out, args.train, args.valid, args.base_easy, args.base_medium,
+                                   args.medium_share, args.workers)
+        print(json.dumps(info))
+    if args.heldout:
+        write_heldout(args.heldout, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

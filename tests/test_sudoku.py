@@ -1,0 +1,144 @@
+"""The Sudoku package: parsing and checks, the classical solver, the human-style rater,
+the generators, the data format, the tokenizer and chat template, the command line, and
+the shipped model (solve rate on a fixed set of held-out easy puzzles, pinned givens,
+load by name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlx_dgemma.sudoku import SudokuInputError, generator, grid, rater, recipe, solver
+from mlx_dgemma.sudoku.data import chat_line, read_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+HELDOUT_EASY = ROOT / "benchmarks" / "sudoku" / "heldout_easy.txt"
+EXAMPLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+EXAMPLE_SOLUTION = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
+# Arto Inkala's "world's hardest" puzzle: needs search
+HARD = "800000000003600000070090200050007000000045700000100030001000068008500010090000400"
+
+
+# --- grid ----------------------------------------------------------------------------------
+
+
+def test_parse_normalises_blanks_and_whitespace():
+    g = grid.parse(EXAMPLE)
+    assert len(g) == 81 and "." not in g and g.count("0") == EXAMPLE.count(".")
+    spaced = "\n".join(EXAMPLE[i:i + 9] for i in range(0, 81, 9))
+    assert grid.parse(spaced) == g
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("123", ["3 cells", "expected 81"]),
+    (EXAMPLE + "1", ["82 cells"]),
+    ("x" + EXAMPLE[1:], ["bad character 'x'", "cell 1"]),
+    (EXAMPLE[:40] + "a" + EXAMPLE[41:], ["bad character 'a'", "cell 41"]),
+    ("55" + "0" * 79, ["break the rules", "5 appears twice in row 1"]),
+    ("5" + "0" * 8 + "5" + "0" * 71, ["column 1"]),
+    ("5" + "0" * 9 + "5" + "0" * 70, ["box 1"]),
+    (None, ["must be a string"]),
+])
+def test_parse_errors_are_one_line(bad, words):
+    with pytest.raises(SudokuInputError) as e:
+        grid.parse(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_is_solution():
+    p = grid.parse(EXAMPLE)
+    assert grid.is_solution(p, EXAMPLE_SOLUTION)
+    swapped = EXAMPLE_SOLUTION[1] + EXAMPLE_SOLUTION[0] + EXAMPLE_SOLUTION[2:]
+    assert not grid.is_solution(p, swapped)  # a given changed
+    assert not grid.is_solution("0" * 81, EXAMPLE_SOLUTION[:80] + "0")
+    bad_col = "123456789" * 9  # rows fine, columns not
+    assert not grid.is_solution("0" * 81, bad_col)
+
+
+# --- solver and rater ----------------------------------------------------------------------------
+
+
+def test_solver_and_counting():
+    assert solver.solve(grid.parse(EXAMPLE)) == EXAMPLE_SOLUTION
+    sol = solver.solve(HARD)
+    assert grid.is_solution(HARD, sol) and solver.count_solutions(HARD) == 1
+    assert solver.count_solutions("0" * 81, limit=5) == 5
+    blank_row = "0" * 9 + EXAMPLE_SOLUTION[9:]  # one row missing: still one solution
+    assert solver.count_solutions(blank_row) == 1 and solver.solve(blank_row) == EXAMPLE_SOLUTION
+    assert solver.solve("11" + "0" * 79) is None
+
+
+def test_rater_levels():
+    assert rater.rate(grid.parse(EXAMPLE)) == ("easy", EXAMPLE_SOLUTION)
+    assert rater.rate(HARD) == ("hard", None)
+    assert rater.singles_solvable(grid.parse(EXAMPLE)) and not rater.singles_solvable(HARD)
+
+
+def test_rater_medium_needs_more_than_singles():
+    rnd = random.Random(5)
+    p, s = generator.puzzle(rnd, "medium", givens_range=(22, 32))
+    level, sol = rater.rate(p)
+    assert level == "medium" and sol == s and not rater.singles_solvable(p)
+
+
+# --- generators ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source, order", [("search", "random"), ("seeded", "symmetric")])
+def test_generated_easy_puzzles(source, order):
+    rnd = random.Random(1)
+    for p, s in generator.puzzles(rnd, 4, "easy", givens_range=(25, 35), source=source, order=order):
+        assert 25 <= grid.givens(p) <= 35
+        assert grid.is_solution(p, s) and solver.count_solutions(p) == 1
+        assert rater.rate(p) == ("easy", s)
+        if order == "symmetric":
+            assert all((p[i] == "0") == (p[80 - i] == "0") for i in range(81))
+
+
+def test_transform_keeps_difficulty_and_validity():
+    rnd = random.Random(2)
+    p, s = generator.puzzle(rnd, "easy")
+    seen = set()
+    for _ in range(5):
+        p2, s2 = generator.transform(p, s, rnd)
+        assert grid.is_solution(p2, s2) and rater.rate(p2) == ("easy", s2) and grid.givens(p2) == grid.givens(p)
+        seen.add(p2)
+    assert len(seen) == 5
+
+
+def test_heldout_sets_are_rated_and_unseen_by_training_procedure():
+    pairs = read_pairs(HELDOUT_EASY)
+    assert len(pairs) >= 100
+    for p, s in pairs[:40]:
+        assert 25 <= grid.givens(p) <= 35 and rater.rate(p) == ("easy", s)
+        assert all((p[i] == "0") == (p[80 - i] == "0") for i in range(81))  # the held-out removal order
+
+
+# --- data format, tokenizer, template --------------------------------------------------------------
+
+
+def test_chat_line_tokenizes_to_prompt_and_reply(tmp_path):
+    from mlx_lm.tokenizer_utils import load as load_tok
+
+    recipe.write_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(recipe.CHAT_TEMPLATE)
+    tok = load_tok(tmp_path)
+    msgs = json.loads(chat_line(grid.parse(EXAMPLE), EXAMPLE_SOLUTION))["messages"]
+    prompt = tok.apply_chat_template(msgs[:1], add_generation_prompt=True)
+    full = tok.apply_chat_template(msgs)
+    assert full[: len(prompt)] == prompt and len(prompt) == 89
+    reply = full[len(prompt):]
+    assert len(reply) == 82 and reply[-1] == recipe.TURN_CLOSE == tok.eos_token_id
+    assert tok.decode(reply[:81]) == EXAMPLE_SOLUTION
+    assert tok.decode(prompt[4:85]) == EXAMPLE  # the puzzle, one token per cell, "." blanks
+    assert recipe.CANVAS_LENGTH >= len(reply) and recipe.CANVAS_LENGTH % 8 == 0
+    v = recipe.vocabulary()
+    assert len(v) == recipe.VOCAB_SIZE and len(set(v.values())) == recipe.VOCAB_SIZE
