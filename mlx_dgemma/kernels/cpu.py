@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..sampling import StepSample
+from ._launch import check_shapes
 
 NAME = "cpu"
 
@@ -150,11 +151,7 @@ def make_sample_step(with_probs: bool = True):
         _log_checked = True
 
     def sample_step(logits: mx.array, temp: Union[float, mx.array], keys: mx.array) -> StepSample:
-        if logits.ndim != 3 or keys.shape != logits.shape[:2]:
-            raise ValueError(
-                f"sample_step: expected logits [B, L, V] and keys [B, L], got "
-                f"{tuple(logits.shape)} and {tuple(keys.shape)}"
-            )
+        check_shapes(logits, keys)
         B, L, V = logits.shape
         rows = B * L
         # zero-copy views of the evaluated arrays when they are contiguous
