@@ -18,8 +18,10 @@ mask, and each row's canvas positions start at its own ``cache.offset``.
 
 Speed switches (attributes of Model; outputs agree within float rounding; defaults per
 backend, see benchmarks/README.md): ``compile_decoder`` (GPUs), ``expert_dispatch``
-("gather" | "grouped": CPU with large experts), ``numpy_softcap`` (CPU),
-``merge_prefix`` (off), ``prefill_chunk`` (512 tokens per encoder pass).
+("gather": GPUs | "cpu": the C kernel, CPU | "grouped": CPU without it, quantized
+experts), ``encoder_expert_dispatch`` (None: the same), ``cpu_attention`` (CPU, the C
+kernel), ``dequantize_matmuls`` (CPU), ``numpy_softcap`` (CPU; the C softcap where
+built), ``merge_prefix`` (off), ``prefill_chunk`` (512 tokens per encoder pass).
 
 The module tree mirrors the checkpoint's key names (``model.decoder.…``) so that the
 on-disk layout of mlx-community's conversions loads with only the expert split in
