@@ -545,10 +545,61 @@ DG_TARGET static void geglu_avx2(const float* g, const float* u, float* a, Py_ss
 #endif
 static void (*geglu)(const float*, const float*, float*, Py_ssize_t) = geglu_c;
 
+typedef void (*set_threads_fn)(int);
+typedef int (*get_threads_fn)(void);
+static set_threads_fn dg_blas_set_threads = NULL; /* OpenBLAS's, when it is the BLAS */
+static get_threads_fn dg_blas_get_threads = NULL;
+
+typedef struct {
+  const float *x, *Wg, *Wu, *Wd;
+  const Py_ssize_t *start, *order;
+  Py_ssize_t K, E, H, I, maxc;
+  float* D; /* [pairs, H]: each pair's expert output, by pair index */
+  Py_ssize_t* next; /* the next expert to take (shared) */
+  int failed;
+} MoeJob;
+
+/* Experts taken one at a time from a shared counter; each writes only its own pairs' rows
+   of D, so the threads never touch the same memory. */
+static void* moe_worker(void* arg) {
+  MoeJob* j = (MoeJob*)arg;
+  const Py_ssize_t H = j->H, I = j->I, K = j->K;
+  float* buf = (float*)malloc(sizeof(float) * (size_t)(j->maxc * (H + 3 * I) + 1));
+  if (!buf) {
+    j->failed = 1;
+    return NULL;
+  }
+  float* xe = buf;              /* rows x H */
+  float* ge = xe + j->maxc * H; /* rows x I */
+  float* ue = ge + j->maxc * I;
+  float* ae = ue + j->maxc * I;
+  float* de = xe; /* rows x H: x rows are not needed after the first two GEMMs */
+  for (;;) {
+    const Py_ssize_t e = __atomic_fetch_add(j->next, 1, __ATOMIC_RELAXED);
+    if (e >= j->E) break;
+    const Py_ssize_t c = j->start[e + 1] - j->start[e];
+    if (c == 0) continue;
+    const Py_ssize_t* pe = j->order + j->start[e];
+    for (Py_ssize_t r = 0; r < c; r++) memcpy(xe + r * H, j->x + (pe[r] / K) * H, sizeof(float) * (size_t)H);
+    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c, (int)I, (int)H, 1.0f, xe, (int)H, j->Wg + e * I * H,
+             (int)H, 0.0f, ge, (int)I);
+    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c, (int)I, (int)H, 1.0f, xe, (int)H, j->Wu + e * I * H,
+             (int)H, 0.0f, ue, (int)I);
+    geglu(ge, ue, ae, c * I);
+    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c, (int)H, (int)I, 1.0f, ae, (int)I, j->Wd + e * H * I,
+             (int)I, 0.0f, de, (int)H);
+    for (Py_ssize_t r = 0; r < c; r++) memcpy(j->D + pe[r] * H, de + r * H, sizeof(float) * (size_t)H);
+  }
+  free(buf);
+  return NULL;
+}
+
 static PyObject* moe(PyObject* self, PyObject* args) {
   PyObject *o_x, *o_idx, *o_w, *o_g, *o_u, *o_d, *o_out;
   Py_ssize_t N, K, E, H, I;
-  if (!PyArg_ParseTuple(args, "OOOOOOOnnnnn", &o_x, &o_idx, &o_w, &o_g, &o_u, &o_d, &o_out, &N, &K, &E, &H, &I))
+  int threads = 1;
+  if (!PyArg_ParseTuple(args, "OOOOOOOnnnnn|i", &o_x, &o_idx, &o_w, &o_g, &o_u, &o_d, &o_out, &N, &K, &E, &H, &I,
+                        &threads))
     return NULL;
   if (!dg_sgemm) return PyErr_Format(PyExc_RuntimeError, "moe: no cblas_sgemm in the process");
   if (N < 0 || K < 1 || E < 1 || H < 1 || I < 1) return PyErr_Format(PyExc_ValueError, "moe: bad shapes");
@@ -563,69 +614,77 @@ static PyObject* moe(PyObject* self, PyObject* args) {
     for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
     return NULL;
   }
-  const float* x = (const float*)b[0].buf;
   const int32_t* idx = (const int32_t*)b[1].buf;
   const float* w = (const float*)b[2].buf;
-  const float *Wg = (const float*)b[3].buf, *Wu = (const float*)b[4].buf, *Wd = (const float*)b[5].buf;
   float* y = (float*)b[6].buf;
   const Py_ssize_t P = N * K;
   Py_ssize_t* start = (Py_ssize_t*)calloc((size_t)E + 1, sizeof(Py_ssize_t));
   Py_ssize_t* order = (Py_ssize_t*)malloc(sizeof(Py_ssize_t) * (size_t)(P > 0 ? P : 1));
+  float* D = (float*)malloc(sizeof(float) * (size_t)(P * H + 1));
   Py_ssize_t maxc = 0;
   int bad_index = 0;
-  for (Py_ssize_t p = 0; p < P; p++) {
+  for (Py_ssize_t p = 0; p < P; p++)
     if (idx[p] < 0 || idx[p] >= E) bad_index = 1;
-  }
-  float* buf = NULL;
-  if (start && order && !bad_index) {
-    for (Py_ssize_t p = 0; p < P; p++) start[idx[p] + 1]++;
-    for (Py_ssize_t e = 0; e < E; e++) {
-      maxc = start[e + 1] > maxc ? start[e + 1] : maxc;
-      start[e + 1] += start[e];
-    }
-    buf = (float*)malloc(sizeof(float) * (size_t)(maxc * (H + 3 * I + H) + 1));
-  }
-  if (!start || !order || !buf || bad_index) {
-    free(start), free(order), free(buf);
+  if (!start || !order || !D || bad_index) {
+    free(start), free(order), free(D);
     for (int i = 0; i < 7; i++) PyBuffer_Release(&b[i]);
     if (bad_index) return PyErr_Format(PyExc_ValueError, "moe: an expert index is out of range");
     return PyErr_NoMemory();
   }
+  for (Py_ssize_t p = 0; p < P; p++) start[idx[p] + 1]++;
+  for (Py_ssize_t e = 0; e < E; e++) {
+    maxc = start[e + 1] > maxc ? start[e + 1] : maxc;
+    start[e + 1] += start[e];
+  }
+  int failed = 0;
   Py_BEGIN_ALLOW_THREADS;
   {
     Py_ssize_t* fill = (Py_ssize_t*)malloc(sizeof(Py_ssize_t) * (size_t)E);
-    memcpy(fill, start, sizeof(Py_ssize_t) * (size_t)E);
-    for (Py_ssize_t p = 0; p < P; p++) order[fill[idx[p]]++] = p;
-    free(fill);
+    if (fill) {
+      memcpy(fill, start, sizeof(Py_ssize_t) * (size_t)E);
+      for (Py_ssize_t p = 0; p < P; p++) order[fill[idx[p]]++] = p;
+      free(fill);
+    } else {
+      failed = 1;
+    }
   }
-  memset(y, 0, sizeof(float) * (size_t)(N * H));
-  float* xe = buf;            /* rows x H */
-  float* ge = xe + maxc * H;  /* rows x I */
-  float* ue = ge + maxc * I;  /* rows x I */
-  float* ae = ue + maxc * I;  /* rows x I */
-  float* de = ae + maxc * I;  /* rows x H */
-  for (Py_ssize_t e = 0; e < E; e++) {
-    const Py_ssize_t c = start[e + 1] - start[e];
-    if (c == 0) continue;
-    const Py_ssize_t* pe = order + start[e];
-    for (Py_ssize_t r = 0; r < c; r++) memcpy(xe + r * H, x + (pe[r] / K) * H, sizeof(float) * (size_t)H);
-    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c, (int)I, (int)H, 1.0f, xe, (int)H, Wg + e * I * H,
-             (int)H, 0.0f, ge, (int)I);
-    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c, (int)I, (int)H, 1.0f, xe, (int)H, Wu + e * I * H,
-             (int)H, 0.0f, ue, (int)I);
-    geglu(ge, ue, ae, c * I);
-    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c, (int)H, (int)I, 1.0f, ae, (int)I, Wd + e * H * I,
-             (int)I, 0.0f, de, (int)H);
-    for (Py_ssize_t r = 0; r < c; r++) {
-      const float wr = w[pe[r]];
-      float* yr = y + (pe[r] / K) * H;
-      const float* dr = de + r * H;
-      for (Py_ssize_t j = 0; j < H; j++) yr[j] += wr * dr[j];
+  /* Small per-expert GEMMs: threads over experts with a single-threaded BLAS beat the
+     BLAS threading inside each. Only with OpenBLAS, whose thread count can be set. */
+  if (threads > 64) threads = 64;
+  if (threads < 1 || !dg_blas_set_threads || !dg_blas_get_threads) threads = 1;
+  Py_ssize_t next = 0;
+  MoeJob jobs[64];
+  pthread_t tids[64];
+  char started[64] = {0};
+  const int blas_threads = dg_blas_get_threads ? dg_blas_get_threads() : 0;
+  if (!failed) {
+    if (threads > 1) dg_blas_set_threads(1);
+    for (int i = 0; i < threads; i++) {
+      jobs[i] = (MoeJob){(const float*)b[0].buf, (const float*)b[3].buf, (const float*)b[4].buf,
+                         (const float*)b[5].buf, start, order, K, E, H, I, maxc, D, &next, 0};
+      if (i > 0) started[i] = pthread_create(&tids[i], NULL, moe_worker, &jobs[i]) == 0;
+    }
+    moe_worker(&jobs[0]);
+    for (int i = 1; i < threads; i++)
+      if (started[i]) pthread_join(tids[i], NULL);
+    for (int i = 0; i < threads; i++) failed |= jobs[i].failed;
+    if (threads > 1) dg_blas_set_threads(blas_threads);
+  }
+  if (!failed) { /* y[n] = sum_k w[n, k] D[n, k], in k order whatever the threads did */
+    for (Py_ssize_t n = 0; n < N; n++) {
+      float* yr = y + n * H;
+      for (Py_ssize_t j = 0; j < H; j++) yr[j] = 0.0f;
+      for (Py_ssize_t k = 0; k < K; k++) {
+        const float wr = w[n * K + k];
+        const float* dr = D + (n * K + k) * H;
+        for (Py_ssize_t j = 0; j < H; j++) yr[j] += wr * dr[j];
+      }
     }
   }
   Py_END_ALLOW_THREADS;
-  free(start), free(order), free(buf);
+  free(start), free(order), free(D);
   for (int i = 0; i < 7; i++) PyBuffer_Release(&b[i]);
+  if (failed) return PyErr_NoMemory();
   Py_RETURN_NONE;
 }
 
@@ -721,6 +780,8 @@ static PyObject* softcap(PyObject* self, PyObject* args) {
    LD_PRELOAD); returns whether attention() can run. */
 static PyObject* find_sgemm(PyObject* self, PyObject* noargs) {
   dg_sgemm = (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm");
+  dg_blas_set_threads = (set_threads_fn)dlsym(RTLD_DEFAULT, "openblas_set_num_threads");
+  dg_blas_get_threads = (get_threads_fn)dlsym(RTLD_DEFAULT, "openblas_get_num_threads");
   return PyBool_FromLong(dg_sgemm != NULL);
 }
 
@@ -873,7 +934,7 @@ static PyMethodDef methods[] = {
     {"attention", attention, METH_VARARGS,
      "attention(q, k, v, out, B, Hq, Hkv, L, S, D, Dv, Bk, scale, causal, q_pos0, k_pos0, window, key_mask|None, "
      "block_rows, threads)"},
-    {"moe", moe, METH_VARARGS, "moe(x, indices, weights, gate, up, down, out, N, K, E, H, I)"},
+    {"moe", moe, METH_VARARGS, "moe(x, indices, weights, gate, up, down, out, N, K, E, H, I[, threads])"},
     {"geglu", geglu_py, METH_VARARGS, "geglu(gate, up, out, n) (for tests)"},
     {"softcap", softcap, METH_VARARGS, "softcap(x, y, n, cap, threads): y = tanh(x / cap) * cap"},
     {"find_sgemm", find_sgemm, METH_NOARGS, "Look up cblas_sgemm in the process; whether attention can run."},

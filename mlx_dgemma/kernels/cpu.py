@@ -118,7 +118,7 @@ def moe(glu, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
     w = np.ascontiguousarray(np.asarray(weights.astype(mx.float32)))
     out = np.empty((N, H), np.float32)
     # the weights are used in place (a copy per call would cost more than the GEMMs)
-    _cpu.moe(xn, idx, w, np.asarray(wg), np.asarray(wu), np.asarray(wd), out, N, K, E, H, I)
+    _cpu.moe(xn, idx, w, np.asarray(wg), np.asarray(wu), np.asarray(wd), out, N, K, E, H, I, threads())
     return mx.array(out).reshape(*lead, H)
 
 
