@@ -353,6 +353,10 @@ static double (*exp_pass)(const float*, float, float*, Py_ssize_t) = exp_pass_c;
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
                          int);
 static sgemm_fn dg_sgemm = NULL;
+typedef void (*set_threads_fn)(int);
+typedef int (*get_threads_fn)(void);
+static set_threads_fn dg_blas_set_threads = NULL; /* OpenBLAS's, when it is the BLAS */
+static get_threads_fn dg_blas_get_threads = NULL;
 enum { CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112 };
 
 typedef struct {
@@ -409,6 +413,87 @@ static void softmax_rows(float* S, Py_ssize_t rows, Py_ssize_t ld, const Py_ssiz
     if (started[i]) pthread_join(tids[i], NULL);
 }
 
+typedef struct {
+  const float *Q, *K, *V;
+  float* O;
+  const uint8_t* M;
+  Py_ssize_t B, Hq, Hkv, L, S, D, Dv, Bk, R, rows_all, block_rows, per_head, n_units;
+  float scale;
+  int causal;
+  Py_ssize_t q_pos0, k_pos0, window;
+  Py_ssize_t next; /* the next block to take (shared, atomic) */
+  int softmax_threads;
+} AttnShared;
+
+typedef struct {
+  AttnShared* sh;
+  int failed;
+} AttnJob;
+
+static void* attn_worker(void* arg) {
+  AttnJob* job = (AttnJob*)arg;
+  AttnShared* a = job->sh;
+  float* Sbuf = (float*)malloc(sizeof(float) * (size_t)(a->block_rows * a->S));
+  Py_ssize_t* lo = (Py_ssize_t*)malloc(sizeof(Py_ssize_t) * (size_t)a->block_rows * 2);
+  if (!Sbuf || !lo) {
+    free(Sbuf), free(lo);
+    job->failed = 1;
+    return NULL;
+  }
+  Py_ssize_t* hi = lo + a->block_rows;
+  const Py_ssize_t L = a->L, S = a->S, D = a->D, Dv = a->Dv, R = a->R;
+  for (;;) {
+    const Py_ssize_t u = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+    if (u >= a->n_units) break;
+    const Py_ssize_t bh = u / a->per_head, ub = u % a->per_head;
+    const Py_ssize_t b = bh / a->Hkv, h = bh % a->Hkv;
+    Py_ssize_t r0 = 0, n = 0; /* the ub-th block of this head's rows */
+    for (Py_ssize_t i = 0; i <= ub; i++) {
+      r0 += n;
+      n = a->rows_all - r0 < a->block_rows ? a->rows_all - r0 : a->block_rows;
+      if (a->causal && (r0 % L) + n > L) n = L - (r0 % L);
+    }
+    const float* Kh = a->K + ((b % a->Bk) * a->Hkv + h) * S * D;
+    const float* Vh = a->V + ((b % a->Bk) * a->Hkv + h) * S * Dv;
+    const float* Qh = a->Q + (b * a->Hq + h * R) * L * D; /* the R query heads of KV head h */
+    float* Oh = a->O + (b * a->Hq + h * R) * L * Dv;
+    const uint8_t* km = a->M ? a->M + b * S : NULL;
+    Py_ssize_t kmin = S, kmax = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+      Py_ssize_t lo_i = 0, hi_i = S;
+      if (a->causal) {
+        const Py_ssize_t qp = a->q_pos0 + (r0 + i) % L;
+        hi_i = qp - a->k_pos0 + 1;
+        hi_i = hi_i < 0 ? 0 : (hi_i > S ? S : hi_i);
+        if (a->window > 0) {
+          lo_i = qp - a->window + 1 - a->k_pos0;
+          lo_i = lo_i < 0 ? 0 : (lo_i > hi_i ? hi_i : lo_i);
+        }
+      }
+      lo[i] = lo_i;
+      hi[i] = hi_i;
+      kmin = lo_i < kmin ? lo_i : kmin;
+      kmax = hi_i > kmax ? hi_i : kmax;
+    }
+    if (kmax <= kmin) { /* no key visible to any row of the block */
+      memset(Oh + r0 * Dv, 0, sizeof(float) * (size_t)(n * Dv));
+      continue;
+    }
+    const Py_ssize_t nk = kmax - kmin;
+    for (Py_ssize_t i = 0; i < n; i++) {
+      lo[i] -= kmin;
+      hi[i] -= kmin;
+    }
+    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)nk, (int)D, a->scale, Qh + r0 * D, (int)D,
+             Kh + kmin * D, (int)D, 0.0f, Sbuf, (int)nk);
+    softmax_rows(Sbuf, n, nk, lo, hi, km ? km + kmin : NULL, a->softmax_threads);
+    dg_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)Dv, (int)nk, 1.0f, Sbuf, (int)nk,
+             Vh + kmin * Dv, (int)Dv, 0.0f, Oh + r0 * Dv, (int)Dv);
+  }
+  free(Sbuf), free(lo);
+  return NULL;
+}
+
 static PyObject* attention(PyObject* self, PyObject* args) {
   PyObject *o_q, *o_k, *o_v, *o_out, *o_kmask;
   Py_ssize_t B, Hq, Hkv, L, S, D, Dv, Bk, q_pos0, k_pos0, window, block_rows;
@@ -437,73 +522,43 @@ static PyObject* attention(PyObject* self, PyObject* args) {
   }
   const Py_ssize_t R = Hq / Hkv, rows_all = R * L;
   if (block_rows > rows_all) block_rows = rows_all;
-  float* Sbuf = (float*)malloc(sizeof(float) * (size_t)(block_rows * S));
-  Py_ssize_t* lo = (Py_ssize_t*)malloc(sizeof(Py_ssize_t) * (size_t)block_rows * 2);
-  if (!Sbuf || !lo) {
-    free(Sbuf);
-    free(lo);
-    PyBuffer_Release(&bq), PyBuffer_Release(&bk), PyBuffer_Release(&bv), PyBuffer_Release(&bo);
-    if (have_m) PyBuffer_Release(&bm);
-    return PyErr_NoMemory();
+  /* the blocks: query rows of one (batch row, KV head), a causal block within one head */
+  Py_ssize_t per_head = 0;
+  for (Py_ssize_t r0 = 0; r0 < rows_all; per_head++) {
+    Py_ssize_t n = rows_all - r0 < block_rows ? rows_all - r0 : block_rows;
+    if (causal && (r0 % L) + n > L) n = L - (r0 % L);
+    r0 += n;
   }
-  Py_ssize_t* hi = lo + block_rows;
-  const float* Q = (const float*)bq.buf;
-  const float* K = (const float*)bk.buf;
-  const float* V = (const float*)bv.buf;
-  float* O = (float*)bo.buf;
-  const uint8_t* M = have_m ? (const uint8_t*)bm.buf : NULL;
+  AttnShared sh = {(const float*)bq.buf, (const float*)bk.buf, (const float*)bv.buf, (float*)bo.buf,
+                   have_m ? (const uint8_t*)bm.buf : NULL, B, Hq, Hkv, L, S, D, Dv, Bk, R, rows_all, block_rows,
+                   per_head, per_head * B * Hkv, scale, causal, q_pos0, k_pos0, window, 0, threads};
+  /* Several blocks: threads over blocks, each with a single-threaded BLAS (OpenBLAS's
+     threads inside small GEMMs cost more than they give). One block: the BLAS threads
+     it and the softmax runs on `threads` threads. */
+  int workers = threads > 64 ? 64 : threads;
+  if (workers > sh.n_units) workers = (int)sh.n_units;
+  if (workers < 2 || !dg_blas_set_threads || !dg_blas_get_threads) workers = 1;
+  sh.softmax_threads = workers == 1 ? threads : 1;
+  AttnJob jobs[64];
+  pthread_t tids[64];
+  char started[64] = {0};
+  int failed = 0;
   Py_BEGIN_ALLOW_THREADS;
-  for (Py_ssize_t b = 0; b < B; b++) {
-    for (Py_ssize_t h = 0; h < Hkv; h++) {
-      const float* Kh = K + ((b % Bk) * Hkv + h) * S * D;
-      const float* Vh = V + ((b % Bk) * Hkv + h) * S * Dv;
-      const float* Qh = Q + (b * Hq + h * R) * L * D; /* the R query heads of KV head h: R * L rows */
-      float* Oh = O + (b * Hq + h * R) * L * Dv;
-      const uint8_t* km = M ? M + b * S : NULL;
-      for (Py_ssize_t r0 = 0; r0 < rows_all;) {
-        Py_ssize_t n = rows_all - r0 < block_rows ? rows_all - r0 : block_rows;
-        if (causal && (r0 % L) + n > L) n = L - (r0 % L); /* a causal block stays within one head */
-        Py_ssize_t kmin = S, kmax = 0;
-        for (Py_ssize_t i = 0; i < n; i++) {
-          Py_ssize_t a = 0, e = S;
-          if (causal) {
-            const Py_ssize_t qp = q_pos0 + (r0 + i) % L;
-            e = qp - k_pos0 + 1;
-            e = e < 0 ? 0 : (e > S ? S : e);
-            if (window > 0) {
-              a = qp - window + 1 - k_pos0;
-              a = a < 0 ? 0 : (a > e ? e : a);
-            }
-          }
-          lo[i] = a;
-          hi[i] = e;
-          kmin = a < kmin ? a : kmin;
-          kmax = e > kmax ? e : kmax;
-        }
-        if (kmax <= kmin) { /* no key visible to any row of the block */
-          memset(Oh + r0 * Dv, 0, sizeof(float) * (size_t)(n * Dv));
-          r0 += n;
-          continue;
-        }
-        const Py_ssize_t nk = kmax - kmin;
-        for (Py_ssize_t i = 0; i < n; i++) {
-          lo[i] -= kmin;
-          hi[i] -= kmin;
-        }
-        dg_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)nk, (int)D, scale, Qh + r0 * D, (int)D,
-                 Kh + kmin * D, (int)D, 0.0f, Sbuf, (int)nk);
-        softmax_rows(Sbuf, n, nk, lo, hi, km ? km + kmin : NULL, threads);
-        dg_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)Dv, (int)nk, 1.0f, Sbuf, (int)nk,
-                 Vh + kmin * Dv, (int)Dv, 0.0f, Oh + r0 * Dv, (int)Dv);
-        r0 += n;
-      }
-    }
+  const int blas_threads = workers > 1 ? dg_blas_get_threads() : 0;
+  if (workers > 1) dg_blas_set_threads(1);
+  for (int i = 0; i < workers; i++) {
+    jobs[i] = (AttnJob){&sh, 0};
+    if (i > 0) started[i] = pthread_create(&tids[i], NULL, attn_worker, &jobs[i]) == 0;
   }
+  attn_worker(&jobs[0]);
+  for (int i = 1; i < workers; i++)
+    if (started[i]) pthread_join(tids[i], NULL);
+  for (int i = 0; i < workers; i++) failed |= jobs[i].failed;
+  if (workers > 1) dg_blas_set_threads(blas_threads);
   Py_END_ALLOW_THREADS;
-  free(Sbuf);
-  free(lo);
   PyBuffer_Release(&bq), PyBuffer_Release(&bk), PyBuffer_Release(&bv), PyBuffer_Release(&bo);
   if (have_m) PyBuffer_Release(&bm);
+  if (failed) return PyErr_NoMemory();
   Py_RETURN_NONE;
 }
 
@@ -545,10 +600,6 @@ DG_TARGET static void geglu_avx2(const float* g, const float* u, float* a, Py_ss
 #endif
 static void (*geglu)(const float*, const float*, float*, Py_ssize_t) = geglu_c;
 
-typedef void (*set_threads_fn)(int);
-typedef int (*get_threads_fn)(void);
-static set_threads_fn dg_blas_set_threads = NULL; /* OpenBLAS's, when it is the BLAS */
-static get_threads_fn dg_blas_get_threads = NULL;
 
 typedef struct {
   const float *x, *Wg, *Wu, *Wd;
