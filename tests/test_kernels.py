@@ -718,11 +718,26 @@ def _inverse_mix32(h: int) -> int:
     return x ^ (x >> 16)
 
 
+@pytest.fixture(params=["vector", "portable"])
+def cpu_passes(request):
+    """Both builds of the passes: AVX2 (where the CPU has it) and the portable C."""
+    from mlx_dgemma.kernels import _cpu
+
+    _cpu.use_vector(request.param == "vector")
+    if request.param == "vector":
+        _cpu.check_log()  # the vectorised noise, where it equals logf
+    assert _cpu.info()["vector_noise"] == (request.param == "vector" and _cpu.info()["avx2"])
+    yield request.param
+    _cpu.use_vector(True)
+    _cpu.check_log()
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("V", [7, 8, 3001, 4096 + 513])
-def test_cpu_kernel_draws_the_mlx_paths_tokens(V):
+def test_cpu_kernel_draws_the_mlx_paths_tokens(V, cpu_passes):
     """Same sampled and argmax tokens as sample_step_mlx, bit for bit (no near-tie excuse):
-    tails of every length, peaked rows, exact ties, -inf masks, several rows and threads."""
+    tails of every length, peaked rows, exact ties, -inf masks, several rows and threads;
+    with the AVX2 passes and with the portable C ones."""
     fn = cpu.make_sample_step()
     B, L = 3, 7
     x = random_logits((B, L, V), seed=V)

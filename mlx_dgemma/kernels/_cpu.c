@@ -978,6 +978,35 @@ static PyObject* exp_(PyObject* self, PyObject* args) {
   return PyFloat_FromDouble(dg_exp(x));
 }
 
+/* Selects the portable C passes or, where the CPU has AVX2 and FMA, the vectorised ones
+   (the vectorised noise needs check_log() as well). */
+static void select_passes(int avx2) {
+  scale_max = scale_max_c, sums = sums_c, probs_pass = probs_c, exp_pass = exp_pass_c;
+  geglu = geglu_c, softcap_pass = softcap_c, noisy = noisy_c;
+  dg_avx2 = 0;
+#ifdef DG_AVX2
+  if (avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    dg_avx2 = 1;
+    scale_max = scale_max_avx2;
+    sums = sums_avx2;
+    probs_pass = probs_avx2;
+    exp_pass = exp_pass_avx2;
+    geglu = geglu_avx2;
+    softcap_pass = softcap_avx2;
+  }
+#else
+  (void)avx2;
+#endif
+}
+
+/* For tests: use_vector(False) runs the portable C passes, use_vector(True) the fastest. */
+static PyObject* use_vector(PyObject* self, PyObject* args) {
+  int on;
+  if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+  select_passes(on);
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"sample_step", sample_step, METH_VARARGS,
      "sample_step(logits, temp, keys, rows, V, sampled, argmax, entropy, lse, probs|None, threads)"},
@@ -989,6 +1018,7 @@ static PyMethodDef methods[] = {
     {"geglu", geglu_py, METH_VARARGS, "geglu(gate, up, out, n) (for tests)"},
     {"softcap", softcap, METH_VARARGS, "softcap(x, y, n, cap, threads): y = tanh(x / cap) * cap"},
     {"find_sgemm", find_sgemm, METH_NOARGS, "Look up cblas_sgemm in the process; whether attention can run."},
+    {"use_vector", use_vector, METH_VARARGS, "use_vector(on): the AVX2 passes (where the CPU has them) or portable C"},
     {"info", info, METH_NOARGS, "Which passes are in use: {'avx2': bool, 'vector_noise': bool}."},
     {"exp", exp_, METH_VARARGS, "MLX's CPU exp of one float32 (for tests)."},
     {NULL, NULL, 0, NULL},
@@ -999,15 +1029,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "Fused CPU sa
 PyMODINIT_FUNC PyInit__cpu(void) {
 #ifdef DG_AVX2
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    dg_avx2 = 1;
-    scale_max = scale_max_avx2;
-    sums = sums_avx2;
-    probs_pass = probs_avx2;
-    exp_pass = exp_pass_avx2;
-    geglu = geglu_avx2;
-    softcap_pass = softcap_avx2;
-  }
 #endif
+  select_passes(1);
   return PyModule_Create(&module);
 }
