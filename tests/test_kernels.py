@@ -185,12 +185,12 @@ def test_no_gpu_means_the_cpu_kernel_or_the_mlx_path():
 
 
 def test_cpu_kernel_is_built_in_ci():
-    """CI installs with pip (setup.py builds the extension); a silent fallback would hide a
+    """CI installs with pip (pyproject.toml's ext-modules build the extension); a silent fallback would hide a
     broken build there. Locally, a source checkout may not have built it."""
     import os
 
     if not os.environ.get("CI"):
-        pytest.skip("outside CI the extension may be unbuilt (python setup.py build_ext --inplace)")
+        pytest.skip("outside CI the extension may be unbuilt (pip install -e . builds it)")
     assert cpu.built(), "mlx_dgemma.kernels._cpu was not built by pip install"
 
 
@@ -705,7 +705,7 @@ def test_drafter_uses_the_dispatch_and_the_sc_top_k_hook(monkeypatch, model):
 
 
 needs_cpu_kernel = pytest.mark.skipif(not cpu.built(), reason="the CPU kernel is not built here "
-                                      "(pip install, or python setup.py build_ext --inplace)")
+                                      "(pip install -e . builds it)")
 
 
 def _inverse_mix32(h: int) -> int:

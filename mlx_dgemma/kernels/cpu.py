@@ -7,7 +7,7 @@ very tokens the MLX path draws (see ``_cpu.c``). It also writes the self-conditi
 probabilities ``exp(logits / t - lse)`` from the same pass; they ride on the returned
 sample (``probs``) for ``kernels.soft_embeddings`` to take instead of another pass.
 
-Built by ``pip install`` (``setup.py``, optional: without a C compiler the install
+Built by ``pip install`` (``ext-modules`` in pyproject.toml, optional: without a C compiler the install
 still succeeds and the dispatch notes once that it uses the MLX path).
 """
 
