@@ -631,9 +631,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         import uvicorn
     except ImportError:
         raise SystemExit("mlx_dgemma.server needs uvicorn: pip install 'mlx-dgemma[server]'") from None
+    from . import runtime
     from .config import ConfigError
     from .loader import WeightsError, load
 
+    runtime.announce()  # which BLAS MLX's matmuls use (Linux), and how to get the fast one
     try:
         try:  # the generate CLI's resolver: "demo", hub ids, Google's unconverted checkpoints
             from .generate import resolve_model

@@ -396,6 +396,17 @@ def test_long_prompt_is_prefilled_in_chunks_with_bounded_memory(server):
     def check():
         from mlx_dgemma.serving.scheduler import prefill
 
+        # MLX's SDPA materialises a pass's scores, which chunking bounds; the CPU attention
+        # kernel bounds them by itself (outside MLX's allocator), so compare without it
+        saved_attn, st.model.cpu_attention = st.model.cpu_attention, False
+        try:
+            return _check()
+        finally:
+            st.model.cpu_attention = saved_attn
+
+    def _check():
+        from mlx_dgemma.serving.scheduler import prefill
+
         mx.clear_cache()
         mx.reset_peak_memory()
         cache = st.model.make_cache()
