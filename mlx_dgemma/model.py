@@ -633,6 +633,18 @@ class Model(nn.Module):
         for layer in self.layers:
             layer.experts.encoder_dispatch = mode
 
+    def use_traceable_paths(self) -> None:
+        """Switch off every path that runs through the host or the C kernels (grouped or C
+        experts, the NumPy/C soft-cap, the C attention): they can be neither differentiated
+        nor compiled. Training calls this; every speed switch added here must be listed.
+        The outputs agree within float rounding either way (tests/test_model_speedups.py)."""
+        if self.expert_dispatch in ("grouped", "cpu"):
+            self.expert_dispatch = "gather"
+        self.encoder_expert_dispatch = None
+        self.numpy_softcap = False
+        if self.cpu_attention:
+            self.cpu_attention = False
+
     @property
     def merge_prefix(self) -> bool:
         return self.layers[0].self_attn.merge_prefix if self.layers else False
