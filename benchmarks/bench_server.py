@@ -4,9 +4,15 @@
     python benchmarks/bench_server.py throughput  [--model DIR] [--max-tokens 512]
     python benchmarks/bench_server.py passes      [--levels 1 2 4]
     python benchmarks/bench_server.py prefill     [--lengths 1024 8192 32768] [--chunk 2048]
+    python benchmarks/bench_server.py agent       [--model DIR] [--context-tokens 65536]
     python benchmarks/bench_server.py all
 
-``reuse`` and ``throughput`` start ``python -m mlx_dgemma.server`` in a subprocess (so
+``agent``: a conversation with tools of ``--context-tokens`` tokens (tool declarations,
+a long system prompt, a user turn); turn 2 adds the model's tool call and the tool's
+result. It reports, with and without the prompt cache, the prompt, the cached and
+re-encoded tokens and the time to first block of each turn.
+
+``reuse``, ``throughput`` and ``agent`` start ``python -m mlx_dgemma.server`` in a subprocess (so
 the client does not share the server's interpreter) and talk to it with the ``openai``
 client. Without ``--model`` they build a small random model (``--config small``: 4
 layers, hidden 256, 16 experts, vocab 4096, canvas 256; weights random, so no early
@@ -165,6 +171,49 @@ def bench_reuse(model: Path, system_tokens: int, canvas: int, repeats: int) -> L
     return rows
 
 
+AGENT_TOOLS = [
+    {"type": "function", "function": {"name": name, "description": desc, "parameters": {
+        "type": "object", "properties": {arg: {"type": "string", "description": f"the {arg}"}}, "required": [arg]}}}
+    for name, desc, arg in (("read_file", "Read a file of the repository", "path"),
+                            ("run_tests", "Run the test suite and return its output", "selector"),
+                            ("search", "Search the repository for a string", "query"))
+]
+
+
+def bench_agent(model: Path, context_tokens: int, canvas: int, modes: List[str]) -> List[dict]:
+    """Turn 1 and turn 2 of a tool-using conversation of ``context_tokens`` tokens."""
+    rows = []
+    for label in modes:
+        srv = Server(model, *([] if label == "reuse" else ["--cache-size-gb", "0"]))
+        try:
+            system = {"role": "system", "content": text_of_tokens(context_tokens - 600, 1)}
+            msgs = [system, {"role": "user", "content": "Why does the build fail? Look at src/main.py."}]
+            for turn in (1, 2):
+                if turn == 2:
+                    msgs += [{"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_1", "type": "function",
+                         "function": {"name": "read_file", "arguments": json.dumps({"path": "src/main.py"})}}]},
+                        {"role": "tool", "tool_call_id": "call_1", "content": text_of_tokens(200, 2)}]
+                t0 = time.perf_counter()
+                first, usage, stats = None, None, {}
+                for ch in srv.client.chat.completions.create(
+                        model="bench", messages=msgs, tools=AGENT_TOOLS, max_tokens=canvas, seed=turn, stream=True,
+                        stream_options={"include_usage": True}):
+                    if first is None and ch.choices and ch.choices[0].delta.role is None:
+                        first = time.perf_counter() - t0
+                    if ch.usage:
+                        usage, stats = ch.usage, (ch.model_extra or {}).get("x_stats") or {}
+                cached = usage.prompt_tokens_details.cached_tokens
+                rows.append({"bench": "agent", "mode": label, "turn": turn, "prompt_tokens": usage.prompt_tokens,
+                             "cached_tokens": cached, "encoded_tokens": usage.prompt_tokens - cached,
+                             "prefill_s": stats.get("prefill_s"), "ttfb_s": first,
+                             "passes": stats.get("decoder_passes")})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            srv.close()
+    return rows
+
+
 def bench_throughput(model: Path, max_tokens: int, levels: List[int], total: int) -> List[dict]:
     rows = []
     srv = Server(model, "--max-batch", str(max(levels)), "--cache-size-gb", "0")
@@ -270,7 +319,10 @@ def bench_passes(config: str, levels: List[int], repeats: int = 3) -> List[dict]
 def table(rows: List[dict]) -> str:
     out = []
     for r in rows:
-        if r["bench"] == "turn3_ttfb":
+        if r["bench"] == "agent":
+            out.append(f"| {r['mode']} | turn {r['turn']} | {r['prompt_tokens']:,} | {r['cached_tokens']:,} "
+                       f"| {r['encoded_tokens']:,} | {r['prefill_s']:.2f} s | {r['ttfb_s']:.1f} s |")
+        elif r["bench"] == "turn3_ttfb":
             out.append(f"| turn 3, {r['mode']} | {r['prompt_tokens']} prompt tokens, {r['cached_tokens']} cached "
                        f"| prefill {r['prefill_s']:.2f} s | time to first block {r['ttfb_s']:.2f} s |")
         elif r["bench"] == "throughput":
@@ -288,7 +340,7 @@ def table(rows: List[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["reuse", "throughput", "passes", "prefill", "all"])
+    ap.add_argument("what", choices=["reuse", "throughput", "passes", "prefill", "agent", "all"])
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: build a random one)")
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=16, help="denoising steps per block for the built model")
@@ -300,6 +352,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--prefill-config", default="tiny", choices=sorted(CONFIGS))
+    ap.add_argument("--context-tokens", type=int, default=65536)
+    ap.add_argument("--modes", nargs="+", default=["reuse", "no reuse"], choices=["reuse", "no reuse"])
     ap.add_argument("--out", type=Path, default=None, help="also write the rows here (JSON)")
     args = ap.parse_args(argv)
     if args.what in ("prefill", "passes", "all"):
@@ -309,7 +363,7 @@ def main(argv=None) -> None:
     tmp = None
     model = args.model
     canvas = CONFIGS[args.config][1]
-    if args.what in ("reuse", "throughput", "all") and model is None:
+    if args.what in ("reuse", "throughput", "agent", "all") and model is None:
         tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
         model = build_model(tmp / args.config, args.config, args.steps)
     if model is not None and (Path(model) / "config.json").exists():
@@ -322,6 +376,8 @@ def main(argv=None) -> None:
         rows += bench_passes(args.config, args.levels)
     if args.what in ("prefill", "all"):
         rows += bench_prefill(args.lengths, args.chunk, args.prefill_config)
+    if args.what in ("agent", "all"):
+        rows += bench_agent(model, args.context_tokens, canvas, args.modes)
     print(table(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -102,21 +102,28 @@ class ThoughtParser:
             if t in self.stop:
                 self.done = True
                 return
-            if t == self.open_id:
-                self.in_channel = True
-                self._segments.append(["thought", []])
-            elif t == self.close_id and self.in_channel:
-                self.in_channel = False
-                self._segments.append(["answer", []])
-            elif t != self.close_id:
-                self._segments[-1][1].append(t)
+            self._feed_token(t)
+
+    def _feed_token(self, t: int) -> None:
+        if t == self.open_id:
+            self.in_channel = True
+            self._segments.append(["thought", []])
+        elif t == self.close_id and self.in_channel:
+            self.in_channel = False
+            self._segments.append(["answer", []])
+        elif t != self.close_id:
+            self._segments[-1][1].append(t)
 
     def _decode(self, ids: List[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
+    def _segment_texts(self):
+        """(kind, decoded text) of each segment (subclasses add kinds of their own)."""
+        for kind, ids, *_ in self._segments:
+            yield kind, self._decode(ids)
+
     def _texts(self, final: bool = True):
-        for kind, ids in self._segments:
-            text = self._decode(ids)
+        for kind, text in self._segment_texts():
             if kind == "thought":
                 if not final and text and any(n.startswith(text) and n != text for n in _NAMES):
                     text = ""  # maybe the start of the channel's name: wait for more tokens

@@ -1,8 +1,8 @@
 """``--model demo``: a small DiffusionGemma with RANDOM (untrained) weights, built locally.
 
 Nothing is downloaded: a byte-level BPE tokenizer is trained with the ``tokenizers``
-library on a few paragraphs shipped here, a Gemma-like chat template is written beside it,
-and the weights are drawn at random. The folder has the converted layout (config.json
+library on a few paragraphs shipped here, a Gemma 4-style chat template (with tools,
+:mod:`mlx_dgemma.chat_template`) is written beside it, and the weights are drawn at random. The folder has the converted layout (config.json
 with ``model_type: diffusion_gemma`` and a ``text_config``, Hugging Face key names,
 safetensors with an index, tokenizer files, chat_template.jinja, generation_config.json)
 and is loaded through :func:`mlx_dgemma.load`, so the demo runs the same code path as a
@@ -28,36 +28,21 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
+from .chat_template import CONTROL_TOKENS, GEMMA4_CHAT_TEMPLATE, TOOL_RESPONSE_OPEN
+
 CACHE_ENV = "MLX_DGEMMA_CACHE"
-DEMO_VERSION = 1  # bump when the recipe changes: cached demos are rebuilt
+DEMO_VERSION = 2  # bump when the recipe changes: cached demos are rebuilt
 UNTRAINED_NOTICE = "demo model: random, UNTRAINED weights -- the text is gibberish; it shows the pipeline at work"
 
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
-PAD, EOS, BOS, TURN_CLOSE = 0, 1, 2, 5
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", *CONTROL_TOKENS]
+PAD, EOS, BOS = 0, 1, 2
+TURN_CLOSE = SPECIAL_TOKENS.index("<turn|>")
+# end of text, end of turn, and the <|tool_response> a model writes after its calls
+STOP_IDS = [EOS, TURN_CLOSE, SPECIAL_TOKENS.index(TOOL_RESPONSE_OPEN)]
 
-# A Gemma 4-like chat template: <|think|> in the system turn switches thinking on;
-# with thinking off the generation prompt carries an empty thought channel.
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- set thinking = enable_thinking is defined and enable_thinking -%}"
-    "{%- set has_system = messages and messages[0]['role'] == 'system' -%}"
-    "{%- if thinking or has_system -%}"
-    "{{- '<|turn>system\\n' -}}"
-    "{%- if thinking -%}{{- '<|think|>\\n' -}}{%- endif -%}"
-    "{%- if has_system -%}{{- messages[0]['content'] | trim -}}{%- endif -%}"
-    "{{- '<turn|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] != 'system' -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{- '<|turn>' + role + '\\n' + (message['content'] | trim) + '<turn|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|turn>model\\n' -}}"
-    "{%- if not thinking -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}"
-    "{%- endif -%}"
-)
+# Gemma 4's template (tools, thinking): <|think|> in the system turn switches thinking
+# on; with thinking off the generation prompt carries an empty thought channel.
+CHAT_TEMPLATE = GEMMA4_CHAT_TEMPLATE
 
 CORPUS = """\
 DiffusionGemma writes text in blocks. A causal encoder reads the prompt and keeps its keys
@@ -119,7 +104,7 @@ def demo_config(vocab_size: int, canvas_length: int = 128) -> Dict:
             "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                "rope_theta": 1000000.0},
         },
-        eos_token_id=[EOS, TURN_CLOSE],
+        eos_token_id=STOP_IDS,
         pad_token_id=PAD,
         bos_token_id=BOS,
     )
@@ -216,7 +201,7 @@ def build_demo(path: Path, seed: int = 0, vocab_size: int = 512, canvas_length: 
             # never settle, and the demo should finish in seconds on a CPU
             max_new_tokens=256, max_denoising_steps=16, sampler_config={"entropy_bound": 0.1},
             t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
-            eos_token_id=[EOS, TURN_CLOSE], pad_token_id=PAD, bos_token_id=BOS,
+            eos_token_id=STOP_IDS, pad_token_id=PAD, bos_token_id=BOS,
         ),
         readme="# DiffusionGemma demo (untrained)\n\n" + UNTRAINED_NOTICE + "\n\nBuilt by `mlx_dgemma.demo`.\n",
     )

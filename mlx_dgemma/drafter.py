@@ -12,10 +12,11 @@ Per step ``n`` (counting DOWN from ``N = max_denoising_steps`` to 1):
 5. a row stops when its argmax canvas equals the previous ``stability_threshold``
    argmax canvases of this block AND the mean entropy is below ``confidence_threshold``.
 
-Two opt-in additions, neither in the reference (with neither, the tokens are the
+Three opt-in additions, none in the reference (without them, the tokens are the
 reference's): canvas constraints (``constraints``: per row ``{position: token}`` pinned
-through every step, see :class:`CanvasPins`) and the confidence-threshold acceptance rule
-(``DenoiseSettings.sampler = "confidence"``, see :func:`confidence_mask`).
+through every step, see :class:`CanvasPins`), the confidence-threshold acceptance rule
+(``DenoiseSettings.sampler = "confidence"``, see :func:`confidence_mask`) and greedy
+acceptance (``DenoiseSettings.greedy``: accepted positions take the argmax).
 
 The committed block is the LAST ARGMAX canvas. All randomness comes from ``rng``:
 the initial canvas from ``CANVAS`` (step 0), the Gumbel noise from ``SAMPLE`` and the
@@ -81,6 +82,9 @@ class DenoiseSettings:
     ``sc_top_k`` (opt-in, not in the reference): build the self-conditioning signal from
     the ``k`` most likely tokens only (their exact probabilities; the tail mass on the mean
     embedding row: ``mlx_dgemma.kernels.topk_soft_embeddings``).
+    ``greedy`` (opt-in, not in the reference): accepted positions take the argmax of the
+    step's distribution instead of a sample from it (entropies, acceptance and renoising
+    are unchanged), so the only randomness left is the initial canvas and the renoising.
     """
 
     max_denoising_steps: int = 48
@@ -92,6 +96,7 @@ class DenoiseSettings:
     sc_top_k: Optional[int] = None
     sampler: str = "entropy-bound"
     threshold: float = 0.9
+    greedy: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -137,6 +142,9 @@ class DenoiseSettings:
         self.threshold = num("threshold", self.threshold)
         if not 0 <= self.threshold <= 1:
             raise SettingsError(f"threshold must be in [0, 1], got {self.threshold}")
+        if not isinstance(self.greedy, (bool, np.bool_)):
+            raise SettingsError(f"greedy must be true or false, got {self.greedy!r}")
+        self.greedy = bool(self.greedy)
         return self
 
     @property
@@ -340,8 +348,12 @@ class StepUpdate(NamedTuple):
 
 
 def self_conditioning(model, logits: mx.array, temp: float, sample: StepSample, settings: DenoiseSettings) -> mx.array:
-    """The next step's self-conditioning embeddings from this step's logits."""
-    return _soft_embeddings(model, logits, temp, sample.lse, top_k=settings.sc_top_k)
+    """The next step's self-conditioning embeddings from this step's logits (with the
+    probabilities the sampling pass wrote, when it wrote them: the CPU kernel)."""
+    probs = getattr(sample, "probs", None)
+    if probs is not None:
+        sample.probs = None  # used once; do not keep [B, L, V] alive through the next step
+    return _soft_embeddings(model, logits, temp, sample.lse, top_k=settings.sc_top_k, probs=probs)
 
 
 def update(
@@ -358,7 +370,7 @@ def update(
         accept = confidence_mask(top_probability(logits, temp, sample), settings.threshold, free)
     else:
         accept = entropy_bound_mask(entropy, settings.entropy_bound)
-    canvas = mx.where(accept, sample.sampled, renoise)
+    canvas = mx.where(accept, sample.argmax if settings.greedy else sample.sampled, renoise)
     argmax = sample.argmax
     sc = self_conditioning(model, logits, temp, sample, settings)
     if pins is not None:

@@ -898,6 +898,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    from . import runtime
+
+    runtime.announce()  # which BLAS MLX's matmuls use (Linux), and how to get the fast one
     try:
         model, tokenizer, _ = resolve_model(args.model, log, args.adapter_path)
     except (ConfigError, WeightsError, SettingsError, GenerateInputError, OSError, ValueError) as e:

@@ -1,11 +1,13 @@
 """OpenAI-compatible HTTP server for DiffusionGemma (FastAPI + uvicorn).
 
     python -m mlx_dgemma.server --model PATH_OR_ID [--host 127.0.0.1] [--port 8080]
-        [--max-context N] [--cache-size-gb X] [--max-batch 4]
+        [--max-context N] [--cache-size-gb X] [--max-batch 4] [--api-key KEY]
 
-Endpoints: POST /v1/chat/completions and /v1/completions (streaming by server-sent
-events, one chunk per committed block, or one JSON reply), GET /v1/models (with the
-context length the model really supports), GET /health.
+Endpoints: POST /v1/chat/completions (with tool calling) and /v1/completions (streaming
+by server-sent events, one chunk per committed block, or one JSON reply), POST
+/v1/responses (the Responses API, ``serving.responses``), GET /v1/models (with the
+context length the model really supports), GET /health. With an API key every /v1 route
+needs ``Authorization: Bearer KEY``; /health stays open.
 
 All MLX work happens on one scheduler thread (``serving.scheduler``) that batches the
 in-flight requests into one decoder pass per step and reuses encoder caches across the
@@ -17,20 +19,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import hashlib
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
-from .chat import ThoughtParser, has_chat_template
+from .chat import has_chat_template
 from .drafter import DenoiseSettings, SettingsError, load_generation_config
 from .generate import GenerateInputError, check_constraints, template_constraints
+from .logits_processors import LogitsProcessors
+from .serving import responses
+from .serving.errors import APIError
 from .serving.prompt_cache import PromptCacheStore
-from .serving.protocol import APIError, Parsed, parse_request
+from .serving.protocol import Parsed, parse_request
 from .serving.scheduler import Event, GenerationParams, GenerationRequest, Scheduler
+from .serving.tools import ReplyParser, ToolFormat, chat_tool_calls
 from .verify import EncoderRule
 
 try:
@@ -46,6 +55,7 @@ log = logging.getLogger("mlx_dgemma.server")
 # Studio, llama.cpp, LiteLLM...): all report the same number.
 CONTEXT_FIELDS = ("context_length", "max_model_len", "max_context_length", "context_window",
                   "max_input_tokens", "n_ctx")
+API_KEY_ENV = "MLX_DGEMMA_API_KEY"
 
 
 class ServerState:
@@ -62,8 +72,9 @@ class ServerState:
         max_batch: int = 4,
         prefill_chunk: int = 2048,
         default_max_tokens: Optional[int] = None,
-        ignore_sampling_params: bool = False,
+        strict_sampling: bool = False,
         aliases: Sequence[str] = (),
+        api_key: Optional[str] = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -75,13 +86,18 @@ class ServerState:
             raise ValueError(f"--max-context must be >= 1, got {max_context}")
         self.max_context = min(self.trained_context, max_context or self.trained_context)
         self.default_max_tokens = default_max_tokens
-        self.ignore_sampling_params = ignore_sampling_params
+        self.strict_sampling = strict_sampling
+        # Only a digest is kept: the key never sits in logs, reprs or error messages.
+        self._key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+        self.tools = ToolFormat(tokenizer)
         self.gen_config: Dict[str, Any] = load_generation_config(model_path) if model_path else {}
         self.base_settings = DenoiseSettings.from_generation_config(self.gen_config)
         eos = set(model.args.eos_token_ids)
         g = self.gen_config.get("eos_token_id")
         eos |= set([g] if isinstance(g, int) else (g or []))
         eos |= set(getattr(tokenizer, "eos_token_ids", None) or [])
+        if self.tools.supported and self.tools.response_id is not None:
+            eos.add(self.tools.response_id)  # after its calls a model hands over to the tools
         self.eos_token_ids = sorted(int(t) for t in eos)
         if cache_size_gb < 0:
             raise ValueError(f"--cache-size-gb must be >= 0, got {cache_size_gb}")
@@ -96,18 +112,34 @@ class ServerState:
     def stop(self) -> None:
         self.scheduler.stop()
 
+    @property
+    def requires_key(self) -> bool:
+        return self._key_digest is not None
+
+    def authorized(self, header: Optional[str]) -> bool:
+        """``Authorization: Bearer KEY``, compared in constant time (as digests, so the
+        key's length does not show either)."""
+        if self._key_digest is None:
+            return True
+        scheme, _, given = (header or "").partition(" ")
+        ok = secrets.compare_digest(hashlib.sha256(given.strip().encode()).digest(), self._key_digest)
+        return ok and scheme.lower() == "bearer"
+
     # ---- tokenization (HTTP threads; no MLX here) -----------------------------------
     def chat_tokens(self, p: Parsed) -> Tuple[List[int], List[int]]:
         """(prompt ids, snapshot positions): the end of the rendered history (before the
         generation prompt) is where the next turn of this conversation will branch off."""
         tok = self.tokenizer
+        if p.tools and not self.tools.supported:
+            raise APIError("tools were sent, but this model's chat template has no tool calling", param="tools")
         if not has_chat_template(tok):
             text = "\n".join(m["content"] for m in p.messages)
             return list(tok.encode(text)), []
+        extra = {"tools": p.tools} if p.tools else {}
 
         def render(gen: bool) -> List[int]:
             ids = tok.apply_chat_template(p.messages, add_generation_prompt=gen, enable_thinking=p.thinking,
-                                          tokenize=True, **p.template_kwargs)
+                                          tokenize=True, **extra, **p.template_kwargs)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return [int(t) for t in ids]
@@ -161,13 +193,37 @@ class ServerState:
         except SettingsError as e:
             raise APIError(str(e)) from None
         seed = p.seed if p.seed is not None else secrets.randbits(32)
+        T, processors = p.temperature, p.processors
+        if p.decode != "diffusion":  # the encoder's rule commits: nothing to apply the fields to
+            if p.tools and p.tool_choice in ("required", "function"):
+                raise APIError(f"tool_choice={p.tool_choice!r} pins the canvas: it needs decode 'diffusion'",
+                               param="tool_choice")
+            p.ignored = sorted(set(p.ignored) | set(p.sampling_fields))
+            T, processors = None, LogitsProcessors()
+        if T == 0:
+            # Deterministic: accepted positions take the argmax, and the only other
+            # randomness (initial canvas, renoising) is drawn from a fixed seed.
+            settings.greedy, seed = True, 0
+        elif T is not None and T != 1:  # the schedule, scaled
+            settings.t_min, settings.t_max = settings.t_min * T, settings.t_max * T
+        if p.tools and p.tool_choice == "none" and self.tools.supported:
+            processors = dataclasses.replace(processors, suppress=(*processors.suppress, self.tools.open_id))
+        try:
+            processors.check_vocabulary(self.model.args.vocab_size)
+        except SettingsError as e:
+            raise APIError(str(e), param="logit_bias") from None
+        constraints = self.constraints(p, max_tokens)
+        if p.tools:  # tool_choice required / named: the call's opening is pinned (canvas constraints)
+            opening = {k: v for k, v in self.tools.pins(p.tool_choice, p.tool_name, p.tools).items() if k < max_tokens}
+            if opening:
+                constraints = {**opening, **(constraints or {})}
         return GenerationParams(
-            prompt=prompt, max_tokens=max_tokens, settings=settings, seed=seed,
-            constraints=self.constraints(p, max_tokens),
+            prompt=prompt, max_tokens=max_tokens, settings=settings, seed=seed, constraints=constraints,
             eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at, decode=p.decode, rule=EncoderRule(p.verify),
             # For chat, the history snapshot serves both the next turn and a re-sent
             # prompt (the generation prompt is a few tokens); do not store both.
             snapshot_prompt=not (chat and snapshot_at),
+            processors=processors if processors.active else None,
         )
 
     def constraints(self, p: Parsed, max_tokens: int) -> Optional[Dict[int, int]]:
@@ -228,13 +284,15 @@ def _delta(full: str, sent: str) -> Tuple[str, str]:
 
 
 class Generation:
-    """One request in flight: submits it, turns committed blocks into text deltas."""
+    """One request in flight: submits it, turns committed blocks into text and call deltas."""
 
-    def __init__(self, state: ServerState, params: GenerationParams, text, stop: Sequence[str]):
+    def __init__(self, state: ServerState, params: GenerationParams, text, stop: Sequence[str],
+                 parallel_tool_calls: bool = True):
         self.state = state
         self.params = params
         self.text = text
         self.stop = list(stop)
+        self.parallel = parallel_tool_calls
         self.loop = asyncio.get_running_loop()
         self.queue: "asyncio.Queue[Event]" = asyncio.Queue()
         self.req = GenerationRequest(params, self._on_event)
@@ -242,13 +300,16 @@ class Generation:
         self.stats: Dict[str, Any] = {}
         self.cached_tokens = 0
         self.sent = {"thought": "", "answer": ""}
+        self.calls: List[Dict[str, str]] = []  # parsed calls sent so far
         self.finish_reason: Optional[str] = None
         self.done = False
 
     def _on_event(self, ev: Event) -> None:  # scheduler thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
 
-    def _deltas(self, final: bool) -> Tuple[Dict[str, str], Optional[str]]:
+    def _deltas(self, final: bool) -> Tuple[Dict[str, Any], Optional[str]]:
+        if final and hasattr(self.text, "finish"):
+            self.text.finish()  # an unclosed call is parsed (or becomes text) now
         thought, answer = self.text.thought, self.text.answer
         if not final:  # hold back a trailing incomplete UTF-8 character
             thought, answer = thought.rstrip("\ufffd"), answer.rstrip("\ufffd")
@@ -260,14 +321,19 @@ class Generation:
             elif not final:  # a stop string may be completed by the next block
                 hold = max(len(s) for s in self.stop) - 1
                 answer = answer[: max(len(self.sent["answer"]), len(answer) - hold)]
-        out = {}
+        out: Dict[str, Any] = {}
         for name, full in (("thought", thought), ("answer", answer)):
             out[name], self.sent[name] = _delta(full, self.sent[name])
+        calls = getattr(self.text, "calls", [])
+        if not self.parallel:
+            calls = calls[:1]
+        out["calls"] = calls[len(self.calls):]
+        self.calls = list(calls)
         return out, finish
 
-    async def run(self) -> AsyncIterator[Tuple[Dict[str, str], Optional[str], List[int]]]:
+    async def run(self) -> AsyncIterator[Tuple[Dict[str, Any], Optional[str], List[int]]]:
         """Yields (deltas, None, block tokens) per committed block, then
-        (deltas, finish_reason, [])."""
+        (deltas, finish_reason, []). deltas: new "thought" and "answer" text, new "calls"."""
         self.state.scheduler.submit(self.req)
         try:
             while True:
@@ -287,7 +353,7 @@ class Generation:
                         self.finish_reason = finish
                         self.req.cancel()
                         yield d, None, ev.tokens
-                        yield {"thought": "", "answer": ""}, finish, []
+                        yield {"thought": "", "answer": "", "calls": []}, finish, []
                         return
                     yield d, None, ev.tokens
                 elif ev.kind == "done":
@@ -295,6 +361,8 @@ class Generation:
                     self.stats = ev.stats
                     d, finish = self._deltas(final=True)
                     self.finish_reason = finish or ev.finish_reason
+                    if self.calls and self.finish_reason == "stop":
+                        self.finish_reason = "tool_calls"
                     yield d, self.finish_reason, []
                     return
         finally:
@@ -305,6 +373,28 @@ class Generation:
         n, c = len(self.params.prompt), len(self.tokens)
         return {"prompt_tokens": n, "completion_tokens": c, "total_tokens": n + c,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    async def collect(self, request: Request) -> Dict[str, Any]:
+        """The whole reply: {"thought", "answer", "calls"}; a client that hangs up frees
+        its batch row."""
+
+        async def watch():
+            while True:
+                await asyncio.sleep(0.5)
+                if await request.is_disconnected():
+                    self.req.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        out: Dict[str, Any] = {"thought": "", "answer": "", "calls": []}
+        try:
+            async for d, _, _ in self.run():
+                out["thought"] += d["thought"]
+                out["answer"] += d["answer"]
+                out["calls"] += d["calls"]
+        finally:
+            watcher.cancel()
+        return out
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -319,8 +409,9 @@ async def _json_body(request: Request) -> Any:
         raise APIError(f"We could not parse the JSON body of your request: {e}") from None
 
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _sse(obj: Any, event: Optional[str] = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -341,6 +432,16 @@ def create_app(state: ServerState) -> FastAPI:
         log.exception("internal error")
         return _error(APIError(f"internal error: {type(e).__name__}: {e}".splitlines()[0], status=500))
 
+    @app.middleware("http")
+    async def _api_key(request: Request, call_next):
+        path = request.url.path
+        if state.requires_key and (path == "/v1" or path.startswith("/v1/")) \
+                and not state.authorized(request.headers.get("authorization")):
+            return _error(APIError("Incorrect or missing API key: send the header 'Authorization: Bearer <key>' "
+                                   "with the key the server was started with", status=401,
+                                   type="invalid_request_error", code="invalid_api_key"))
+        return await call_next(request)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": state.model_id, "max_context": state.max_context,
@@ -357,75 +458,91 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _complete(request, chat=True)
+        p = _parse(await _json_body(request), chat=True)
+        return await _complete(request, p, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _complete(request, chat=False)
+        p = _parse(await _json_body(request), chat=False)
+        return await _complete(request, p, chat=False)
 
-    async def _complete(request: Request, chat: bool):
-        p = parse_request(await _json_body(request), chat=chat,
-                          ignore_sampling=state.ignore_sampling_params, log=log)
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        body = await _json_body(request)
+        chat_body, ignored = responses.to_chat(body)
+        p = _parse(chat_body, chat=True)
+        p.ignored = sorted(set(p.ignored) | set(ignored))
+        gen = await _start(p, chat=True)
+        builder = responses.ResponseBuilder(body, state.model_id, p.parallel_tool_calls)
+        extra = {"x_ignored_fields": p.ignored} if p.ignored else {}
+        if p.stream:
+            return StreamingResponse(_stream_response(gen, builder, extra), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        reply = await gen.collect(request)
+        builder.add(reply)
+        _, final = builder.finish(gen.finish_reason, _responses_usage(gen), **extra)
+        return final
+
+    def _parse(body: Any, chat: bool) -> Parsed:
+        p = parse_request(body, chat=chat, strict_sampling=state.strict_sampling, log=log)
         state.check_model(p.model)
+        return p
+
+    async def _start(p: Parsed, chat: bool) -> Generation:
         if chat:
             prompt, snaps = await asyncio.to_thread(state.chat_tokens, p)
-            text = ThoughtParser(state.tokenizer, thinking=p.thinking, prompt_tokens=prompt,
-                                 stop_tokens=state.eos_token_ids)
+            text = ReplyParser(state.tokenizer, state.tools if p.tools and p.tool_choice != "none" else None,
+                               thinking=p.thinking, prompt_tokens=prompt, stop_tokens=state.eos_token_ids,
+                               tools=p.tools)
         else:
             prompt, snaps = await asyncio.to_thread(state.completion_tokens, p), []
             text = PlainText(state.tokenizer)
         params = state.params(p, prompt, snaps, chat)
-        gen = Generation(state, params, text, p.stop)
+        return Generation(state, params, text, p.stop, parallel_tool_calls=p.parallel_tool_calls)
+
+    async def _complete(request: Request, p: Parsed, chat: bool):
+        gen = await _start(p, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        common = {"id": rid, "created": created, "model": state.model_id,
-                  "system_fingerprint": "mlx-dgemma", "seed": params.seed}
+        common = {"id": rid, "created": int(time.time()), "model": state.model_id,
+                  "system_fingerprint": "mlx-dgemma", "seed": gen.params.seed}
         if p.stream:
             return StreamingResponse(_stream(gen, p, chat, common), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _whole(request, gen, p, chat, common)
-
-    async def _whole(request: Request, gen: Generation, p: Parsed, chat: bool, common: dict):
-        thought, answer = [], []
-
-        async def watch():  # a client that hangs up frees its batch row
-            while True:
-                await asyncio.sleep(0.5)
-                if await request.is_disconnected():
-                    gen.req.cancel()
-                    return
-
-        watcher = asyncio.create_task(watch())
-        try:
-            async for d, _, _ in gen.run():
-                thought.append(d["thought"])
-                answer.append(d["answer"])
-        finally:
-            watcher.cancel()
+        reply = await gen.collect(request)
         if chat:
-            msg: Dict[str, Any] = {"role": "assistant", "content": "".join(answer)}
-            if "".join(thought):
-                msg["reasoning_content"] = "".join(thought)
+            msg: Dict[str, Any] = {"role": "assistant", "content": reply["answer"] or (None if reply["calls"] else "")}
+            if reply["thought"]:
+                msg["reasoning_content"] = reply["thought"]
+            if reply["calls"]:
+                msg["tool_calls"] = chat_tool_calls(reply["calls"])
             choice = {"index": 0, "message": msg, "finish_reason": gen.finish_reason, "logprobs": None}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": "".join(answer), "finish_reason": gen.finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": reply["answer"], "finish_reason": gen.finish_reason, "logprobs": None}
             obj = "text_completion"
         if p.return_token_ids:
             choice["token_ids"] = gen.tokens
             common = {**common, "prompt_token_ids": gen.params.prompt}
-        return {**common, "object": obj, "choices": [choice], "usage": gen.usage(), "x_stats": gen.stats}
+        out = {**common, "object": obj, "choices": [choice], "usage": gen.usage(), "x_stats": gen.stats}
+        if p.ignored:
+            out["x_ignored_fields"] = p.ignored
+        return out
 
     async def _stream(gen: Generation, p: Parsed, chat: bool, common: dict):
         obj = "chat.completion.chunk" if chat else "text_completion"
+        n_calls = 0
 
-        def chunk(delta: Dict[str, str], finish: Optional[str], first: bool = False, tokens=None) -> dict:
+        def chunk(delta: Dict[str, Any], finish: Optional[str], first: bool = False, tokens=None) -> dict:
+            nonlocal n_calls
             if chat:
                 d: Dict[str, Any] = {"role": "assistant"} if first else {}
                 if delta.get("thought"):
                     d["reasoning_content"] = delta["thought"]
-                if delta.get("answer") or first or not finish:
+                if delta.get("answer") or first or not (finish or delta.get("calls")):
                     d["content"] = delta.get("answer", "")
+                if delta.get("calls"):
+                    d["tool_calls"] = chat_tool_calls(delta["calls"], start=n_calls, streaming=True)
+                    n_calls += len(delta["calls"])
                 c = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
             else:
                 c = {"index": 0, "text": delta.get("answer", ""), "finish_reason": finish, "logprobs": None}
@@ -434,6 +551,8 @@ def create_app(state: ServerState) -> FastAPI:
             out = {**common, "object": obj, "choices": [c]}
             if p.include_usage:
                 out["usage"] = None
+            if finish and p.ignored:
+                out["x_ignored_fields"] = p.ignored
             return out
 
         try:
@@ -443,7 +562,7 @@ def create_app(state: ServerState) -> FastAPI:
                 if finish is None:
                     yield _sse(chunk(d, None, tokens=tokens))
                 else:
-                    if d["answer"] or d["thought"]:  # text held back until the end
+                    if d["answer"] or d["thought"] or d["calls"]:  # held back until the end
                         yield _sse(chunk(d, None))
                     yield _sse(chunk({}, finish))
             if p.include_usage:
@@ -451,6 +570,27 @@ def create_app(state: ServerState) -> FastAPI:
         except APIError as e:
             yield _sse(e.body())
         yield "data: [DONE]\n\n"
+
+    def _responses_usage(gen: Generation) -> Dict[str, Any]:
+        n, cached = len(gen.params.prompt), gen.cached_tokens
+        return responses.usage(n, len(gen.tokens), cached, n - cached if state.store.enabled else 0)
+
+    async def _stream_response(gen: Generation, builder: "responses.ResponseBuilder", extra: dict):
+        def send(events):
+            return "".join(_sse(ev, ev["type"]) for ev in events)
+
+        yield send([builder.event("response.created", response=builder.response("in_progress")),
+                    builder.event("response.in_progress", response=builder.response("in_progress"))])
+        try:
+            async for d, finish, _ in gen.run():
+                events = builder.add(d)
+                if finish is not None:
+                    events += builder.finish(finish, _responses_usage(gen), **extra)[0]
+                if events:
+                    yield send(events)
+        except APIError as e:
+            failed = builder.response("failed", error={"code": "server_error", "message": e.message})
+            yield send([builder.event("response.failed", response=failed)])
 
     return app
 
@@ -474,8 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens encoded per step")
     ap.add_argument("--default-max-tokens", type=int, default=None,
                     help="when a request sets no max_tokens (default: the rest of the context)")
-    ap.add_argument("--ignore-sampling-params", action="store_true",
-                    help="ignore temperature/top_p/... instead of answering 400")
+    ap.add_argument("--strict-sampling", action="store_true",
+                    help="answer 400 to any sampling field (temperature, top_p, penalties...) other than its "
+                         "neutral value, instead of applying or ignoring it")
+    ap.add_argument("--ignore-sampling-params", action="store_true", help=argparse.SUPPRESS)  # the default now
+    ap.add_argument("--api-key", default=None,
+                    help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV}, "
+                         "else no key)")
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -487,9 +632,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         import uvicorn
     except ImportError:
         raise SystemExit("mlx_dgemma.server needs uvicorn: pip install 'mlx-dgemma[server]'") from None
+    from . import runtime
     from .config import ConfigError
     from .loader import WeightsError, load
 
+    runtime.announce()  # which BLAS MLX's matmuls use (Linux), and how to get the fast one
     try:
         try:  # the generate CLI's resolver: "demo", hub ids, Google's unconverted checkpoints
             from .generate import resolve_model
@@ -507,14 +654,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             model, tokenizer, model_id, model_path=getattr(model, "path", None),
             max_context=args.max_context, cache_size_gb=args.cache_size_gb, max_batch=args.max_batch,
             prefill_chunk=args.prefill_chunk, default_max_tokens=args.default_max_tokens,
-            ignore_sampling_params=args.ignore_sampling_params,
+            strict_sampling=args.strict_sampling,
             aliases=[args.model, Path(args.model).name, _model_id(args.model)],
+            api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         )
     except (ValueError, SettingsError) as e:
         raise SystemExit(f"error: {e}") from None
     state.start()
-    log.info("serving %s on http://%s:%d (context %d tokens, batch %d)", model_id, args.host, args.port,
-             state.max_context, args.max_batch)
+    log.info("serving %s on http://%s:%d (context %d tokens, batch %d, %s)", model_id, args.host, args.port,
+             state.max_context, args.max_batch, "API key required" if state.requires_key else "no API key")
+    if not state.requires_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
+                    "(set --api-key or $%s)", args.host, API_KEY_ENV)
     try:
         uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level.lower())
     finally:

@@ -248,3 +248,21 @@ def test_same_seed_same_block_different_seed_differs(tiny):
     c = np.array(denoise_block(model, cache, s, [3, 4], block=2).tokens)
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
+
+
+# --- an addition to the reference: greedy acceptance (canvas pins: test_constraints.py) ---------
+
+
+def test_greedy_takes_the_argmax_not_the_sample(tiny):
+    """With ``greedy`` the step's sample is never used: replacing it changes nothing."""
+    model, cache = tiny
+
+    def scrambled(logits, t, keys):
+        st = sample_step_mlx(logits, t, keys)
+        return st._replace(sampled=(st.sampled + 7) % 64)
+
+    for greedy, same in ((True, True), (False, False)):
+        s = DenoiseSettings(max_denoising_steps=6, greedy=greedy)
+        a = np.array(denoise_block(model, cache, s, [3, 4], block=1, sample_fn=sample_step_mlx).tokens)
+        b = np.array(denoise_block(model, cache, s, [3, 4], block=1, sample_fn=scrambled).tokens)
+        assert np.array_equal(a, b) == same

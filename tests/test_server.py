@@ -252,7 +252,8 @@ def test_multi_turn_reuses_cache_and_matches_cold_start(server):
     cached = warm.usage.prompt_tokens_details.cached_tokens
     # The template prefills an empty thought channel, so turn 1's prompt is not a prefix
     # of turn 2; the snapshot at the end of turn 1's history is.
-    hist1 = len(st.tokenizer.apply_chat_template(msgs, add_generation_prompt=False, tokenize=True))
+    hist1 = len(st.tokenizer.apply_chat_template(msgs, add_generation_prompt=False, enable_thinking=False,
+                                                  tokenize=True))
     assert cached >= hist1 > 0
     msgs3 = msgs2 + [{"role": "assistant", "content": warm.choices[0].message.content},
                      {"role": "user", "content": "Third?"}]
@@ -316,9 +317,12 @@ def test_bad_requests_get_4xx_and_server_keeps_answering(server):
         (dict(model="nope", messages=msgs), 404, "nope"),
         (dict(model="tiny", messages=msgs, max_tokens=CONTEXT), 400, "max_tokens"),
         (dict(model="tiny", messages=[{"role": "user", "content": "x" * CONTEXT}]), 400, "context length"),
-        (dict(model="tiny", messages=msgs, temperature=0.2), 400, "temperature"),
-        (dict(model="tiny", messages=msgs, top_p=0.9), 400, "top_p"),
+        (dict(model="tiny", messages=msgs, temperature=2.5), 400, "temperature"),
+        (dict(model="tiny", messages=msgs, top_p=1.5), 400, "top_p"),
+        (dict(model="tiny", messages=msgs, presence_penalty=-3), 400, "presence_penalty"),
+        (dict(model="tiny", messages=msgs, logit_bias={"99999": 5}), 400, "vocabulary"),
         (dict(model="tiny", messages=msgs, n=2), 400, "n=2"),
+        (dict(model="tiny", messages=msgs, response_format={"type": "json_object"}), 400, "response_format"),
         (dict(model="tiny", messages=msgs, steps=0), 400, "max_denoising_steps"),
         (dict(model="tiny", messages=msgs, t_min=0.9, t_max=0.5), 400, "t_max"),
         (dict(model="tiny", messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
@@ -329,9 +333,6 @@ def test_bad_requests_get_4xx_and_server_keeps_answering(server):
         assert got == status, (body.keys(), reply)
         err = reply["error"]
         assert word.lower() in err["message"].lower(), err
-    with pytest.raises(openai.BadRequestError) as e:
-        chat(server, msgs, temperature=0.0)
-    assert "t_min/t_max" in str(e.value)
     # benign fields and neutral values are accepted
     ok = chat(server, msgs, seed=1, max_tokens=L, n=1, user="u", temperature=1, top_p=1,
               stream_options=None, extra_body={"steps": 4, "entropy_bound": 0.2})
@@ -393,6 +394,17 @@ def test_long_prompt_is_prefilled_in_chunks_with_bounded_memory(server):
     args = st.model.args
 
     def check():
+        from mlx_dgemma.serving.scheduler import prefill
+
+        # MLX's SDPA materialises a pass's scores, which chunking bounds; the CPU attention
+        # kernel bounds them by itself (outside MLX's allocator), so compare without it
+        saved_attn, st.model.cpu_attention = st.model.cpu_attention, False
+        try:
+            return _check()
+        finally:
+            st.model.cpu_attention = saved_attn
+
+    def _check():
         from mlx_dgemma.serving.scheduler import prefill
 
         mx.clear_cache()

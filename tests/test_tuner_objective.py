@@ -28,6 +28,9 @@ from mlx_dgemma.tuner.draws import make_draws
 from mlx_dgemma.tuner.objective import objective, prefix_span
 from tests.reference.hf_reference import build_reference, save_checkpoint, tiny_config
 
+# Compared with the reference: CI runs these under both BLAS libraries (README, Tests).
+pytestmark = pytest.mark.reference
+
 V, L = 160, 8
 EOS = 1
 PROMPTS, RESPONSES = (11, 5), (13, 6)  # prompts longer than the sliding window (8)

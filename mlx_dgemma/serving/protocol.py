@@ -1,11 +1,11 @@
-"""OpenAI request parsing and validation, and OpenAI-shaped errors.
+"""OpenAI request parsing and validation.
 
 Validation is written out by hand (not pydantic models) so that every rejection names
 the field and says why in one line, in OpenAI's error shape::
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
 
-Field policy (documented in the README (Serving)):
+Field policy (the README's table, "Fields"):
 
 - mapped to the drafter: ``max_tokens`` / ``max_completion_tokens``, ``seed``,
   ``steps`` (= ``max_denoising_steps``), ``entropy_bound``, ``t_min``, ``t_max``,
@@ -13,21 +13,31 @@ Field policy (documented in the README (Serving)):
   ``sampler`` / ``threshold`` (the confidence-threshold rule);
   thinking via ``enable_thinking``, ``chat_template_kwargs.enable_thinking`` or
   ``reasoning_effort``; ``return_token_ids`` (vLLM's extension) adds the generated and
-  prompt token ids to the reply;
+  prompt token ids to the reply; ``tools``, ``tool_choice``, ``parallel_tool_calls``;
 - canvas constraints (an extension): ``canvas_constraints`` ``{"offset": token_id}``
   (offset 0 = the first generated token) and/or ``canvas_template`` (text whose
   ``canvas_hole`` markers, default ``_``, are one free token each) pin output tokens
   through every denoising step;
+- sampling fields: ``temperature`` in [0, 2] scales the model's schedule (1: the
+  schedule itself; 0: deterministic, see ``server.ServerState.params``); ``top_k``,
+  ``top_p``, ``min_p``, ``presence_penalty``, ``frequency_penalty``,
+  ``repetition_penalty`` and ``logit_bias`` are applied as the reference applies a
+  logits processor (``logits_processors``); ``typical_p``, ``logprobs`` and
+  ``top_logprobs`` cannot be applied to block diffusion and are ignored, logged and
+  listed in the reply's ``x_ignored_fields``. Out-of-range values are 400s.
+  ``strict_sampling`` (``--strict-sampling``) brings back the first server's policy:
+  every sampling field other than its neutral value (what omitting it means) is a 400;
+- fields that ask for a reply shape we cannot give (``n > 1``, ``best_of``, ``echo``,
+  ``suffix``, legacy ``functions``, JSON response formats, audio...) are 400s unless
+  neutral;
 - our extension ``decode`` ("diffusion", "verified" or "ar"; see ``mlx_dgemma.verify``)
   with ``verify`` ("greedy" or "sample", the encoder sampling at temperature 1) and
-  ``draft_steps``;
-- OpenAI sampling fields that would change the output (``temperature``, ``top_p``,
-  penalties, ``logit_bias``, ``logprobs``, ``n > 1``, tools, JSON modes...) are accepted
-  only at their neutral value (what omitting them means) and otherwise get a 400 saying
-  why; ``--ignore-sampling-params`` turns that 400 into a logged warning;
+  ``draft_steps``; with a decode other than "diffusion" the sampling fields are not
+  applied (the encoder's rule commits: they are listed in ``x_ignored_fields``) and a
+  forced ``tool_choice`` (a canvas pin) is a 400;
 - benign fields (``user``, ``metadata``, ``store``, ``stream_options``,
-  ``parallel_tool_calls``, ``service_tier``...) are accepted; unknown fields are ignored
-  with a log line (clients add vendor fields freely).
+  ``service_tier``...) are accepted; unknown fields are ignored, logged and listed in
+  ``x_ignored_fields`` (clients add vendor fields freely).
 """
 
 from __future__ import annotations
@@ -36,23 +46,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..drafter import DenoiseSettings, SettingsError
+from ..logits_processors import LogitsProcessors
+from .errors import APIError
+from .tools import check_tool_choice, check_tools, history_tool_calls
 from ..verify import DECODE_MODES, VERIFY_RULES
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's JSON shape."""
-
-    def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 code: Optional[str] = None, type: Optional[str] = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.code = code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> Dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 # Sampler settings a request may set (request name -> DenoiseSettings field).
@@ -73,28 +70,39 @@ _SCHEDULE = (
     "DiffusionGemma samples with its own temperature schedule (t_max down to t_min over the "
     "denoising steps) and entropy-bound acceptance"
 )
+_NOT_WITH_STRICT = f"{_SCHEDULE}; the server runs with --strict-sampling"
 
-# Fields that would change the output, with the value that means "not used".
-NEUTRAL: Dict[str, Tuple[Tuple[Any, ...], str]] = {
-    "temperature": ((1, 1.0), f"{_SCHEDULE}; set t_min/t_max instead (or omit temperature, or send 1)"),
-    "top_p": ((1, 1.0), f"{_SCHEDULE}; nucleus sampling is not applied (omit top_p, or send 1)"),
-    "top_k": ((0, -1), f"{_SCHEDULE}; top-k sampling is not applied"),
-    "min_p": ((0, 0.0), f"{_SCHEDULE}; min-p sampling is not applied"),
-    "typical_p": ((1, 1.0), f"{_SCHEDULE}; typical sampling is not applied"),
-    "presence_penalty": ((0, 0.0), "penalties are not supported by block diffusion (every block is denoised at once)"),
-    "frequency_penalty": ((0, 0.0), "penalties are not supported by block diffusion (every block is denoised at once)"),
-    "repetition_penalty": ((1, 1.0), "penalties are not supported by block diffusion (every block is denoised at once)"),
-    "logit_bias": (({},), "logit_bias is not supported"),
-    "logprobs": ((False, 0), "logprobs are not supported (a block's tokens come from the last argmax canvas, not from one sampled distribution)"),
-    "top_logprobs": ((0,), "logprobs are not supported"),
+# Sampling fields, with their neutral value (what omitting them means). They are applied
+# (or, for IGNORED ones, reported); --strict-sampling makes any other value a 400.
+SAMPLING: Dict[str, Tuple[Any, ...]] = {
+    "temperature": (1, 1.0),
+    "top_p": (1, 1.0),
+    "top_k": (0, -1),
+    "min_p": (0, 0.0),
+    "typical_p": (1, 1.0),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "logit_bias": ({},),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+}
+# Sampling fields block diffusion cannot apply: accepted, logged, listed in x_ignored_fields.
+IGNORED = {
+    "typical_p": "typical sampling is not applied",
+    "logprobs": "logprobs are not returned (a block's tokens come from the last argmax canvas, not from one "
+                "sampled distribution)",
+    "top_logprobs": "logprobs are not returned",
+}
+
+# Fields asking for a reply we cannot give: 400 unless at the value that means "not used".
+UNSUPPORTED: Dict[str, Tuple[Tuple[Any, ...], str]] = {
     "n": ((1,), "only one choice per request is supported (send n=1, or several requests: they are batched together)"),
     "best_of": ((1,), "best_of is not supported"),
     "echo": ((False,), "echo is not supported"),
     "suffix": (("",), "suffix (insertion) is not supported"),
-    "tools": (([],), "tool calling is not supported by this server"),
-    "functions": (([],), "function calling is not supported by this server"),
-    "function_call": (("none",), "function calling is not supported by this server"),
-    "tool_choice": (("none", "auto"), "tool calling is not supported by this server"),
+    "functions": (([],), "the legacy functions field is not supported: send tools"),
+    "function_call": (("none",), "the legacy function_call field is not supported: send tool_choice"),
     "response_format": (({"type": "text"},), "only response_format {\"type\": \"text\"} is supported (no JSON mode or schemas)"),
     "modalities": ((["text"],), "only text output is supported"),
     "audio": ((), "audio output is not supported"),
@@ -108,15 +116,16 @@ NEUTRAL: Dict[str, Tuple[Tuple[Any, ...], str]] = {
 
 # Accepted and ignored: they do not change what is generated.
 BENIGN = {
-    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options",
+    "user", "metadata", "store", "service_tier", "stream_options",
     "safety_identifier", "prompt_cache_key", "verbosity", "logprobs_mode", "ignore_eos_warning",
 }
 
 CONSTRAINT_FIELDS = ("canvas_constraints", "canvas_template", "canvas_hole")
 COMMON = {"model", "stream", "max_tokens", "max_completion_tokens", "seed", "stop",
-          "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids", *SAMPLER_FIELDS,
-          *CONSTRAINT_FIELDS, "decode", "verify", "draft_steps"}
-CHAT_FIELDS = COMMON | {"messages"}
+          "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids",
+          *SAMPLER_FIELDS, *SAMPLING, *CONSTRAINT_FIELDS,
+          "decode", "verify", "draft_steps"}
+CHAT_FIELDS = COMMON | {"messages", "tools", "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 
 
@@ -136,7 +145,14 @@ class Parsed:
     messages: Optional[List[Dict[str, Any]]] = None
     prompt: Any = None  # completions: str or list of token ids
     return_token_ids: bool = False  # vLLM's extension: token ids in the reply
-    ignored: List[str] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)  # fields not applied (x_ignored_fields)
+    temperature: Optional[float] = None  # None or 1: the model's own schedule
+    processors: LogitsProcessors = field(default_factory=LogitsProcessors)
+    tools: List[Dict[str, Any]] = field(default_factory=list)
+    tool_choice: str = "none"  # none | auto | required | function
+    tool_name: Optional[str] = None  # tool_choice == "function"
+    parallel_tool_calls: bool = True
+    sampling_fields: List[str] = field(default_factory=list)  # the sampling fields set (not neutral)
     # canvas constraints (extension): {offset: token id}, a template with holes, its marker
     constraints: Optional[Dict[int, int]] = None
     canvas_template: Optional[str] = None
@@ -170,30 +186,37 @@ def _int(body: dict, name: str, lo: Optional[int] = None) -> Optional[int]:
     return v
 
 
-def parse_request(body: Any, chat: bool, ignore_sampling: bool = False, log=None) -> Parsed:
+def parse_request(body: Any, chat: bool, strict_sampling: bool = False, log=None) -> Parsed:
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError("you must provide a model parameter (a string; GET /v1/models lists it)", param="model")
     known = CHAT_FIELDS if chat else COMPLETION_FIELDS
-    ignored = []
+    ignored, applied = [], []
     for name, value in body.items():
+        if name in SAMPLING:
+            if _is_neutral(value, SAMPLING[name]):
+                continue
+            if strict_sampling:
+                why = IGNORED.get(name, "it would change the model's own sampling")
+                raise APIError(f"{name}={value!r} is not supported: {why}; {_NOT_WITH_STRICT}",
+                               param=name, code="unsupported_parameter")
+            (ignored if name in IGNORED else applied).append(name)
+            continue
         if name in known or name in BENIGN:
             continue
-        if name in NEUTRAL:
-            neutral, why = NEUTRAL[name]
+        if name in UNSUPPORTED:
+            neutral, why = UNSUPPORTED[name]
             if _is_neutral(value, neutral):
-                continue
-            if ignore_sampling:
-                ignored.append(name)
                 continue
             raise APIError(f"{name}={value!r} is not supported: {why}", param=name, code="unsupported_parameter")
         if name == ("prompt" if chat else "messages"):
             raise APIError(f"{name} belongs to {'/v1/completions' if chat else '/v1/chat/completions'}", param=name)
         ignored.append(name)
+    ignored.sort()
     if ignored and log is not None:
-        log.warning("ignoring request fields: %s", ", ".join(sorted(ignored)))
+        log.warning("not applied: %s", ", ".join(ignored))
 
     stream = body.get("stream", False)
     if stream is None:
@@ -266,14 +289,53 @@ def parse_request(body: Any, chat: bool, ignore_sampling: bool = False, log=None
     parsed = Parsed(model, stream, include_usage, max_tokens, seed, stop, overrides, bool(thinking),
                     kwargs, return_token_ids=bool(rti), ignored=ignored, decode=decode, verify=verify,
                     draft_steps=_int(body, "draft_steps", 1))
+    parsed.temperature, parsed.processors = _sampling(body)
+    parsed.sampling_fields = sorted(applied)
     parsed.constraints, parsed.canvas_template, parsed.canvas_hole = _constraints(body)
     if decode != "diffusion" and (parsed.constraints or parsed.canvas_template is not None):
         raise APIError(f"canvas constraints apply to decode 'diffusion' only, not {decode!r}", param="decode")
     if chat:
         parsed.messages = _messages(body.get("messages"))
+        parsed.tools = check_tools(body.get("tools"))
+        parsed.tool_choice, parsed.tool_name = check_tool_choice(body.get("tool_choice"), parsed.tools)
+        ptc = body.get("parallel_tool_calls")
+        if ptc is not None and not isinstance(ptc, bool):
+            raise APIError(f"parallel_tool_calls must be a boolean, got {ptc!r}", param="parallel_tool_calls")
+        parsed.parallel_tool_calls = ptc is not False
     else:
         parsed.prompt = _prompt(body.get("prompt"))
     return parsed
+
+
+def _sampling(body: dict) -> Tuple[Optional[float], LogitsProcessors]:
+    """temperature (checked to lie in [0, 2]) and the logits processing of the request."""
+    t = body.get("temperature")
+    if t is not None:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 2:
+            raise APIError(f"temperature must be a number in [0, 2], got {t!r}", param="temperature")
+        t = float(t)
+    values: Dict[str, Any] = {}
+    for name in ("top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if body.get(name) is not None:
+            values[name] = body[name]
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+            raise APIError(f"top_k must be an integer >= -1 (-1 or 0: off), got {top_k!r}", param="top_k")
+        values["top_k"] = max(top_k, 0)
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise APIError("logit_bias must be an object mapping token ids to numbers", param="logit_bias")
+        try:
+            values["logit_bias"] = {int(k): v for k, v in bias.items()}
+        except (TypeError, ValueError):
+            raise APIError(f"logit_bias keys must be token ids, got {list(bias)[:3]!r}", param="logit_bias") from None
+    try:
+        return t, LogitsProcessors(**values)
+    except SettingsError as e:
+        msg = str(e)
+        raise APIError(msg, param=msg.split(" ", 1)[0].split("[", 1)[0]) from None
 
 
 def _constraints(body: dict) -> Tuple[Optional[Dict[int, int]], Optional[str], str]:
@@ -333,9 +395,20 @@ def _messages(messages: Any) -> List[Dict[str, Any]]:
         if role not in ("system", "developer", "user", "assistant", "tool"):
             raise APIError(f"messages[{i}].role must be system, developer, user, assistant or tool; got {role!r}",
                            param=f"messages[{i}].role")
-        if m.get("tool_calls") or m.get("function_call"):
-            raise APIError(f"messages[{i}]: tool calls are not supported by this server", param=f"messages[{i}]")
+        if m.get("function_call"):
+            raise APIError(f"messages[{i}]: the legacy function_call is not supported: send tool_calls",
+                           param=f"messages[{i}]")
         msg = {"role": "system" if role == "developer" else role, "content": _text_content(m.get("content"), i)}
+        if role == "assistant":
+            if m.get("tool_calls"):
+                msg["tool_calls"] = history_tool_calls(m["tool_calls"], f"messages[{i}]")
+            thought = m.get("reasoning_content")
+            if isinstance(thought, str) and thought:
+                msg["reasoning_content"] = thought
+        elif role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(m.get(key), str):
+                    msg[key] = m[key]
         out.append(msg)
     return out
 

@@ -12,7 +12,9 @@ Each in-flight request is a *row*. Every iteration of the loop:
 4. samples each row with its own seed, block index and step counter (the random
    streams are keyed per row by ``rng``, so a row's tokens do not depend on which
    other rows share the pass), applies the drafter's acceptance, renoising and
-   adaptive stopping, and commits the rows whose block is done.
+   adaptive stopping, and commits the rows whose block is done. A row may bring its
+   own logits processing (``processors``: the request's sampling fields, applied to
+   the raw logits before the step, as the reference applies a ``logits_processor``).
 
 A committed block goes to the request's event callback at once (streaming sends one
 chunk per block); unless the row is finished, it is then encoded into the row's cache
@@ -41,6 +43,7 @@ import numpy as np
 from .. import drafter as _drafter
 from .. import rng
 from ..drafter import CanvasPins, DenoiseSettings, block_constraints, initial_canvas
+from ..logits_processors import LogitsProcessors
 from ..sampling import temperature
 from ..verify import EncoderRule, advance, encoder_choice, verify_draft
 from .prompt_cache import PromptCacheStore
@@ -64,6 +67,7 @@ class GenerationParams:
     # Canvas constraints: {offset in the generated tokens: token id}, pinned through every
     # denoising step of the block holding that offset (drafter.CanvasPins).
     constraints: Optional[Dict[int, int]] = None
+    processors: Optional[LogitsProcessors] = None  # applied to the raw logits of every step
     decode: str = "diffusion"  # or "verified" / "ar" (mlx_dgemma.verify)
     rule: EncoderRule = field(default_factory=EncoderRule)  # the encoder's rule for verified / ar
 
@@ -118,9 +122,11 @@ class Row:
         self.passes = 0
         self.prefill_s = 0.0
         self.t_first_block: Optional[float] = None
+        self.processors = p.processors if p.processors is not None and p.processors.active else None
         self._new_block_state()
 
     def _new_block_state(self) -> None:
+        self.process = None  # this block's logits processing (penalties see the committed tokens)
         self.canvas = None
         self.pins: Optional[CanvasPins] = None
         self.argmax: Optional[np.ndarray] = None
@@ -326,6 +332,8 @@ class Scheduler:
         for r in rows:
             if r.canvas is None:
                 r.canvas = initial_canvas([r.seed], r.block, L, V)
+                if r.processors is not None:
+                    r.process = r.processors.for_context(r.prompt, r.generated, V)
                 pinned = r.req.params.constraints
                 if pinned:
                     r.pins = CanvasPins.from_rows([block_constraints(pinned, r.block, L)], L, V)
@@ -348,6 +356,8 @@ class Scheduler:
         for i, r in enumerate(rows):
             st = r.settings
             lg = logits if B == 1 else logits[i : i + 1]
+            if r.process is not None:
+                lg = r.process(lg)
             t = temperature(r.n, st.max_denoising_steps, st.t_min, st.t_max)
             s = sample_fn(lg, t, rng.position_keys([r.seed], rng.SAMPLE, r.block, r.n, L))
             renoise = rng.random_tokens(rng.position_keys([r.seed], rng.RENOISE, r.block, r.n, L), V)

@@ -1,10 +1,12 @@
 """Tiny model folders for the server's tests and benchmarks (nothing is downloaded).
 
 ``write_byte_tokenizer`` writes a byte-level tokenizer (``tokenizers`` library, no
-merges: one token per UTF-8 byte) with Gemma-style special tokens and a chat template
-that, like Gemma 4's, prefills an empty thought channel after the generation prompt
-when thinking is off. So the rendered history of the next turn does NOT extend the
-previous prompt exactly, as with the real template.
+merges: one token per UTF-8 byte) whose special tokens are Gemma 4's control tokens
+(turns, thought channel, tool declarations, calls and results, the ``<|"|>`` string
+delimiter), with the Gemma 4-style chat template of :mod:`mlx_dgemma.chat_template`:
+tools render, mlx-lm attaches its Gemma 4 tool parser, and, as with the real template,
+the generation prompt prefills an empty thought channel when thinking is off, so the
+rendered history of the next turn does NOT extend the previous prompt exactly.
 
 ``write_random_model`` writes random MLX weights for a DiffusionGemma config (for
 timing; tests that compare against the reference build their weights with
@@ -17,17 +19,19 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<|channel>", "<channel|>"]
-PAD, EOS, BOS, START, END = 0, 1, 2, 3, 4
+from ..chat_template import CONTROL_TOKENS, GEMMA4_CHAT_TEMPLATE, TOOL_RESPONSE_OPEN
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
-    "{% if not enable_thinking %}<|channel>thought\n<channel|>{% endif %}{% endif %}"
-)
+SPECIALS = ["<pad>", "<eos>", "<bos>", *CONTROL_TOKENS]
+PAD, EOS, BOS = 0, 1, 2
+START, END = SPECIALS.index("<|turn>"), SPECIALS.index("<turn|>")
+TOOL_RESPONSE = SPECIALS.index(TOOL_RESPONSE_OPEN)
 
-# What tiny models need from config.json to pair with this tokenizer.
-TOKEN_IDS = dict(pad_token_id=PAD, eos_token_id=[EOS, END], bos_token_id=BOS)
+CHAT_TEMPLATE = GEMMA4_CHAT_TEMPLATE
+
+# What tiny models need from config.json to pair with this tokenizer. The stop tokens
+# mirror the released checkpoint's [1, 106, 50]: end of text, end of turn, and the
+# ``<|tool_response>`` a model writes after its calls (the tools run next).
+TOKEN_IDS = dict(pad_token_id=PAD, eos_token_id=[EOS, END, TOOL_RESPONSE], bos_token_id=BOS)
 
 
 def byte_vocab_size() -> int:
@@ -36,7 +40,8 @@ def byte_vocab_size() -> int:
 
 def write_byte_tokenizer(path, vocab_size: Optional[int] = None, chat_template: str = CHAT_TEMPLATE) -> int:
     """Write tokenizer.json and tokenizer_config.json into ``path``; returns the
-    vocabulary size (ids past the 263 used ones are ``<unusedN>`` special tokens)."""
+    vocabulary size (ids past the ``byte_vocab_size()`` used ones are ``<unusedN>``
+    special tokens)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     path = Path(path)

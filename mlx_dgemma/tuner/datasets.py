@@ -94,7 +94,10 @@ def chat_example(tokenizer, messages: List[Dict[str, Any]], tools=None, source: 
         raise DataError(f"{source}: no assistant turn to train on (the last message's role is {last!r})")
     if len(messages) < 2:
         raise DataError(f"{source}: the assistant reply has no prompt before it")
-    marked = messages[:-1] + [{**messages[-1], "content": REPLY_MARK}]
+    # The marker stands for the whole reply: without the reply's tool calls, which the
+    # template renders BEFORE the content (the calls would otherwise count as prompt).
+    reply = {k: v for k, v in messages[-1].items() if k != "tool_calls"}
+    marked = messages[:-1] + [{**reply, "content": REPLY_MARK}]
     try:
         prompt = _ids(_template(tokenizer, messages[:-1], tools, add_generation_prompt=True, tokenize=True))
         full = _template(tokenizer, messages, tools, tokenize=False)

@@ -58,11 +58,10 @@ class Loss(NamedTuple):
 
 
 def prepare_for_training(model: Model) -> Model:
-    """Switch the model to its traceable paths (gather_mm experts, MLX soft-cap): the
-    CPU inference defaults go through the host and cannot be differentiated or compiled.
-    Both give the same numbers within float rounding."""
-    model.expert_dispatch = "gather"
-    model.numpy_softcap = False
+    """Switch the model to its traceable paths (``Model.use_traceable_paths``): the CPU
+    inference defaults go through the host or C kernels and cannot be differentiated or
+    compiled. Both give the same numbers within float rounding."""
+    model.use_traceable_paths()
     return model
 
 
