@@ -644,6 +644,10 @@ class Model(nn.Module):
         self.numpy_softcap = False
         if self.cpu_attention:
             self.cpu_attention = False
+        # soft_embeddings evaluates the dequantized table chunk by chunk (not traceable), and
+        # a dequantized weight would be kept in float32 for the backward pass: QLoRA trains
+        # on the quantized weights, as on GPUs
+        self.dequantize_matmuls = False
 
     @property
     def merge_prefix(self) -> bool:
