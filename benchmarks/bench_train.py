@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import mlx_dgemma  # noqa: E402,F401  (first: it loads OpenBLAS before mlx.core, mlx_dgemma/runtime.py)
 from benchmarks.common import CONFIGS, OPENBLAS  # noqa: E402
 
 PROJECTED_PROMPT = 64  # prompt tokens assumed for the 26B projection
