@@ -179,11 +179,19 @@ def load_tokenizer(model_path: Union[str, Path], eos_token_ids=None):
     return load_tok(Path(model_path), eos_token_ids=eos_token_ids)
 
 
-def load(path_or_hub_id: Union[str, Path], tokenizer: bool = True):
-    """Load ``(model, tokenizer)`` from a converted or Hugging Face DiffusionGemma folder or hub id."""
+def load(path_or_hub_id: Union[str, Path], tokenizer: bool = True, adapter_path: Optional[Union[str, Path]] = None):
+    """Load ``(model, tokenizer)`` from a converted or Hugging Face DiffusionGemma folder or hub id.
+
+    ``adapter_path``: a folder written by ``python -m mlx_dgemma.lora`` (adapter_config.json
+    and adapters.safetensors) to apply on top.
+    """
     path = resolve_model_path(path_or_hub_id)
     model, _ = load_model(path)
     model.path = path
+    if adapter_path is not None:
+        from .tuner.utils import load_adapters
+
+        load_adapters(model, adapter_path)
     if not tokenizer:
         return model, None
     return model, load_tokenizer(path)

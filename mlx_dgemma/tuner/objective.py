@@ -1,0 +1,190 @@
+"""The DiffusionGemma training objective.
+
+As NVIDIA NeMo AutoModel's ``DiffusionGemmaSFTRecipe`` implements it (and says Google's
+recipe does), for a batch of clean sequences ``prompt + response + EOS fill`` whose
+response is cut into canvases of ``canvas_length`` aligned to its first token:
+
+- encoder: one causal pass over the clean sequence. Its per-layer K/V is what every
+  canvas attends to; its next-token cross-entropy over the valid sequence is the
+  encoder loss (the final norm, the tied head and the soft-cap, as the reference's logits).
+- decoder: one block per example is scored. Its canvas is the clean block with each
+  position replaced, with probability ``t``, by a token uniform over the vocabulary; the
+  canvas sits at the response tokens' absolute positions, attends bidirectionally to
+  itself and to the clean prefix before the block (the prompt and the earlier response
+  blocks). Sliding layers see only the last ``sliding_window - 1`` prefix tokens and the
+  whole canvas, as at inference (no per-query window).
+- self-conditioning: pass 1 runs without gradients and without a signal; per example a
+  coin decides whether its soft-maxed logits (soft-capped, not temperature-scaled) feed
+  pass 2 or the signal is zero (the reference's no-signal path, exactly).
+- loss: the mean cross-entropy over every position of the scored blocks (corrupted or
+  not, no ``1/t`` weight) plus ``encoder_loss_weight`` times the encoder's mean
+  cross-entropy; both means are token means over the batch (or over the global batch
+  when the caller passes the denominators, as data-parallel training does).
+
+The randomness comes in explicitly (``draws.make_draws`` makes it), so a test can give
+the same draws to a PyTorch computation of the objective.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..model import Model, encoder_mask
+
+# A batch: ``tokens`` [B, T] int32, the clean sequences right-padded; ``prompt_lengths``
+# [B] (where each response starts); ``lengths`` [B] (where each EOS fill ends: a whole
+# number of canvases after the prompt); the draws for the scored block: ``blocks`` [B],
+# ``corrupt`` [B, L] bool, ``noise`` [B, L] int32, ``self_condition`` [B] bool.
+Batch = Dict[str, mx.array]
+
+
+class Loss(NamedTuple):
+    loss: mx.array  # diffusion mean + encoder_loss_weight * encoder mean
+    diffusion: mx.array  # summed cross-entropy over the scored canvas positions
+    encoder: mx.array  # summed next-token cross-entropy of the encoder
+    diffusion_tokens: mx.array  # how many positions each sum has
+    encoder_tokens: mx.array
+
+
+def prepare_for_training(model: Model) -> Model:
+    """Switch the model to its traceable paths (gather_mm experts, MLX soft-cap): the
+    CPU inference defaults go through the host and cannot be differentiated or compiled.
+    Both give the same numbers within float rounding."""
+    model.expert_dispatch = "gather"
+    model.numpy_softcap = False
+    return model
+
+
+class _KVRecorder:
+    """Stands in for a layer's cache during the encoder pass: keeps the layer's K/V."""
+
+    keys = values = None
+
+    def append(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+def _checkpointed(layer: nn.Module, fn: Callable) -> Callable:
+    """``fn`` recomputed in the backward pass instead of kept (mlx-lm's grad_checkpoint,
+    per call: the encoder's K/V must be outputs of the checkpointed function)."""
+
+    def inner(params, *args):
+        layer.update(params)
+        return fn(*args)
+
+    ckpt = mx.checkpoint(inner)
+    return lambda *args: ckpt(layer.trainable_parameters(), *args)
+
+
+def encoder_pass(model: Model, tokens: mx.array, checkpoint: bool = False):
+    """The causal encoder over ``tokens`` [B, T]: per-layer (K, V) and its logits [B, T, V]."""
+    args = model.args
+    T = tokens.shape[1]
+    h = model._embed(tokens)
+    kv: List[Tuple[mx.array, mx.array]] = []
+    for i, layer in enumerate(model.layers):
+        full = args.is_full(i)
+        mask = "causal" if full or T <= args.sliding_window else encoder_mask(T, 0, T, args.sliding_window)
+
+        def run(h, layer=layer, mask=mask):
+            rec = _KVRecorder()
+            h = layer(h, rec, 0, mask, write=True)
+            return h, rec.keys, rec.values
+
+        h, k, v = (_checkpointed(layer, run) if checkpoint else run)(h)
+        kv.append((k, v))
+    return kv, model.lm_head(model.decoder.norm(h))
+
+
+def decoder_masks(model: Model, starts: mx.array, T: int, L: int) -> Tuple[mx.array, mx.array]:
+    """Key masks [B, 1, 1, T + L] over the encoder's K/V followed by the canvas, for full
+    and sliding layers. The canvas starting at ``starts`` [B] sees the clean prefix before
+    it (sliding layers: its last ``sliding_window - 1`` tokens) and the whole canvas."""
+    k = mx.arange(T)[None]
+    s = starts[:, None]
+    full = k < s
+    sliding = full & (k >= s - (model.args.sliding_window - 1))
+    canvas = mx.ones((starts.shape[0], L), dtype=mx.bool_)
+    return (
+        mx.concatenate([full, canvas], axis=1)[:, None, None, :],
+        mx.concatenate([sliding, canvas], axis=1)[:, None, None, :],
+    )
+
+
+def decoder_pass(model: Model, canvas: mx.array, signal: Optional[mx.array], kv, masks, offset,
+                 checkpoint: bool = False) -> mx.array:
+    """Decoder logits [B, L, V] for ``canvas`` over the given per-layer K/V and key masks."""
+    h = model.decoder.self_conditioning(model._embed(canvas), signal)
+    for i, (layer, (k, v)) in enumerate(zip(model.layers, kv)):
+        mask = masks[0] if model.args.is_full(i) else masks[1]
+
+        def run(h, k, v, offset, mask, layer=layer):
+            return layer(h, (k, v), offset, mask, write=False)
+
+        h = (_checkpointed(layer, run) if checkpoint else run)(h, k, v, offset, mask)
+    return model.lm_head(model.decoder.norm(h))
+
+
+def prefix_span(batch: Batch, multiple: int = 32) -> int:
+    """How many leading encoder positions any canvas of ``batch`` can see (rounded up to
+    ``multiple``, so that compiled steps are reused): the decoder needs no keys past it."""
+    L = batch["corrupt"].shape[1]
+    end = int((batch["prompt_lengths"] + batch["blocks"] * L).max().item())
+    return min(batch["tokens"].shape[1], -(-max(end, 1) // multiple) * multiple)
+
+
+def objective(
+    model: Model,
+    batch: Batch,
+    encoder_loss_weight: float = 1.0,
+    self_conditioning: bool = True,
+    denominators: Optional[Tuple[mx.array, mx.array]] = None,
+    checkpoint: bool = False,
+    span: Optional[int] = None,
+) -> Loss:
+    """The loss of ``batch`` (see ``Batch``) and its parts.
+
+    ``self_conditioning=False`` skips pass 1 (every coin counts as tails).
+    ``denominators``: (diffusion tokens, encoder tokens) to divide the sums by instead of
+    this batch's own counts: data-parallel training passes the global batch's.
+    ``checkpoint``: recompute each layer in the backward pass (less memory, ~1/3 more time).
+    ``span``: the decoder attends only to the first ``span`` encoder positions
+    (``prefix_span``; the keys past it are hidden from every canvas anyway).
+    """
+    tokens, starts_p, lengths = batch["tokens"], batch["prompt_lengths"], batch["lengths"]
+    corrupt, noise = batch["corrupt"], batch["noise"]
+    B, T = tokens.shape
+    L = corrupt.shape[1]
+    prepare_for_training(model)
+
+    kv, enc_logits = encoder_pass(model, tokens, checkpoint)
+    valid = mx.arange(1, T)[None] < lengths[:, None]  # next-token pairs inside the sequence
+    enc_ce = nn.losses.cross_entropy(enc_logits[:, :-1], tokens[:, 1:]) * valid
+    enc_sum, enc_n = enc_ce.sum(), valid.sum()
+
+    starts = starts_p + batch["blocks"] * L
+    positions = starts[:, None] + mx.arange(L)[None]
+    clean = mx.take_along_axis(tokens, mx.minimum(positions, T - 1), axis=1)
+    canvas = mx.where(corrupt, noise, clean)
+    if span is not None and span < T:
+        kv = [(k[..., :span, :], v[..., :span, :]) for k, v in kv]
+    masks = decoder_masks(model, starts, kv[0][0].shape[2], L)
+
+    signal = None
+    if self_conditioning:
+        first = mx.stop_gradient(decoder_pass(model, canvas, None, kv, masks, starts, checkpoint))
+        coins = batch["self_condition"].astype(first.dtype)[:, None, None]
+        signal = model.soft_embeddings(mx.softmax(first, axis=-1))
+        signal = signal * coins.astype(signal.dtype)
+    logits = decoder_pass(model, canvas, signal, kv, masks, starts, checkpoint)
+    scored = positions < lengths[:, None]  # always the whole block when the fill is complete
+    diff_ce = nn.losses.cross_entropy(logits, clean) * scored
+    diff_sum, diff_n = diff_ce.sum(), scored.sum()
+
+    d_den, e_den = (diff_n, enc_n) if denominators is None else denominators
+    loss = diff_sum / mx.maximum(d_den, 1) + encoder_loss_weight * enc_sum / mx.maximum(e_den, 1)
+    return Loss(loss, diff_sum, enc_sum, diff_n, enc_n)

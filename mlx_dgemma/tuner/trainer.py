@@ -1,0 +1,208 @@
+"""The training loop: mlx-lm's, with the diffusion objective and what it needs to report.
+
+The same shape as ``mlx_lm.tuner.trainer.train`` (a compiled step over model, optimizer
+and random state; gradient accumulation; ``average_gradients`` over ``mx.distributed``;
+validation, reports and saves every so many steps; the same ``TrainingArgs`` and
+``TrainingCallback``). It differs where mlx-lm's loop cannot serve: the loss has two
+parts that are reported apart, the token means are taken over the whole optimizer step
+on every process (so two processes with half a batch each equal one with all of it), the
+gradient norm is clipped, saves are atomic, and Ctrl-C saves before it stops.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_map
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.trainer import TrainingArgs as _MLXTrainingArgs
+
+from ..model import Model
+from .datasets import BatchSpec, Example, iterate_batches
+from .objective import objective, prefix_span, prepare_for_training
+from .utils import save_adapters
+
+
+@dataclass
+class TrainingArgs(_MLXTrainingArgs):
+    encoder_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the encoder's next-token loss."})
+    self_conditioning_p: float = field(default=0.5, metadata={"help": "Per-example self-conditioning probability."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Clip the gradient norm (0: off)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the batch order and the objective's draws."})
+    pad_to: int = field(default=32, metadata={"help": "Pad batch rows to a multiple of this many tokens."})
+    fill_token_id: Optional[int] = field(default=None, metadata={"help": "EOS fill token (default: the model's EOS)."})
+
+
+def batch_spec(model: Model, args: TrainingArgs, seed: Optional[int] = None) -> BatchSpec:
+    a = model.args
+    eos = args.fill_token_id if args.fill_token_id is not None else (a.eos_token_ids or [1])[0]
+    return BatchSpec(a.canvas_length, a.vocab_size, eos, a.pad_token_id, args.seed if seed is None else seed,
+                     args.self_conditioning_p, args.pad_to)
+
+
+def _parts(sums) -> Dict[str, float]:
+    d, e, dn, en = (float(x) for x in sums)
+    return {"diffusion": d / max(dn, 1.0), "encoder": e / max(en, 1.0)}
+
+
+def evaluate(model: Model, dataset: Sequence[Example], batch_size: int, num_batches: int, args: TrainingArgs,
+             progress_callback=None) -> Dict[str, float]:
+    """Validation loss and its parts over ``num_batches`` batches (-1: all), with fixed
+    draws: the same batches and noise at every evaluation, so the numbers compare."""
+    model.eval()
+    world = mx.distributed.init()
+    spec = batch_spec(model, args)
+    sc = args.self_conditioning_p > 0
+    sums = mx.zeros((4,))
+    batches = iterate_batches(dataset, batch_size, spec, shuffle=False, comm_group=world)
+    for n, (batch, _) in enumerate(batches):
+        if num_batches != -1 and n >= num_batches:
+            break
+        den = batch["denominators"]
+        out = objective(model, batch, args.encoder_loss_weight, sc, (den[0], den[1]),
+                        span=prefix_span(batch, args.pad_to))
+        sums = sums + mx.stack([out.diffusion, out.encoder, out.diffusion_tokens, out.encoder_tokens]).astype(mx.float32)
+        mx.eval(sums)
+        if progress_callback is not None:
+            progress_callback()
+    sums = mx.distributed.all_sum(sums, stream=mx.cpu)
+    p = _parts(sums.tolist())
+    p["loss"] = p["diffusion"] + args.encoder_loss_weight * p["encoder"]
+    return p
+
+
+def train(
+    model: Model,
+    optimizer: optim.Optimizer,
+    train_dataset: Sequence[Example],
+    val_dataset: Optional[Sequence[Example]] = None,
+    args: TrainingArgs = TrainingArgs(),
+    training_callback: Optional[TrainingCallback] = None,
+    log=print,
+) -> List[dict]:
+    """Train ``model``'s trainable parameters; returns the reports (train and validation).
+
+    Adapters are saved (atomically) to ``args.adapter_file`` every ``steps_per_save``
+    iterations, with a numbered copy beside it, and at the end. Ctrl-C saves them, says
+    where, and raises ``KeyboardInterrupt`` again.
+    """
+    world = mx.distributed.init()
+    size, rank = world.size(), world.rank()
+    prepare_for_training(model)
+    spec = batch_spec(model, args)
+    sc = args.self_conditioning_p > 0
+    accum = args.grad_accumulation_steps
+    if accum < 1:
+        raise ValueError("grad_accumulation_steps must be at least 1")
+    log = log if rank == 0 else (lambda *a, **k: None)
+
+    def loss_fn(model, batch, span):
+        den = batch["denominators"]
+        out = objective(model, batch, args.encoder_loss_weight, sc, (den[0], den[1]), args.grad_checkpoint, span)
+        parts = mx.stack([out.diffusion, out.encoder, out.diffusion_tokens, out.encoder_tokens]).astype(mx.float32)
+        # Each process divides by the global counts; average_gradients then divides by the
+        # number of processes, which this undoes: the sum over processes is the global mean.
+        return out.loss * size, parts
+
+    loss_value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, span, prev_grad, do_update):
+        (_, parts), grad = loss_value_and_grad(model, batch, span)
+        if prev_grad is not None:
+            grad = tree_map(lambda x, y: x + y, grad, prev_grad)
+        if do_update:
+            grad = average_gradients(grad)
+            if args.grad_clip > 0:
+                grad, _ = optim.clip_grad_norm(grad, args.grad_clip)
+            optimizer.update(model, grad)
+            grad = None
+        return parts, grad
+
+    history: List[dict] = []
+    adapter_file = Path(args.adapter_file)
+
+    def save(it: int, numbered: bool) -> None:
+        if rank != 0:
+            return
+        save_adapters(model, adapter_file)
+        if numbered:
+            save_adapters(model, adapter_file.parent / f"{it:07d}_{adapter_file.name}")
+
+    def validate(it: int) -> None:
+        tic = time.perf_counter()
+        v = evaluate(model, val_dataset, args.batch_size, args.val_batches, args)
+        model.train()
+        v = {"iteration": it, "val_loss": v["loss"], "val_diffusion_loss": v["diffusion"],
+             "val_encoder_loss": v["encoder"], "val_time": time.perf_counter() - tic}
+        history.append(v)
+        log(f"Iter {it}: Val loss {v['val_loss']:.3f} (diffusion {v['val_diffusion_loss']:.3f}, "
+            f"encoder {v['val_encoder_loss']:.3f}), Val took {v['val_time']:.3f}s", flush=True)
+        if training_callback is not None:
+            training_callback.on_val_loss_report(v)
+
+    model.train()
+    sums, n_tokens, steps, train_time, trained_tokens = mx.zeros((4,)), mx.array(0), 0, 0.0, 0
+    grad_accum = None
+    it = 0
+    batches = iterate_batches(train_dataset, args.batch_size, spec, loop=True, comm_group=world,
+                              accumulation_steps=accum)
+    try:
+        for it, (batch, last) in zip(range(1, args.iters + 1), batches):
+            if val_dataset and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
+                validate(it)
+            tic = time.perf_counter()
+            span = prefix_span(batch, args.pad_to)
+            parts, grad_accum = step(batch, span, grad_accum, last or it == args.iters)
+            sums = sums + parts
+            n_tokens = n_tokens + batch["lengths"].sum()
+            steps += 1
+            mx.eval(state, sums, n_tokens, grad_accum)
+            train_time += time.perf_counter() - tic
+
+            if it % args.steps_per_report == 0 or it == args.iters:
+                total = mx.distributed.all_sum(mx.concatenate([sums, n_tokens[None].astype(mx.float32)]),
+                                               stream=mx.cpu).tolist()
+                p = _parts(total[:4])
+                toks = int(total[4])
+                trained_tokens += toks
+                r = {
+                    "iteration": it,
+                    "train_loss": p["diffusion"] + args.encoder_loss_weight * p["encoder"],
+                    "diffusion_loss": p["diffusion"],
+                    "encoder_loss": p["encoder"],
+                    "learning_rate": optimizer.learning_rate.item(),
+                    "iterations_per_second": steps / train_time,
+                    "tokens_per_second": toks / train_time,
+                    "trained_tokens": trained_tokens,
+                    "peak_memory": mx.get_peak_memory() / 1e9,
+                }
+                history.append(r)
+                log(f"Iter {it}: Train loss {r['train_loss']:.3f} (diffusion {r['diffusion_loss']:.3f}, "
+                    f"encoder {r['encoder_loss']:.3f}), Learning Rate {r['learning_rate']:.3e}, "
+                    f"It/sec {r['iterations_per_second']:.3f}, Tokens/sec {r['tokens_per_second']:.1f}, "
+                    f"Trained Tokens {trained_tokens}, Peak mem {r['peak_memory']:.3f} GB", flush=True)
+                if training_callback is not None:
+                    training_callback.on_train_loss_report(r)
+                sums, n_tokens, steps, train_time = mx.zeros((4,)), mx.array(0), 0, 0.0
+
+            if it % args.steps_per_save == 0:
+                save(it, numbered=True)
+                log(f"Iter {it}: Saved adapter weights to {adapter_file} and "
+                    f"{adapter_file.parent / f'{it:07d}_{adapter_file.name}'}.", flush=True)
+    except KeyboardInterrupt:
+        save(it, numbered=False)
+        log(f"\nInterrupted at iteration {it}: adapter weights saved to {adapter_file}.", flush=True)
+        raise
+    save(it, numbered=False)
+    log(f"Saved final weights to {adapter_file}.", flush=True)
+    return history
