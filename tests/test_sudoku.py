@@ -131,14 +131,14 @@ def test_chat_line_tokenizes_to_prompt_and_reply(tmp_path):
     recipe.write_tokenizer(tmp_path)
     (tmp_path / "chat_template.jinja").write_text(recipe.CHAT_TEMPLATE)
     tok = load_tok(tmp_path)
-    msgs = json.loads(chat_line(EXAMPLE_SOLUTION))["messages"]
+    msgs = json.loads(chat_line(grid.parse(EXAMPLE), EXAMPLE_SOLUTION))["messages"]
     prompt = tok.apply_chat_template(msgs[:1], add_generation_prompt=True)
     full = tok.apply_chat_template(msgs)
-    assert full[: len(prompt)] == prompt and len(prompt) == 9  # <bos><|turn>user\nsudoku<turn|><|turn>model\n
-    assert tok.decode(prompt) == "<bos><|turn>user\nsudoku<turn|><|turn>model\n"
+    assert full[: len(prompt)] == prompt and len(prompt) == 89
+    assert tok.decode(prompt) == f"<bos><|turn>user\n{EXAMPLE}<turn|><|turn>model\n"  # one token per cell
     reply = full[len(prompt):]
     assert len(reply) == 82 and reply[-1] == recipe.TURN_CLOSE == tok.eos_token_id
-    assert tok.decode(reply[:81]) == EXAMPLE_SOLUTION  # one token per cell
+    assert tok.decode(reply[:81]) == EXAMPLE_SOLUTION
     assert recipe.CANVAS_LENGTH >= len(reply) and recipe.CANVAS_LENGTH % 8 == 0
     v = recipe.vocabulary()
     assert len(v) == recipe.VOCAB_SIZE and len(set(v.values())) == recipe.VOCAB_SIZE

@@ -106,7 +106,7 @@ def solve_details(
     out: List[Solved] = []
     for start in range(0, len(grids), batch_size):
         chunk = grids[start : start + batch_size]
-        prompts = [encode_prompt(tok, prompt_messages())] * len(chunk)
+        prompts = [encode_prompt(tok, prompt_messages(g)) for g in chunk]
         pins = [constraints_for(g, tok) for g in chunk] if pin else None
         seeds = [seed + start + k for k in range(len(chunk))]
 

@@ -3,18 +3,18 @@
     python -m mlx_dgemma.sudoku.data --out DIR [--train N] [--valid N] [--base N]
     python -m mlx_dgemma.sudoku.data --heldout DIR
 
-Training (``train.jsonl`` / ``valid.jsonl`` in the trainer's chat format): solved grids.
-The user turn is the fixed ``sudoku`` and the reply is the 81 digits of a solved grid; the
-objective's uniform corruption of the reply turns each line into a partly hidden grid to
-complete, a fresh one at every visit. ``--base`` grids are made by randomized search
-(``generator.search_grid``), then every line is a random symmetry of one of them
-(``generator.transform``: relabelled digits, moved rows, columns, bands, stacks,
-transposed), so lines almost never repeat.
+Training (``train.jsonl`` / ``valid.jsonl`` in the trainer's chat format): the user turn
+is a puzzle (81 characters, ``.`` blanks), the reply the 81 digits of its solution. Base
+puzzles come from ``generator.puzzle`` with ``source="search"`` (grids by randomized
+search) and ``order="random"`` (single cells removed in random order), easy and medium;
+every line is then a random symmetry of a base puzzle (``generator.transform``: relabelled
+digits, moved rows, columns, bands and stacks, transposition), so lines almost never
+repeat even from a small base set.
 
 Held-out (``heldout_easy.txt`` / ``heldout_medium.txt``, one ``puzzle solution`` pair a
 line): ``source="seeded"`` grids (random clues completed by the classical solver),
 ``order="symmetric"`` removal, other seeds: the training saw neither these grids' source
-nor any puzzle at all. Easy = singles alone, 25-35 givens; medium = rated medium by the
+nor this removal order. Easy = singles alone, 25-35 givens; medium = rated medium by the
 human-style solver.
 """
 
@@ -38,6 +38,8 @@ from .recipe import prompt_messages
 Pair = Tuple[str, str]
 
 # (level, givens range); seeds: the held-out sets use their own namespace.
+TRAIN_EASY = (EASY, (24, 36))
+TRAIN_MEDIUM = (MEDIUM, (22, 32))
 HELDOUT_EASY = (EASY, (25, 35))
 HELDOUT_MEDIUM = (MEDIUM, (22, 35))
 TRAIN_SEED, VALID_SEED, HELDOUT_SEED = 1_000, 2_000, 9_000
@@ -64,8 +66,8 @@ def make_puzzles(level_range, n: int, source: str, order: str, seed: int, worker
     return [p for part in parts for p in part]
 
 
-def chat_line(solution: str) -> str:
-    return json.dumps({"messages": prompt_messages(solution)})
+def chat_line(puzzle: str, solution: str) -> str:
+    return json.dumps({"messages": prompt_messages(puzzle, solution)})
 
 
 def augment(base: Sequence[Pair], n: int, seed: int) -> List[Pair]:
@@ -91,18 +93,23 @@ def _write_atomic(path: Path, lines: Sequence[str]) -> None:
     os.replace(tmp, path)
 
 
-def write_training_data(out: Path, train: int, valid: int, base: int, log=print) -> Dict[str, object]:
+def write_training_data(out: Path, train: int, valid: int, base_easy: int, base_medium: int,
+                        medium_share: float = 0.25, workers: int = 1, log=print) -> Dict[str, object]:
     """train.jsonl / valid.jsonl under ``out``; returns what was made (for the record)."""
     t0 = time.perf_counter()
-    rnd = random.Random(TRAIN_SEED)
-    grids = [(g, g) for g in (generator.search_grid(rnd) for _ in range(base))]
-    log(f"  {len(grids)} base grids ({time.perf_counter() - t0:.0f} s)")
-    lines = [chat_line(s) for _, s in augment(grids, train, TRAIN_SEED)]
-    rnd = random.Random(VALID_SEED)
-    val = [chat_line(generator.search_grid(rnd)) for _ in range(valid)]
-    _write_atomic(out / "train.jsonl", lines)
-    _write_atomic(out / "valid.jsonl", val)
-    return dict(train=len(lines), valid=len(val), base_grids=base, seconds=round(time.perf_counter() - t0, 1))
+    easy = make_puzzles(TRAIN_EASY, base_easy, "search", "random", TRAIN_SEED, workers)
+    log(f"  {len(easy)} easy base puzzles ({time.perf_counter() - t0:.0f} s)")
+    t1 = time.perf_counter()
+    medium = make_puzzles(TRAIN_MEDIUM, base_medium, "search", "random", TRAIN_SEED + 500_000, workers)
+    log(f"  {len(medium)} medium base puzzles ({time.perf_counter() - t1:.0f} s)")
+    n_med = int(round(train * medium_share)) if medium else 0
+    pairs = augment(easy, train - n_med, TRAIN_SEED) + augment(medium, n_med, TRAIN_SEED + 1)
+    random.Random(TRAIN_SEED + 2).shuffle(pairs)
+    val = make_puzzles(TRAIN_EASY, valid, "search", "random", VALID_SEED, workers)
+    _write_atomic(out / "train.jsonl", [chat_line(*p) for p in pairs])
+    _write_atomic(out / "valid.jsonl", [chat_line(*p) for p in val])
+    return dict(train=len(pairs), valid=len(val), base_easy=len(easy), base_medium=len(medium),
+                medium_share=medium_share, seconds=round(time.perf_counter() - t0, 1))
 
 
 def write_heldout(out: Path, easy: int = 300, medium: int = 200, workers: int = 1) -> None:
@@ -127,13 +134,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--heldout", type=Path, help="write heldout_easy.txt and heldout_medium.txt here")
     ap.add_argument("--train", type=int, default=100_000)
     ap.add_argument("--valid", type=int, default=256)
-    ap.add_argument("--base", type=int, default=2000, help="solved grids made by search (then augmented)")
-    ap.add_argument("--workers", type=int, default=1, help="processes for the held-out puzzles")
+    ap.add_argument("--base-easy", type=int, default=2000, help="easy base puzzles (then augmented)")
+    ap.add_argument("--base-medium", type=int, default=500, help="medium base puzzles (then augmented)")
+    ap.add_argument("--medium-share", type=float, default=0.25, help="share of medium lines in train.jsonl")
+    ap.add_argument("--workers", type=int, default=1, help="processes making puzzles")
     args = ap.parse_args(argv)
     if not args.out and not args.heldout:
         ap.error("give --out or --heldout")
     if args.out:
-        info = write_training_data(args.out, args.train, args.valid, args.base)
+        info = write_training_data(args.out, args.train, args.valid, args.base_easy, args.base_medium,
+                                   args.medium_share, args.workers)
         print(json.dumps(info))
     if args.heldout:
         write_heldout(args.heldout, workers=args.workers)

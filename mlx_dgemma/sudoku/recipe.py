@@ -34,8 +34,7 @@ VOCAB_SIZE = 256
 CANVAS_LENGTH = 88
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]
 PAD, EOS, BOS, UNK, TURN_OPEN, TURN_CLOSE = range(6)
-WORDS = ["user", "model", "system", "sudoku"]
-PROMPT = "sudoku"  # the whole user turn: the puzzle itself lives in the canvas
+WORDS = ["user", "model", "system"]
 CHARS = list("\n 0123456789.")
 BLANK = "."
 # What fills the canvas after <turn|>: the trainer fills a reply's last block with the
@@ -159,11 +158,10 @@ GENERATION_CONFIG = dict(
 )
 
 
-def prompt_messages(solution: Optional[str] = None) -> List[Dict[str, str]]:
-    """The chat: the fixed user turn, and the model's reply (the 81 digits of a solved
-    grid) when ``solution`` is given (training data). The puzzle is not in the prompt: at
-    inference its givens are pinned in the canvas."""
-    msgs = [{"role": "user", "content": PROMPT}]
+def prompt_messages(puzzle: str, solution: Optional[str] = None) -> List[Dict[str, str]]:
+    """The chat of one puzzle (81 characters, ``0`` or ``.`` blanks): the user turn, and
+    the model's reply (the 81 digits of the solution) when ``solution`` is given."""
+    msgs = [{"role": "user", "content": puzzle.replace("0", BLANK)}]
     if solution is not None:
         msgs.append({"role": "assistant", "content": solution})
     return msgs
