@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fixed_canvas, prompt_tokens, quantize, temperature  # noqa: E402
 
+import mlx_dgemma  # noqa: E402,F401  (first: it loads OpenBLAS before mlx.core, see mlx_dgemma/runtime.py)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -121,7 +122,11 @@ def parts(args) -> dict:
     keys = rng.position_keys([0], rng.SAMPLE, 0, n, L)
     x = logits / temp
     mx.eval(x)
-    out["drafter: sample_step (t, lse, entropy, argmax, gumbel sample)"] = timed(
+    from mlx_dgemma import kernels
+
+    out[f"drafter: kernels.sample_step ({kernels.backend()}; cpu: + SC probabilities, one pass)"] = timed(
+        lambda: kernels.sample_step(logits, temp, keys), R)
+    out["drafter: sample_step_mlx (t, lse, entropy, argmax, gumbel sample)"] = timed(
         lambda: sample_step_mlx(logits, temp, keys), R)
     out["  of which gumbel noise"] = timed(lambda: rng.gumbel(keys, V), R)
     s = sample_step_mlx(logits, temp, keys)

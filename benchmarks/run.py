@@ -88,8 +88,8 @@ def ratio(a, b) -> str:
 def table(records: List[dict]) -> str:
     """Markdown: one row per (config, bits, prompt, backend); ratios on our rows."""
     rows = [
-        "| config | bits | prompt | backend | step ms | forward ms | drafter ms | block ms | e2e tok/s | tok/fwd | peak GB | step ours/ref | step ours/vlm | block ours/ref | block ours/vlm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | bits | prompt | backend | step ms | forward ms | drafter ms | block ms | prefill ms | e2e tok/s | tok/fwd | peak GB | step ours/ref | step ours/vlm | block ours/ref | block ours/vlm | prefill ours/ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cells: Dict[tuple, Dict[str, dict]] = {}
     for r in records:
@@ -102,16 +102,17 @@ def table(records: List[dict]) -> str:
                 continue
             e2e = r.get("e2e") or {}
             peak = r.get("peak_mlx_gb") if r.get("peak_mlx_gb") else r.get("peak_rss_gb")
-            extra = ["", "", "", ""]
+            extra = ["", "", "", "", ""]
             if name.startswith("mlx_dgemma"):
                 extra = [
                     ratio(r["step_ms"], ref and ref["step_ms"]), ratio(r["step_ms"], vlm and vlm["step_ms"]),
                     ratio(r["block_ms"], ref and ref["block_ms"]), ratio(r["block_ms"], vlm and vlm["block_ms"]),
+                    ratio(r.get("prefill_ms"), ref and ref.get("prefill_ms")),
                 ]
             label = name + (f" ({r['variant']})" if r.get("variant") else "")
             rows.append(
                 f"| {config} | {str(bits) + '-bit' if bits else 'f32'} | {prompt} | {label} | {fmt(r['step_ms'])} | "
-                f"{fmt(r['forward_ms'])} | {fmt(r['drafter_ms'])} | {fmt(r['block_ms'])} | "
+                f"{fmt(r['forward_ms'])} | {fmt(r['drafter_ms'])} | {fmt(r['block_ms'])} | {fmt(r.get('prefill_ms'))} | "
                 f"{fmt(e2e.get('tok_s'))} | {fmt(e2e.get('tokens_per_forward'), 2)} | {fmt(peak, 2)} | "
                 + " | ".join(extra) + " |"
             )
@@ -169,12 +170,19 @@ def main(argv=None) -> None:
     p.add_argument("--e2e-steps", type=int, default=None, help="denoising steps per block end to end "
                    "(default per config: tiny 48, mid 16, real-layer 4; 0 skips)")
     p.add_argument("--e2e-quantized", action="store_true", help="also run end to end at 4 bits")
-    p.add_argument("--sampler", choices=["mlx", "kernels"], default="mlx", help="our sampling step")
+    p.add_argument("--sampler", choices=["mlx", "kernels"], default="kernels",
+                   help="our sampling step: the package's default (kernels: the checked fused kernel, on "
+                        "Linux CPUs the C extension) or the pure-MLX path")
     p.add_argument("--work", default=os.environ.get("MLX_DGEMMA_BENCH_WORK", "/tmp/mlx_dgemma_bench"),
                    help="where the random checkpoints are kept")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--table", nargs="+", metavar="RESULTS_JSON",
+                   help="only print the table of these results.json files (no run)")
     args = p.parse_args(argv)
+    if args.table:
+        print(table([r for f in args.table for r in json.loads(Path(f).read_text())["records"]]))
+        return
 
     configs = [c for c in args.configs.split(",") if c]
     for c in configs:
@@ -209,7 +217,9 @@ def main(argv=None) -> None:
                                "--group-size", "32" if config == "tiny" else "64",
                                "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                                "--e2e-steps", str(e2e_cell), "--sampler", args.sampler]
-                        env = mlx_env() if backend in MLX_BACKENDS else torch_env()
+                        # mlx_dgemma loads OpenBLAS itself (mlx_dgemma.runtime): it runs as a user
+                        # runs it, with no preload (torch_env); mlx-vlm gets the preload
+                        env = mlx_env() if backend == "mlx-vlm" else torch_env()
                         print(f"[round {rnd + 1}] {config} bits={bits or 'f32'} prompt={prompt} {backend} ...",
                               flush=True)
                         r = _run(cmd, env, args.timeout)

@@ -148,6 +148,7 @@ def probe_check(logits_fn, ckpt: Path, prompt_len: int, bits: int):
 
 
 def bench_ours(args) -> dict:
+    import mlx_dgemma  # noqa: F401  (before mlx.core: it loads OpenBLAS, see mlx_dgemma/runtime.py)
     import mlx.core as mx
     import numpy as np
 
@@ -155,9 +156,9 @@ def bench_ours(args) -> dict:
     from mlx_dgemma.sampling import probabilities, sample_step_mlx
 
     try:
-        from mlx_dgemma.drafter import DenoiseSettings, denoise_steps, entropy_bound_mask
+        from mlx_dgemma.drafter import DenoiseSettings, denoise_steps, entropy_bound_mask, self_conditioning
     except ImportError:  # the drafter is not there yet: a copy of its step
-        DenoiseSettings = denoise_steps = None
+        DenoiseSettings = denoise_steps = self_conditioning = None
 
         def entropy_bound_mask(entropy, bound):
             order = mx.argsort(entropy, axis=-1)
@@ -211,6 +212,8 @@ def bench_ours(args) -> dict:
         new = mx.where(accept, s.sampled, renoise)
         if soft is not None:
             sc = soft(model, logits, temp, s.lse)
+        elif self_conditioning is not None:  # the drafter's own (uses the kernel's probabilities)
+            sc = self_conditioning(model, logits, temp, s, DenoiseSettings())
         else:
             sc = model.soft_embeddings(probabilities(logits, temp, s.lse))
         return new, s.argmax, sc, s.entropy.mean(-1), accept
@@ -501,7 +504,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--e2e-steps", type=int, default=0)
     p.add_argument("--e2e-tokens", type=int, default=0)
-    p.add_argument("--sampler", choices=["mlx", "kernels"], default="mlx")
+    p.add_argument("--sampler", choices=["mlx", "kernels"], default="kernels")
     args = p.parse_args(argv)
     if args.command == "build":
         build(args)

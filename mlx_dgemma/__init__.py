@@ -1,5 +1,11 @@
 """DiffusionGemma on MLX."""
 
+# First, before anything imports mlx.core: the fast BLAS and malloc setup for MLX's
+# Linux CPU backend (see runtime.py; a no-op elsewhere).
+from . import runtime
+
+runtime.setup()
+
 from .config import ConfigError, ModelArgs
 from .loader import WeightsError, load, load_model
 from .model import Model

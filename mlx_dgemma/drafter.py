@@ -340,8 +340,12 @@ class StepUpdate(NamedTuple):
 
 
 def self_conditioning(model, logits: mx.array, temp: float, sample: StepSample, settings: DenoiseSettings) -> mx.array:
-    """The next step's self-conditioning embeddings from this step's logits."""
-    return _soft_embeddings(model, logits, temp, sample.lse, top_k=settings.sc_top_k)
+    """The next step's self-conditioning embeddings from this step's logits (with the
+    probabilities the sampling pass wrote, when it wrote them: the CPU kernel)."""
+    probs = getattr(sample, "probs", None)
+    if probs is not None:
+        sample.probs = None  # used once; do not keep [B, L, V] alive through the next step
+    return _soft_embeddings(model, logits, temp, sample.lse, top_k=settings.sc_top_k, probs=probs)
 
 
 def update(

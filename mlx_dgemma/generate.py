@@ -16,6 +16,11 @@ Text APIs (:func:`stream_generate`, :func:`generate`) trim the output to ``max_t
 tokens (the reference returns whole blocks); ``tokens_per_forward`` is still computed
 over the whole blocks, exactly as the reference computes it.
 
+``decode`` picks the decoding (default ``"diffusion"``: the block loop above).
+``"ar"`` decodes with the encoder alone, one token per forward, and ``"verified"``
+writes exactly the same tokens, the decoder drafting blocks that the encoder verifies
+(:mod:`mlx_dgemma.verify`; token-level loop: :func:`generate_steps`).
+
 Run ``python -m mlx_dgemma.generate --help`` for the command line.
 """
 
@@ -33,6 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import mlx.core as mx
 import numpy as np
 
+from .cache import PrefixCache
 from .drafter import (
     BlockResult,
     ConstraintError,
@@ -43,6 +49,7 @@ from .drafter import (
     denoise_steps,
     load_generation_config,
 )
+from .verify import DECODE_MODES, EncoderRule, Step, decode_steps
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 
@@ -291,6 +298,88 @@ def generate_blocks(
             on_draft(ev)
 
 
+def _as_rows(prompt_tokens) -> List[np.ndarray]:
+    """Prompts as one int32 array per row: [T], [B, T], or a list of lists (lengths may differ)."""
+    if isinstance(prompt_tokens, mx.array):
+        prompt_tokens = np.array(prompt_tokens)
+    if isinstance(prompt_tokens, np.ndarray):
+        if prompt_tokens.ndim not in (1, 2):
+            raise GenerateInputError(f"prompt tokens must be [T], [B, T] or a list of token lists, got shape {prompt_tokens.shape}")
+        return [r.astype(np.int32) for r in np.atleast_2d(prompt_tokens)]
+    items = list(prompt_tokens)
+    if items and all(isinstance(t, (int, np.integer)) for t in items):
+        items = [items]
+    try:
+        return [np.asarray(r, dtype=np.int32).reshape(-1) for r in items]
+    except (TypeError, ValueError):
+        raise GenerateInputError("prompt tokens must be [T], [B, T] or a list of token lists") from None
+
+
+def generate_steps(
+    model,
+    prompt_tokens,
+    decode: str = "verified",
+    verify: str = "greedy",
+    temperature: float = 1.0,
+    cache=None,
+    draft_settings: Optional[DenoiseSettings] = None,
+    max_tokens: int = 256,
+    seeds: Union[int, Sequence[int]] = 0,
+    eos_token_ids: Sequence[int] = (),
+    on_draft: Optional[Callable[[Draft], None]] = None,
+    draft_fn=None,
+    sample_fn=None,
+) -> Iterator[Step]:
+    """``decode="ar"`` or ``"verified"`` from token ids; yields one
+    :class:`~mlx_dgemma.verify.Step` per round (a token per row, or a verification).
+
+    ``prompt_tokens``: [T], [B, T] or one list per row (lengths may differ): the tokens
+    NOT yet in ``cache`` (None; a PrefixCache holding a prefix of one row, continued in
+    place; or one cache per row). ``verify``: the encoder's rule, "greedy" or "sample"
+    (at ``temperature``, noise keyed by seed and absolute position). ``draft_settings``:
+    the drafter's settings for ``"verified"`` (its ``max_denoising_steps`` is the draft's
+    step budget). On return each cache holds every committed token but the last.
+    """
+    for ev in _step_events(model, prompt_tokens, decode, verify, temperature, cache, draft_settings, max_tokens,
+                           seeds, eos_token_ids, draft_fn, sample_fn):
+        if isinstance(ev, Step):
+            yield ev
+        elif on_draft is not None:
+            on_draft(ev)
+
+
+def _step_events(model, prompt_tokens, decode, verify, temperature, cache, draft_settings, max_tokens, seeds,
+                 eos_token_ids, draft_fn, sample_fn) -> Iterator[Union[Draft, Step]]:
+    if decode not in ("ar", "verified"):
+        raise GenerateInputError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    try:
+        rule = EncoderRule(verify, temperature)
+    except SettingsError as e:
+        raise GenerateInputError(str(e)) from None
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise GenerateInputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    rows = _as_rows(prompt_tokens)
+    B = len(rows)
+    if B == 0 or any(len(r) == 0 for r in rows):
+        raise GenerateInputError(f"empty prompt: decode={decode!r} takes the encoder's logits from the last new token")
+    seeds = [int(seeds)] * B if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    if len(seeds) != B:
+        raise GenerateInputError(f"{len(seeds)} seeds for a batch of {B} prompts")
+    caches = [cache] if isinstance(cache, PrefixCache) else (None if cache is None else list(cache))
+    if caches is not None and len(caches) != B:
+        raise GenerateInputError(f"{len(caches)} caches for a batch of {B} prompts (expected one per row)")
+    L, ctx = model.args.canvas_length, model.args.max_position_embeddings
+    need = L if decode == "verified" else 1
+    for b, r in enumerate(rows):
+        used = len(r) + (caches[b].offset if caches is not None else 0)
+        if used + need > ctx:
+            what = f"a {L}-token canvas" if decode == "verified" else "a generated token"
+            raise GenerateInputError(f"prompt of {used} tokens leaves no room for {what} in the model's context "
+                                     f"of {ctx} tokens (max_position_embeddings)")
+    return (yield from decode_steps(model, rows, decode, rule, cache, draft_settings or DenoiseSettings(), max_tokens,
+                                    seeds, eos_token_ids, draft_fn=draft_fn, sample_fn=sample_fn))
+
+
 # ---------------------------------------------------------------------------------------
 # Text APIs
 
@@ -300,8 +389,14 @@ class GenerationResponse:
     """One item of :func:`stream_generate`.
 
     ``kind == "block"``: ``text``/``thought`` are the NEW answer/thought text of this
-    block, ``tokens`` the block's kept tokens. ``kind == "draft"``: ``text`` is the whole
-    current canvas decoded (the argmax draft), ``step`` the denoising step.
+    block, ``tokens`` the block's kept tokens (with ``decode="verified"``: the tokens one
+    verification committed; ``"ar"``: one token). ``kind == "draft"``: ``text`` is the
+    whole current canvas decoded (the argmax draft), ``step`` the denoising step.
+
+    ``tokens_per_forward`` is the reference's figure (tokens per decoder pass; 0 for
+    ``"ar"``); ``tokens_per_model_forward`` counts every model forward after the prompt:
+    decoder passes and encoder passes (the commit of each block, the verifications and
+    the single-token passes of ``"verified"``, every token of ``"ar"``).
     """
 
     kind: str
@@ -319,6 +414,11 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: Optional[str]  # "stop" (EOS), "length", or None while running
     total_steps: int = 0  # denoising steps over all blocks so far
+    decode: str = "diffusion"
+    model_forwards: int = 0  # decoder + encoder forwards after the prompt
+    tokens_per_model_forward: float = 0.0
+    verifications: int = 0  # drafts verified (decode="verified")
+    accepted_per_verification: float = 0.0  # draft tokens accepted per verification
 
 
 def generation_defaults(model) -> Dict[str, Any]:
@@ -375,6 +475,11 @@ def stream_generate(
     constraints: Optional[Constraints] = None,
     canvas_template: Optional[str] = None,
     hole: str = "_",
+    decode: str = "diffusion",
+    verify: str = "greedy",
+    draft_steps: Optional[int] = None,
+    temperature: float = 1.0,
+    draft_fn=None,
 ) -> Iterator[GenerationResponse]:
     """Generate text; yields one :class:`GenerationResponse` per committed block (and one
     per denoising step with ``show_drafts``).
@@ -394,11 +499,26 @@ def stream_generate(
     given (``constraints`` wins where they overlap). Uses: fill-in-the-middle (pin the
     prefix and the suffix, leave holes between), JSON skeletons (pin the keys and
     punctuation), forms, a forced opening (pin the first tokens), Sudoku (pin the givens).
+
+    ``decode``: ``"diffusion"`` (block diffusion, the default), ``"ar"`` (the encoder
+    alone, token by token) or ``"verified"`` (the decoder drafts, the encoder verifies:
+    the same tokens as ``"ar"``). ``verify``: the encoder's rule for both, ``"greedy"``
+    or ``"sample"`` (at ``temperature``). ``draft_steps``: the verified draft's step
+    budget (default: ``steps``, else generation_config.json). ``draft_fn``: see
+    :func:`mlx_dgemma.verify.decode_steps`. Canvas constraints apply to ``"diffusion"``
+    only (the encoder's own choices cannot be pinned).
     """
     from .chat import ThoughtParser, encode_prompt
 
     if isinstance(prompt, str) and not prompt.strip():
         raise GenerateInputError("empty prompt")
+    if decode not in DECODE_MODES:
+        raise GenerateInputError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode != "diffusion" and (canvas_template is not None or constraints):
+        raise GenerateInputError(f"canvas constraints apply to decode='diffusion' only, not {decode!r} "
+                                 "(the encoder writes its own tokens)")
+    if decode == "verified" and draft_steps is not None:
+        steps = draft_steps
     settings = make_settings(model, settings, max_denoising_steps=steps, entropy_bound=entropy_bound,
                              t_min=t_min, t_max=t_max, sc_top_k=sc_top_k, sampler=sampler, threshold=threshold)
     eos, pad = resolve_ids(model, generation_defaults(model))
@@ -419,6 +539,10 @@ def stream_generate(
     except Exception:  # backends without memory accounting
         pass
 
+    if decode != "diffusion":
+        yield from _stream_steps(model, tokenizer, ids, parser, settings, max_tokens, seed, eos, show_drafts,
+                                 sample_fn, decode, verify, temperature, draft_fn)
+        return
     events = _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn,
                      None if pinned is None else [pinned])
     for ev in events:
@@ -452,13 +576,61 @@ def stream_generate(
         reason = None
         if last:
             reason = "stop" if hit_eos else "length"
+        forwards = int(ev.total_passes[0]) + ev.index  # decoder passes + the commits of earlier blocks
         yield GenerationResponse(
             kind="block", text=d["answer"], thought=d["thought"], tokens=new, block=ev.index,
             step=ev.steps, steps=ev.steps, tokens_per_forward=stats["tpf"], prompt_tokens=len(ids),
             prompt_tps=stats["prompt_tps"], generation_tokens=n_gen, generation_tps=stats["generation_tps"],
             peak_memory=_peak_gb(), finish_reason=reason, total_steps=total_steps,
+            model_forwards=forwards, tokens_per_model_forward=n_gen / forwards if forwards else 0.0,
         )
         if last:
+            return
+
+
+def _stream_steps(model, tokenizer, ids, parser, settings, max_tokens, seed, eos, show_drafts, sample_fn,
+                  decode, verify, temperature, draft_fn) -> Iterator[GenerationResponse]:
+    """stream_generate for decode="ar" / "verified": one response per round."""
+    n_gen, total_steps, round_steps = 0, 0, 0
+    stats = dict(prompt_tps=0.0, generation_tps=0.0, tpf=0.0, tpmf=0.0)
+
+    def response(kind, text, thought, tokens, block, step, reason, ev=None):
+        extra = {}
+        if ev is not None:
+            extra = dict(model_forwards=int(ev.model_forwards[0]), verifications=int(ev.verifications[0]),
+                         accepted_per_verification=float(ev.accepted_per_verification[0]))
+        return GenerationResponse(
+            kind=kind, text=text, thought=thought, tokens=tokens, block=block, step=step, steps=step,
+            tokens_per_forward=stats["tpf"], prompt_tokens=len(ids), prompt_tps=stats["prompt_tps"],
+            generation_tokens=n_gen, generation_tps=stats["generation_tps"], peak_memory=_peak_gb(),
+            finish_reason=reason, total_steps=total_steps + (step if kind == "draft" else 0), decode=decode,
+            tokens_per_model_forward=stats["tpmf"], **extra,
+        )
+
+    events = _step_events(model, [ids], decode, verify, temperature, None, settings, max_tokens, seed, eos,
+                          draft_fn, sample_fn)
+    for ev in events:
+        if isinstance(ev, Draft):
+            round_steps = ev.step
+            if show_drafts:
+                canvas = [int(t) for t in np.array(ev.tokens[0])]
+                yield response("draft", tokenizer.decode(canvas, skip_special_tokens=True), "", canvas,
+                               ev.block, ev.step, None)
+            continue
+        total_steps += round_steps
+        new = ev.tokens[0]
+        n_gen += len(new)
+        parser.feed(new)
+        d = parser.deltas(final=ev.last)
+        stats["prompt_tps"] = ev.prompt_tokens[0] / ev.prompt_time if ev.prompt_time > 0 else 0.0
+        stats["generation_tps"] = n_gen / ev.elapsed if ev.elapsed > 0 else 0.0
+        dec = int(ev.decoder_passes[0])
+        stats["tpf"] = n_gen / dec if dec else 0.0
+        stats["tpmf"] = float(ev.tokens_per_model_forward[0])
+        yield response("block", d["answer"], d["thought"], list(new), ev.index, round_steps,
+                       ev.finish_reason[0] if ev.last else None, ev)
+        round_steps = 0
+        if ev.last:
             return
 
 
@@ -483,12 +655,23 @@ def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = Fa
 
 
 def format_stats(r: GenerationResponse) -> str:
-    blocks = r.block + 1
-    return (
+    head = (
         f"prompt {r.prompt_tokens} tok @ {r.prompt_tps:.1f} tok/s | "
         f"generated {r.generation_tokens} tok @ {r.generation_tps:.1f} tok/s | "
+    )
+    peak = f"peak {r.peak_memory:.2f} GB"
+    per_forward = f"{r.tokens_per_model_forward:.2f} tok/model forward ({r.model_forwards} forwards)"
+    if r.decode == "verified":
+        return head + (
+            f"{r.verifications} verifications, {r.accepted_per_verification:.2f} draft tok accepted each, "
+            f"{r.total_steps / max(r.verifications, 1):.1f} draft steps each | {per_forward} | {peak}"
+        )
+    if r.decode == "ar":
+        return head + f"encoder only | {per_forward} | {peak}"
+    blocks = r.block + 1
+    return head + (
         f"{blocks} block{'s' if blocks != 1 else ''}, {r.total_steps / blocks:.1f} steps/block | "
-        f"{r.tokens_per_forward:.2f} tok/forward | peak {r.peak_memory:.2f} GB"
+        f"{r.tokens_per_forward:.2f} tok/forward | {peak}"
     )
 
 
@@ -626,6 +809,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin the output to a template: every --hole marker is one free token, the rest "
                         "is kept as written (fill-in-the-middle, JSON skeletons, forms)")
     p.add_argument("--hole", default="_", help="the hole marker of --canvas-template (default: _)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="diffusion",
+                   help="diffusion: block diffusion (default); ar: the encoder alone, one token per forward; "
+                        "verified: the decoder drafts each block and the encoder verifies it, writing exactly "
+                        "what ar writes")
+    p.add_argument("--verify", choices=("greedy", "sample"), default="greedy",
+                   help="the encoder's rule for --decode ar/verified: its argmax, or a sample at --temperature "
+                        "keyed by seed and position (default: greedy)")
+    p.add_argument("--draft-steps", type=int, default=None, metavar="N",
+                   help="denoising steps per draft for --decode verified (default: --steps)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="the encoder's sampling temperature for --verify sample (default: 1.0)")
     return p
 
 
@@ -694,10 +888,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail("--canvas-template is empty")
     if not args.hole:
         return _fail("--hole is empty")
+    if args.draft_steps is not None and args.draft_steps < 1:
+        return _fail(f"--draft-steps must be >= 1, got {args.draft_steps}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        return _fail(f"--temperature must be a finite number > 0, got {args.temperature}")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    from . import runtime
+
+    runtime.announce()  # which BLAS MLX's matmuls use (Linux), and how to get the fast one
     try:
         model, tokenizer, _ = resolve_model(args.model, log)
     except (ConfigError, WeightsError, SettingsError, GenerateInputError, OSError, ValueError) as e:
@@ -718,13 +919,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             show_drafts=args.show_drafts and tty, chat_template=not args.no_chat_template,
             thinking=args.thinking, system=args.system, sc_top_k=args.sc_top_k,
             sampler=args.sampler, threshold=args.threshold, canvas_template=args.canvas_template, hole=args.hole,
+            decode=args.decode, verify=args.verify, draft_steps=args.draft_steps, temperature=args.temperature,
         )
-        steps_cap = args.steps or make_settings(model, None, entropy_bound=args.entropy_bound, t_min=args.t_min,
-                                                t_max=args.t_max, sampler=args.sampler,
-                                                threshold=args.threshold).max_denoising_steps
+        draft_cap = args.draft_steps if args.decode == "verified" else None
+        steps_cap = draft_cap or args.steps or make_settings(
+            model, None, entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max, sampler=args.sampler,
+            threshold=args.threshold).max_denoising_steps
         for r in stream:
             if r.kind == "draft":
-                view.draft(f"[block {r.block + 1} \u00b7 step {r.step}/{steps_cap}]", r.text)
+                what = "draft" if args.decode == "verified" else "block"
+                view.draft(f"[{what} {r.block + 1} \u00b7 step {r.step}/{steps_cap}]", r.text)
                 continue
             if r.thought:
                 if not shown_thought:

@@ -136,6 +136,9 @@ def _quantization_of(module: nn.Module, path: str, weights: Dict[str, mx.array],
 
 def load_model(model_path: Union[str, Path], strict: bool = True) -> Tuple[Model, Dict[str, Any]]:
     """Build the model from a local folder and load its weights."""
+    from . import runtime
+
+    runtime.warn_if_slow()  # Linux: MLX's bundled BLAS is ~30x slower than OpenBLAS
     model_path = Path(model_path)
     config = read_config(model_path)
     try:

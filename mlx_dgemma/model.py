@@ -5,7 +5,8 @@ prefix cache. ``denoise`` runs the same layers bidirectionally over a canvas tha
 the whole cache, returns float32 soft-capped logits, and never writes the cache.
 
 API (stable; the drafter, generate and the server call it):
-  make_cache() -> PrefixCache; encode(tokens [B, T], cache);
+  make_cache() -> PrefixCache; encode(tokens [B, T], cache, return_logits=False)
+  (-> the encoder's next-token logits [B, T, V] when asked);
   denoise(canvas [B, L], cache, self_conditioning_logits=None,
           self_conditioning_embeddings=None) -> float32 logits [B, L, V];
   hidden(...) (same arguments) -> final hidden states; lm_head(h); soft_embeddings(probs);
@@ -17,9 +18,11 @@ mask, and each row's canvas positions start at its own ``cache.offset``.
 
 Speed switches (attributes of Model; outputs agree within float rounding; defaults per
 backend, see benchmarks/README.md): ``compile_decoder`` (GPUs), ``expert_dispatch``
-("gather" | "grouped": CPU with large experts | "dense": every expert on every token,
-for training small models on the CPU), ``numpy_softcap`` (CPU),
-``merge_prefix`` (off), ``prefill_chunk`` (512 tokens per encoder pass).
+("gather": GPUs | "cpu": the C kernel, CPU | "grouped": CPU without it, quantized
+experts | "dense": every expert on every token, for training small models on the CPU),
+``encoder_expert_dispatch`` (None: the same), ``cpu_attention`` (CPU, the C
+kernel), ``dequantize_matmuls`` (CPU), ``numpy_softcap`` (CPU; the C softcap where
+built), ``merge_prefix`` (off), ``prefill_chunk`` (512 tokens per encoder pass).
 
 The module tree mirrors the checkpoint's key names (``model.decoder.…``) so that the
 on-disk layout of mlx-community's conversions loads with only the expert split in
@@ -41,6 +44,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, Switch
 
 from .cache import PrefixCache, make_prefix_cache
 from .config import ModelArgs
+from .kernels import cpu as cpu_kernels
 
 # ``denoise``/``hidden`` take one PrefixCache (every canvas row shares it) or a list of
 # PrefixCache, one per canvas row, whose prompts may differ in length (ragged batch).
@@ -67,6 +71,26 @@ def numpy_softcap(x: mx.array, cap: float) -> mx.array:
     return mx.array(y)
 
 
+def dequantized(m: nn.Module, rows=None) -> mx.array:
+    """The float weight of a quantized layer (rows ``rows`` of it), float32 on the CPU."""
+    w, scales, biases = m.weight, m.scales, m.get("biases")
+    if rows is not None:
+        w, scales = w[rows], scales[rows]
+        biases = None if biases is None else biases[rows]
+    out = mx.dequantize(w, scales, biases, group_size=m.group_size, bits=m.bits, mode=m.mode)
+    return out.astype(mx.float32)
+
+
+def linear(m: nn.Module, x: mx.array, dequantize: bool) -> mx.array:
+    """``m(x)``. ``dequantize``: a quantized ``m`` runs as its dequantized weight through
+    a float32 BLAS matmul: MLX 0.32's CPU ``quantized_matmul`` is a scalar loop, 20-35x
+    slower at these shapes (benchmarks/README.md); the float weight lives for this call."""
+    if not dequantize or not isinstance(m, nn.QuantizedLinear) or getattr(m, "global_scale", None) is not None:
+        return m(x)
+    y = (x.astype(mx.float32) @ dequantized(m).T).astype(x.dtype)
+    return y + m.bias if "bias" in m else y
+
+
 class RMSNormNoScale(nn.Module):
     def __init__(self, eps: float):
         super().__init__()
@@ -89,9 +113,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.dequantize = False  # see linear()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+        d = self.dequantize
+        return linear(self.down_proj, geglu(linear(self.gate_proj, x, d), linear(self.up_proj, x, d)), d)
 
 
 class Router(nn.Module):
@@ -106,10 +132,11 @@ class Router(nn.Module):
         self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
         self.scale = mx.ones((args.hidden_size,))
         self.per_expert_scale = mx.ones((args.num_experts,))
+        self.dequantize = False  # see linear()
 
     def __call__(self, x: mx.array):
         x = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root_size
-        scores = self.proj(x).astype(mx.float32)
+        scores = linear(self.proj, x, self.dequantize).astype(mx.float32)
         k = self.top_k
         indices = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
         # softmax over all experts then renormalising the top k equals a softmax over
@@ -119,9 +146,11 @@ class Router(nn.Module):
         return indices, weights
 
 
-def _expert_matmul(lin: nn.Module, x: mx.array, e: int) -> mx.array:
+def _expert_matmul(lin: nn.Module, x: mx.array, e: int, dequantize: bool = False) -> mx.array:
     """x [n, in] through expert ``e`` of a (Quantized)SwitchLinear: [n, out]."""
-    if isinstance(lin, QuantizedSwitchLinear):
+    if isinstance(lin, QuantizedSwitchLinear) and dequantize:
+        y = (x.astype(mx.float32) @ dequantized(lin, e).T).astype(x.dtype)
+    elif isinstance(lin, QuantizedSwitchLinear):
         y = mx.quantized_matmul(
             x, lin.weight[e], lin.scales[e], None if lin.biases is None else lin.biases[e],
             transpose=True, group_size=lin.group_size, bits=lin.bits, mode=lin.mode,
@@ -133,7 +162,7 @@ def _expert_matmul(lin: nn.Module, x: mx.array, e: int) -> mx.array:
     return y
 
 
-def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> mx.array:
+def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array, dequantize: bool = False) -> mx.array:
     """SwitchGLU(x, indices) as one dense GEMM per expert over the rows routed to it.
 
     ``gather_mm`` on MLX's CPU backend runs one matrix-vector product per (token, expert)
@@ -152,9 +181,9 @@ def grouped_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> mx.arr
         n = int(counts[e])
         xe = xs[start : start + n]
         start += n
-        gate = _expert_matmul(glu.gate_proj, xe, int(e))
-        up = _expert_matmul(glu.up_proj, xe, int(e))
-        outs.append(_expert_matmul(glu.down_proj, glu.activation(up, gate), int(e)))
+        gate = _expert_matmul(glu.gate_proj, xe, int(e), dequantize)
+        up = _expert_matmul(glu.up_proj, xe, int(e), dequantize)
+        outs.append(_expert_matmul(glu.down_proj, glu.activation(up, gate), int(e), dequantize))
     y = mx.concatenate(outs)[mx.argsort(order)]
     return y.reshape(*lead, K, y.shape[-1])
 
@@ -184,16 +213,24 @@ class Experts(nn.Module):
             args.hidden_size, args.moe_intermediate_size, args.num_experts, activation=GeGLU()
         )
         # "gather": SwitchGLU's gather_mm (sorted by expert when >= 64 pairs), the right
-        # kernel on GPUs; "grouped": grouped_switch_glu, for the CPU backend; "dense":
-        # dense_switch_glu, for training small models on the CPU.
+        # kernel on GPUs; "grouped": grouped_switch_glu, for the CPU backend; "cpu": the C
+        # kernel (kernels.cpu.moe: float32 experts; others take the grouped path);
+        # "dense": dense_switch_glu, for training small models on the CPU.
         self.dispatch = "gather"
+        self.encoder_dispatch: Optional[str] = None  # the encoder's, when it differs
+        self.dequantize = False  # quantized experts, grouped: see linear()
 
-    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array, encoder: bool = False) -> mx.array:
         glu = self.switch_glu
-        if self.dispatch == "dense" and isinstance(glu.gate_proj, SwitchLinear):
+        dispatch = (self.encoder_dispatch or self.dispatch) if encoder else self.dispatch
+        if dispatch == "dense" and isinstance(glu.gate_proj, SwitchLinear):
             return dense_switch_glu(glu, x, indices, weights)
-        if self.dispatch == "grouped" and getattr(glu.gate_proj, "global_scale", None) is None:
-            y = grouped_switch_glu(glu, x, indices)
+        if dispatch == "cpu":
+            if cpu_kernels.moe_supported(glu):
+                return cpu_kernels.moe(glu, x, indices, weights)
+            dispatch = "grouped"  # quantized or bf16 experts: the MLX grouped path
+        if dispatch == "grouped" and getattr(glu.gate_proj, "global_scale", None) is None:
+            y = grouped_switch_glu(glu, x, indices, self.dequantize)
         else:
             y = glu(x, indices)
         return (y * weights[..., None].astype(y.dtype)).sum(-2)
@@ -244,6 +281,11 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
         self.v_norm = RMSNormNoScale(eps)
+        self.window = None if self.is_full else args.sliding_window
+        self.dequantize = False  # see linear()
+        # CPU: the C attention kernel (kernels.cpu.attention) instead of MLX's SDPA, whose
+        # CPU fallback materialises every score and runs a scalar softmax over them.
+        self.cpu_attention = False
         # Decoder: attend to the prefix in place and merge with the canvas partial by
         # log-sum-exp (merged_attention) instead of concatenating K/V every step.
         self.merge_prefix = False
@@ -258,8 +300,9 @@ class Attention(nn.Module):
 
     def kv(self, x: mx.array, offset: int):
         B, L, _ = x.shape
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if not self.is_full else k
+        d = self.dequantize
+        k = linear(self.k_proj, x, d).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = linear(self.v_proj, x, d).reshape(B, L, self.n_kv_heads, self.head_dim) if not self.is_full else k
         k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=offset)
         v = self.v_norm(v).transpose(0, 2, 1, 3)
         return k, v
@@ -269,16 +312,21 @@ class Attention(nn.Module):
         Otherwise ``cache`` is the (keys, values) prefix the canvas sees, ``offset`` an
         int or a per-row [B] array of positions, ``mask`` None or a key mask (decoder)."""
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        q = self.q_norm(linear(self.q_proj, x, self.dequantize).reshape(B, L, self.n_heads, self.head_dim))
         q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
         k, v = self.kv(x, offset)
         if write:
             k, v = cache.append(k, v)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+            if self.cpu_attention and q.dtype == k.dtype == mx.float32:
+                # the mask is causal (and windowed) over positions: the kernel builds it
+                out = cpu_kernels.attention(q, k, v, 1.0, causal=True, q_pos0=offset,
+                                            k_pos0=offset + L - k.shape[2], window=self.window or 0)
+            else:
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         else:
             pk, pv = cache
             if pk is None:
-                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+                out = self._decoder_attention(q, k, v, mask)
             elif self.merge_prefix:
                 out = merged_attention(q, pk, pv, k, v, mask)
             else:
@@ -286,8 +334,15 @@ class Attention(nn.Module):
                     pk = mx.broadcast_to(pk, (B, *pk.shape[1:]))
                     pv = mx.broadcast_to(pv, (B, *pv.shape[1:]))
                 k, v = mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
-                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+                out = self._decoder_attention(q, k, v, mask)
+        return linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1), self.dequantize)
+
+    def _decoder_attention(self, q, k, v, mask) -> mx.array:
+        """Bidirectional; ``mask`` None or a key mask [B, 1, 1, S] (ragged prefixes)."""
+        if self.cpu_attention and q.dtype == k.dtype == mx.float32:
+            km = None if mask is None else mask.reshape(q.shape[0], -1)
+            return cpu_kernels.attention(q, k, v, 1.0, key_mask=km)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
 
 
 class DecoderLayer(nn.Module):
@@ -316,7 +371,7 @@ class DecoderLayer(nn.Module):
         )
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         indices, weights = self.router(h)
-        moe = self.experts(self.pre_feedforward_layernorm_2(h), indices, weights)
+        moe = self.experts(self.pre_feedforward_layernorm_2(h), indices, weights, encoder=write)
         moe = self.post_feedforward_layernorm_2(moe)
         out = h + self.post_feedforward_layernorm(dense + moe)
         return out * (self.encoder_layer_scalar if write else self.layer_scalar)
@@ -332,13 +387,15 @@ class SelfConditioning(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.dequantize = False  # see linear()
 
     def __call__(self, embeds: mx.array, signal: Optional[mx.array]) -> mx.array:
         if signal is None:
             # Zero signal: the MLP of zeros is zero (no biases), so only the norm remains.
             return self.post_norm(embeds)
-        s = self.pre_norm(signal)
-        return self.post_norm(embeds + self.down_proj(geglu(self.gate_proj(s), self.up_proj(s))))
+        s, d = self.pre_norm(signal), self.dequantize
+        mlp = linear(self.down_proj, geglu(linear(self.gate_proj, s, d), linear(self.up_proj, s, d)), d)
+        return self.post_norm(embeds + mlp)
 
 
 class Decoder(nn.Module):
@@ -440,8 +497,9 @@ class DecoderStep:
     def __call__(self, canvas: mx.array, signal: Optional[mx.array], head: bool) -> mx.array:
         model = self.model
         args = (canvas,) if signal is None else (canvas, signal)
-        # grouped experts and the NumPy softcap go through the host: not traceable
-        if not model.compile_decoder or model.expert_dispatch == "grouped" or (head and model.numpy_softcap):
+        # grouped or C experts, the C attention and the NumPy softcap go through the host: not traceable
+        if (not model.compile_decoder or model.expert_dispatch != "gather" or model.cpu_attention
+                or (head and model.numpy_softcap)):
             return self._forward(signal is not None, head)(*args)
         key = (signal is not None, head, model.merge_prefix)
         fn = self._compiled.get(key)
@@ -461,15 +519,23 @@ class Model(nn.Module):
         # compare both settings; benchmarks/README.md has what each wins). Defaults per
         # backend: on GPUs the compiled decoder step with gather_mm experts; on the CPU
         # backend, where compiling buys nothing measurable and costs seconds of C++
-        # builds, eager steps with experts grouped into one GEMM per expert.
-        # Grouping pays once an expert's matrices outgrow the caches (real shapes: 8 MB
-        # each, 3.2x faster experts); small experts stay cache-resident under gather_mm.
+        # builds, eager steps with experts grouped into one GEMM per expert (gather_mm
+        # there is a mat-vec per (token, expert) pair: 4.3x slower at mid shapes, 3.2x at
+        # the real ones).
         gpu = mx.default_device() == mx.gpu
-        big_experts = args.hidden_size * args.moe_intermediate_size >= 1 << 19
         self.compile_decoder = gpu
-        self.expert_dispatch = "grouped" if big_experts and not gpu else "gather"
+        self.expert_dispatch = "gather" if gpu else ("cpu" if cpu_kernels.attention_available() else "grouped")
         self.numpy_softcap = not gpu  # see numpy_softcap (not traceable: eager steps only)
         self.prefill_chunk = 512  # encode(): tokens per encoder pass (0 = all at once)
+        # CPU: attention through the C kernel (needs the built extension and a CBLAS
+        # sgemm in the process: OpenBLAS, loaded by mlx_dgemma.runtime). The encoder's
+        # experts may be dispatched apart from the decoder's (None: the same).
+        self.cpu_attention = not gpu and cpu_kernels.attention_available()
+        self.encoder_expert_dispatch = None
+        # CPU: quantized layers run dequantized (per call) through float32 BLAS; the
+        # vocabulary-sized tables in row chunks of ``dequantize_rows``.
+        self.dequantize_matmuls = not gpu
+        self.dequantize_rows = 16384
 
     @property
     def decoder(self) -> Decoder:
@@ -489,31 +555,36 @@ class Model(nn.Module):
         h = self.decoder.embed_tokens(tokens)
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
-    def encode(self, tokens: mx.array, cache: PrefixCache) -> None:
+    def encode(self, tokens: mx.array, cache: PrefixCache, return_logits: bool = False) -> Optional[mx.array]:
         """Run the causal encoder over ``tokens`` [B, T] and append their K/V to ``cache``.
 
         Long inputs go through in chunks of ``prefill_chunk`` tokens (the same result:
         each chunk attends causally to the cache and itself). A sliding layer then scores
         each chunk against at most ``sliding_window - 1 + chunk`` keys instead of all
         ``T``, and a full layer skips most of the masked upper triangle.
+
+        ``return_logits``: also return the encoder's next-token logits [B, T, V] (float32,
+        soft-capped): the reference's ``encoder_last_hidden_state`` (final norm) through
+        the tied head, as its training computes the encoder's loss. Position t predicts
+        token t + 1. Costs the last layer's attention and FFN and the head, which a plain
+        encode skips.
         """
         if tokens.ndim == 1:
             tokens = tokens[None]
         T, chunk = tokens.shape[1], self.prefill_chunk
         if chunk and T > chunk:
-            for start in range(0, T, chunk):
-                self._encode(tokens[:, start : start + chunk], cache)
-            return
-        self._encode(tokens, cache)
+            out = [self._encode(tokens[:, s : s + chunk], cache, return_logits) for s in range(0, T, chunk)]
+            return mx.concatenate(out, axis=1) if return_logits else None
+        return self._encode(tokens, cache, return_logits)
 
-    def _encode(self, tokens: mx.array, cache: PrefixCache) -> None:
+    def _encode(self, tokens: mx.array, cache: PrefixCache, return_logits: bool = False) -> Optional[mx.array]:
         T = tokens.shape[1]
         offset = cache.offset
         h = self._embed(tokens)
         masks = {}
         last = len(self.layers) - 1
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            if i == last:
+            if i == last and not return_logits:
                 # Only the last layer's K/V is ever read: skip its attention and FFN.
                 k, v = layer.self_attn.kv(layer.input_layernorm(h), offset)
                 c.append(k, v)
@@ -524,7 +595,12 @@ class Model(nn.Module):
             if key not in masks:
                 masks[key] = encoder_mask(T, offset, n_keys, None if full else self.args.sliding_window)
             h = layer(h, c, offset, masks[key], write=True)
-        mx.eval([c.state for c in cache])
+        if not return_logits:
+            mx.eval([c.state for c in cache])
+            return None
+        logits = self.lm_head(self.decoder.norm(h))  # the encoder's norm is tied to the decoder's
+        mx.eval([c.state for c in cache], logits)
+        return logits
 
     # -- the decoder pass ------------------------------------------------------------
     # Within a block the prefix is constant, so everything derived from it (each layer's
@@ -539,10 +615,45 @@ class Model(nn.Module):
 
     @expert_dispatch.setter
     def expert_dispatch(self, mode: str) -> None:
-        if mode not in ("gather", "grouped", "dense"):
-            raise ValueError(f"expert_dispatch must be 'gather', 'grouped' or 'dense', got {mode!r}")
+        if mode not in ("gather", "grouped", "cpu", "dense"):
+            raise ValueError(f"expert_dispatch must be 'gather', 'grouped', 'cpu' or 'dense', got {mode!r}")
         for layer in self.layers:
             layer.experts.dispatch = mode
+
+    @property
+    def dequantize_matmuls(self) -> bool:
+        return bool(self.__dict__.get("_dequantize", False))
+
+    @dequantize_matmuls.setter
+    def dequantize_matmuls(self, on: bool) -> None:
+        object.__setattr__(self, "_dequantize", bool(on))
+        mods = [self.decoder.self_conditioning]
+        for layer in self.layers:
+            mods += [layer.self_attn, layer.mlp, layer.router, layer.experts]
+        for m in mods:
+            m.dequantize = bool(on)
+
+    @property
+    def cpu_attention(self) -> bool:
+        return self.layers[0].self_attn.cpu_attention if self.layers else False
+
+    @cpu_attention.setter
+    def cpu_attention(self, on: bool) -> None:
+        if on and not cpu_kernels.attention_available():
+            raise ValueError("cpu_attention needs the built CPU kernel and a CBLAS sgemm (OpenBLAS) on the CPU")
+        for layer in self.layers:
+            layer.self_attn.cpu_attention = bool(on)
+
+    @property
+    def encoder_expert_dispatch(self) -> Optional[str]:
+        return self.layers[0].experts.encoder_dispatch if self.layers else None
+
+    @encoder_expert_dispatch.setter
+    def encoder_expert_dispatch(self, mode: Optional[str]) -> None:
+        if mode not in (None, "gather", "grouped", "cpu"):
+            raise ValueError(f"encoder_expert_dispatch must be None, 'gather', 'grouped' or 'cpu', got {mode!r}")
+        for layer in self.layers:
+            layer.experts.encoder_dispatch = mode
 
     @property
     def merge_prefix(self) -> bool:
@@ -613,19 +724,41 @@ class Model(nn.Module):
         """
         return self._run_decoder(canvas, cache, self_conditioning_logits, self_conditioning_embeddings, True)
 
+    def _table_chunks(self):
+        """(rows, dequantized float32 rows) of a quantized embedding table, in chunks."""
+        emb = self.decoder.embed_tokens
+        V, step = emb.weight.shape[0], max(1, self.dequantize_rows)
+        for start in range(0, V, step):
+            rows = slice(start, min(V, start + step))
+            yield rows, dequantized(emb, rows)
+
     def lm_head(self, h: mx.array) -> mx.array:
-        logits = self.decoder.embed_tokens.as_linear(h).astype(mx.float32)
+        emb = self.decoder.embed_tokens
+        if self.dequantize_matmuls and isinstance(emb, nn.QuantizedEmbedding):
+            hf = h.astype(mx.float32)
+            logits = mx.concatenate([hf @ w.T for _, w in self._table_chunks()], axis=-1)
+        else:
+            logits = emb.as_linear(h).astype(mx.float32)
         cap = self.args.final_logit_softcapping
         if not cap:
             return logits
         if self.numpy_softcap:
-            return numpy_softcap(logits, cap)
+            return cpu_kernels.softcap(logits, cap) if cpu_kernels.built() else numpy_softcap(logits, cap)
         return softcap(logits, cap)
 
     def soft_embeddings(self, probs: mx.array) -> mx.array:
         """probs [.., V] (float32) @ embedding matrix * embedding scale, in the weights' dtype."""
         emb = self.decoder.embed_tokens
-        if isinstance(emb, nn.QuantizedEmbedding):
+        if isinstance(emb, nn.QuantizedEmbedding) and self.dequantize_matmuls:
+            dtype = emb.scales.dtype
+            p = probs.astype(mx.float32)
+            out = None
+            for rows, w in self._table_chunks():
+                part = p[..., rows] @ w
+                out = part if out is None else out + part
+                mx.eval(out)  # one chunk of the table at a time
+            out = out.astype(dtype)
+        elif isinstance(emb, nn.QuantizedEmbedding):
             dtype = emb.scales.dtype
             out = mx.quantized_matmul(
                 probs.astype(dtype), emb.weight, emb.scales, emb.biases,
@@ -675,7 +808,9 @@ class Model(nn.Module):
                 if name == "down_proj":
                     split[f"{prefix}.down_proj{suffix}"] = v
                 else:
-                    gate, up = mx.split(v, 2, axis=-2)
+                    # contiguous copies, not views of the fused tensor: the CPU kernels read
+                    # each expert's rows in place (the fused tensor is then freed)
+                    gate, up = (mx.contiguous(t) for t in mx.split(v, 2, axis=-2))
                     split[f"{prefix}.gate_proj{suffix}"] = gate
                     split[f"{prefix}.up_proj{suffix}"] = up
         out.update(split)

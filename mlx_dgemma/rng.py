@@ -7,7 +7,11 @@ which other requests share a batch (each batch row has its own seed), and a NumP
 lets tests feed the exact same noise to the PyTorch reference.
 
 Streams: ``CANVAS`` (the block's initial canvas), ``SAMPLE`` (Gumbel noise for the
-denoiser sample) and ``RENOISE`` (fresh tokens for rejected positions).
+denoiser sample) and ``RENOISE`` (fresh tokens for rejected positions), all keyed by
+canvas slot; ``ENCODER`` (Gumbel noise for the encoder's own sample in ``decode="ar"``
+and ``"verified"``), keyed by the ABSOLUTE sequence position instead
+(:func:`sequence_keys`), so the encoder's choice at a position does not depend on
+which block, pass or step reached it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-CANVAS, SAMPLE, RENOISE = 0, 1, 2
+CANVAS, SAMPLE, RENOISE, ENCODER = 0, 1, 2, 3
 _M1, _M2 = 0x7FEB352D, 0x846CA68B
 _GOLDEN = 0x9E3779B9
 MASK32 = 0xFFFFFFFF
@@ -63,6 +67,17 @@ def position_keys(
     """Keys [B, length] (uint32): one per batch row (own seed) and canvas position."""
     rows = np.array([step_key(int(s), stream, block, step) for s in seeds], dtype=np.uint32)
     keys = mix32(rows[:, None] + np.arange(length, dtype=np.uint32)[None])
+    return keys if numpy else mx.array(keys)
+
+
+def sequence_keys(seeds, stream: int, positions, numpy: bool = False) -> Union[mx.array, np.ndarray]:
+    """Keys [n] (uint32) for absolute sequence ``positions`` [n] under ``seeds`` (one
+    seed for all, or one per position)."""
+    positions = np.asarray(positions, dtype=np.uint32).reshape(-1)
+    seeds = np.broadcast_to(np.asarray(seeds, dtype=object), positions.shape)
+    memo = {}
+    rows = np.array([memo.setdefault(int(s), step_key(int(s), stream, 0, 0)) for s in seeds], dtype=np.uint32)
+    keys = mix32(rows + positions)
     return keys if numpy else mx.array(keys)
 
 

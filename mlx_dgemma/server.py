@@ -31,6 +31,7 @@ from .generate import GenerateInputError, check_constraints, template_constraint
 from .serving.prompt_cache import PromptCacheStore
 from .serving.protocol import APIError, Parsed, parse_request
 from .serving.scheduler import Event, GenerationParams, GenerationRequest, Scheduler
+from .verify import EncoderRule
 
 try:
     from fastapi import FastAPI, Request
@@ -152,15 +153,18 @@ class ServerState:
             max_tokens = p.max_tokens
         else:
             max_tokens = min(room, self.default_max_tokens or room)
+        overrides = dict(p.settings_overrides)
+        if p.decode == "verified" and p.draft_steps is not None:
+            overrides["max_denoising_steps"] = p.draft_steps
         try:
-            settings = DenoiseSettings.from_generation_config(self.gen_config, **p.settings_overrides)
+            settings = DenoiseSettings.from_generation_config(self.gen_config, **overrides)
         except SettingsError as e:
             raise APIError(str(e)) from None
         seed = p.seed if p.seed is not None else secrets.randbits(32)
         return GenerationParams(
             prompt=prompt, max_tokens=max_tokens, settings=settings, seed=seed,
             constraints=self.constraints(p, max_tokens),
-            eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at,
+            eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at, decode=p.decode, rule=EncoderRule(p.verify),
             # For chat, the history snapshot serves both the next turn and a re-sent
             # prompt (the generation prompt is a few tokens); do not store both.
             snapshot_prompt=not (chat and snapshot_at),
@@ -482,9 +486,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         import uvicorn
     except ImportError:
         raise SystemExit("mlx_dgemma.server needs uvicorn: pip install 'mlx-dgemma[server]'") from None
+    from . import runtime
     from .config import ConfigError
     from .loader import WeightsError, load
 
+    runtime.announce()  # which BLAS MLX's matmuls use (Linux), and how to get the fast one
     try:
         try:  # the generate CLI's resolver: "demo", hub ids, Google's unconverted checkpoints
             from .generate import resolve_model

@@ -23,3 +23,7 @@ def pytest_configure(config):
     ):
         env = dict(os.environ, LD_PRELOAD=OPENBLAS, MLX_DGEMMA_NO_PRELOAD="1")
         os.execve(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[1:]], env)
+    if os.environ.get("MLX_DGEMMA_NO_PRELOAD") and "blas" not in os.environ.get("LD_PRELOAD", ""):
+        # Asked for MLX's own BLAS: keep mlx_dgemma.runtime from loading OpenBLAS at import
+        # (the C attention and experts then stay off too: they need a global cblas_sgemm).
+        os.environ.setdefault("MLX_DGEMMA_BLAS", "bundled")

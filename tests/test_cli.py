@@ -52,7 +52,8 @@ def test_help(env):
     r = run_cli(["--help"], env)
     assert r.returncode == 0
     for flag in ("--model", "--prompt", "--max-tokens", "--steps", "--seed", "--no-chat-template",
-                 "--show-drafts", "--thinking", "--entropy-bound", "--t-min", "--t-max", "demo"):
+                 "--show-drafts", "--thinking", "--entropy-bound", "--t-min", "--t-max", "demo",
+                 "--decode", "--verify", "--draft-steps", "--temperature"):
         assert flag in r.stdout
     assert "RuntimeWarning" not in r.stderr
 
@@ -87,6 +88,9 @@ def test_bad_input_exit_code_2_subprocess(env):
     (["--prompt", "hi", "--canvas-template", ""], "canvas-template"),
     (["--prompt", "hi", "--canvas-template", "a_", "--hole", ""], "hole"),
     (["--prompt", "hi", "--max-tokens", "4", "--canvas-template", "one two three four five six"], "outside the generated"),
+    (["--prompt", "hi", "--decode", "verified", "--draft-steps", "0"], "draft-steps"),
+    (["--prompt", "hi", "--decode", "ar", "--verify", "sample", "--temperature", "0"], "temperature"),
+    (["--prompt", "hi", "--decode", "ar", "--canvas-template", "a_"], "decode='diffusion' only"),
 ])
 def test_bad_flags(args, word, env, capsys):
     assert main(["--model", "demo", *args]) == 2
@@ -167,6 +171,28 @@ def test_stream_generate_blocks_drafts_and_stats(demo_model):
     assert text == tok.decode(blocks[0].tokens + blocks[1].tokens, skip_special_tokens=True)
     assert generate(model, tok, "Hello", max_tokens=L + 10, steps=3, seed=1) == text
     assert generate(model, tok, "Hello", max_tokens=L + 10, steps=3, seed=2) != text
+
+
+def test_decode_verified_equals_ar_with_stats(demo_model, env, capsys):
+    model, tok = demo_model
+    for verify in ("greedy", "sample"):
+        kw = dict(max_tokens=12, seed=3, verify=verify, temperature=0.7)
+        ar = list(stream_generate(model, tok, "Hello", decode="ar", **kw))
+        ver = list(stream_generate(model, tok, "Hello", decode="verified", draft_steps=2, show_drafts=True, **kw))
+        blocks = [r for r in ver if r.kind == "block"]
+        assert [t for r in blocks for t in r.tokens] == [t for r in ar for t in r.tokens]
+        assert len(ar) == 12 and all(len(r.tokens) == 1 for r in ar)  # one token per encoder pass
+        assert ar[-1].model_forwards == 11 and ar[-1].tokens_per_model_forward == pytest.approx(12 / 11)
+        last = blocks[-1]
+        assert last.finish_reason == "length" and last.verifications == len(blocks) and last.decode == "verified"
+        assert [r.step for r in ver if r.kind == "draft"] == [1, 2] * len(blocks)
+        assert last.model_forwards >= 2 * len(blocks) and last.total_steps == 2 * len(blocks)
+        assert "".join(r.text for r in blocks) == "".join(r.text for r in ar)
+    assert main(["--model", "demo", "--prompt", "Hello", "--max-tokens", "6", "--decode", "verified",
+                 "--draft-steps", "2"]) == 0
+    stats = capsys.readouterr().err.strip().splitlines()[-1]
+    for part in ("verifications", "draft tok accepted each", "tok/model forward", "length"):
+        assert part in stats, stats
 
 
 def test_stream_generate_stops_at_eos(demo_model, monkeypatch):

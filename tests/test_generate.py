@@ -33,6 +33,9 @@ from mlx_dgemma.generate import (  # noqa: E402
 )
 from tests.reference.hf_reference import build_reference, save_checkpoint, tiny_config  # noqa: E402
 
+# Compared with the reference: CI runs these under both BLAS libraries (README, Tests).
+pytestmark = pytest.mark.reference
+
 L = 16
 N = 12
 SEEDS = [7, 11]

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from mlx_dgemma import ModelArgs, Model, kernels, rng
-from mlx_dgemma.kernels import cuda, emulate, metal, template
+from mlx_dgemma.kernels import cpu, cuda, emulate, metal, template
 from mlx_dgemma.sampling import StepSample, probabilities, sample_step_mlx
 
 # ---------------------------------------------------------------------------------------
@@ -171,13 +171,27 @@ def register(monkeypatch, name, factory, available=True):
     monkeypatch.setitem(kernels._KERNELS, name, (lambda: available, factory))
 
 
-def test_no_gpu_means_the_mlx_path():
+def test_no_gpu_means_the_cpu_kernel_or_the_mlx_path():
     if metal.available() or cuda.available():
         pytest.skip("a GPU kernel backend is available on this machine")
-    assert kernels.backend() == "mlx"
+    if cpu.built():
+        assert kernels.backend() == "cpu" and "self-check passed" in kernels.backend_reason()
+    else:  # not built (no compiler at install): one note, then the MLX path
+        with pytest.warns(RuntimeWarning, match="CPU sampling kernel is not built"):
+            assert kernels.backend() == "mlx"
     x, k = mx.array(random_logits((1, 4, 30))), keys_for(1, 4)
     s = kernels.sample_step(x, 0.9, k)
     np.testing.assert_array_equal(np.array(s.sampled), np.array(sample_step_mlx(x, 0.9, k).sampled))
+
+
+def test_cpu_kernel_is_built_in_ci():
+    """CI installs with pip (setup.py builds the extension); a silent fallback would hide a
+    broken build there. Locally, a source checkout may not have built it."""
+    import os
+
+    if not os.environ.get("CI"):
+        pytest.skip("outside CI the extension may be unbuilt (python setup.py build_ext --inplace)")
+    assert cpu.built(), "mlx_dgemma.kernels._cpu was not built by pip install"
 
 
 def test_auto_picks_a_checked_kernel_and_env_forces_mlx(monkeypatch):
@@ -688,6 +702,120 @@ def test_drafter_uses_the_dispatch_and_the_sc_top_k_hook(monkeypatch, model):
                         lambda *a, **k: seen.append(a[4]) or real(*a, **k))
     run_drafter(model, None, sc_top_k=12, steps=3)
     assert seen and set(seen) == {12}
+
+
+needs_cpu_kernel = pytest.mark.skipif(not cpu.built(), reason="the CPU kernel is not built here "
+                                      "(pip install, or python setup.py build_ext --inplace)")
+
+
+def _inverse_mix32(h: int) -> int:
+    """The key whose lowbias32 hash is ``h`` (each step of the mixer is invertible)."""
+    M = 1 << 32
+    x = h ^ (h >> 16)
+    x = (x * pow(0x846CA68B, -1, M)) % M
+    x = x ^ (x >> 15) ^ (x >> 30)
+    x = (x * pow(0x7FEB352D, -1, M)) % M
+    return x ^ (x >> 16)
+
+
+@pytest.fixture(params=["vector", "portable"])
+def cpu_passes(request):
+    """Both builds of the passes: AVX2 (where the CPU has it) and the portable C."""
+    from mlx_dgemma.kernels import _cpu
+
+    _cpu.use_vector(request.param == "vector")
+    if request.param == "vector":
+        _cpu.check_log()  # the vectorised noise, where it equals logf
+    assert _cpu.info()["vector_noise"] == (request.param == "vector" and _cpu.info()["avx2"])
+    yield request.param
+    _cpu.use_vector(True)
+    _cpu.check_log()
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("V", [7, 8, 3001, 4096 + 513])
+def test_cpu_kernel_draws_the_mlx_paths_tokens(V, cpu_passes):
+    """Same sampled and argmax tokens as sample_step_mlx, bit for bit (no near-tie excuse):
+    tails of every length, peaked rows, exact ties, -inf masks, several rows and threads;
+    with the AVX2 passes and with the portable C ones."""
+    fn = cpu.make_sample_step()
+    B, L = 3, 7
+    x = random_logits((B, L, V), seed=V)
+    x[0, 0] *= 25.0  # nearly one-hot at low temperature
+    x[1, 1, [1, V - 1]] = x[1, 1].max() + 2.0  # exact argmax tie: the lower token wins
+    x[2, 2, : V // 2] = -np.inf  # masked tokens (constraints): never drawn
+    x[2, 3, :] = -np.inf
+    x[2, 3, V - 1] = 0.5  # a single allowed token
+    logits = mx.array(x)
+    keys = keys_for(B, L, seed=V)
+    for temp in (0.4, 0.7, 1.3):
+        got, want = fn(logits, temp, keys), sample_step_mlx(logits, temp, keys)
+        np.testing.assert_array_equal(np.array(got.sampled), np.array(want.sampled))
+        np.testing.assert_array_equal(np.array(got.argmax), np.array(want.argmax))
+        assert got.argmax[1, 1].item() == 1 and got.sampled[2, 3].item() == V - 1
+        assert (np.array(got.sampled)[2, 2] >= V // 2).all()
+        # float32 sums over V terms (the MLX path) against double sums (the kernel)
+        e_ref, _, lse_ref = torch_reference(x, temp)
+        np.testing.assert_allclose(np.array(got.lse), lse_ref, rtol=2e-6, atol=2e-6)
+        np.testing.assert_allclose(np.array(got.entropy), e_ref, rtol=1e-5, atol=1e-5)
+        # softmax against float64: exp(x / t - lse) in float32 is off by the rounding of its
+        # argument, a few ulp of |x / t| + |lse| (relative, in p)
+        z = x.astype(np.float64) / temp
+        p64 = np.exp(z - lse_ref[..., None])
+        rel = 4 * np.finfo(np.float32).eps * (np.abs(np.where(np.isinf(z), 0, z)) + np.abs(lse_ref)[..., None]) + 1e-6
+        err = np.abs(np.array(got.probs) - p64)
+        assert np.all(err <= rel * p64 + 1e-38)  # exp(< -88) is 0 in float32 (MLX exp)
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_top_hash_gives_infinite_noise_as_the_mlx_path():
+    """The top 24-bit hash rounds u to 1.0, so the noise is +inf: that token wins, in the
+    MLX path and in the kernel (its vectorised log special-cases it)."""
+    fn = cpu.make_sample_step()
+    V, token = 300, 123
+    key = _inverse_mix32(0xFFFFFFFF) ^ token
+    keys = mx.array(np.array([[key, key ^ 1]], np.uint32))
+    logits = mx.array(random_logits((1, 2, V), seed=5))
+    got, want = fn(logits, 0.5, keys), sample_step_mlx(logits, 0.5, keys)
+    assert want.sampled[0, 0].item() == token
+    np.testing.assert_array_equal(np.array(got.sampled), np.array(want.sampled))
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_vectorised_log_is_the_c_librarys():
+    """Every input the noise can give (2^24 uniforms, then -log(u)): equal, bit for bit, to
+    logf, which is what MLX's CPU log calls; otherwise the kernel keeps logf itself."""
+    from mlx_dgemma.kernels import _cpu
+
+    assert _cpu.check_log() == 0
+    if _cpu.info()["avx2"]:
+        assert _cpu.info()["vector_noise"]
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_probabilities_feed_the_same_self_conditioning(model):
+    V, L = model.args.vocab_size, model.args.canvas_length
+    logits = mx.array(random_logits((2, L, V), seed=3))
+    keys = keys_for(2, L)
+    s = cpu.make_sample_step()(logits, 0.6, keys)
+    assert s.probs is not None and s.probs.shape == (2, L, V)
+    want = kernels.soft_embeddings(model, logits, 0.6, s.lse)
+    got = kernels.soft_embeddings(model, logits, 0.6, s.lse, probs=s.probs)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu_kernel
+def test_drafter_commits_the_same_block_with_the_cpu_kernel(model):
+    want, want_drafts, _ = run_drafter(model, sample_step_mlx)
+    got, got_drafts, _ = run_drafter(model, cpu.make_sample_step())
+    np.testing.assert_array_equal(got, want)
+    assert len(got_drafts) == len(want_drafts) >= 2
+    for a, b in zip(got_drafts, want_drafts):
+        np.testing.assert_array_equal(a, b)
+    if cpu.available():  # and through the drafter's own dispatch (sample_fn=None)
+        default, _, _ = run_drafter(model, None)
+        assert kernels.backend() == "cpu"
+        np.testing.assert_array_equal(default, want)
 
 
 @needs_metal

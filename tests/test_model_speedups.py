@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from mlx_dgemma import Model, ModelArgs
+from mlx_dgemma.kernels import cpu as cpu_kernels
 from mlx_dgemma.model import decoder_prefixes
+from tests.reference.compare import assert_same_network_output
+
+needs_cpu_attention = pytest.mark.skipif(
+    not cpu_kernels.attention_available(),
+    reason="the C attention needs the built CPU kernel and OpenBLAS (pip install; apt-get install libopenblas0-pthread)")
 
 TINY = dict(
     vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -38,12 +44,11 @@ def model():
     return tiny_model()
 
 
-def close(a, b, tol=1e-5):
-    """Within ``tol`` relative to the logits' scale. Batch size changes OpenBLAS's
-    blocking, which moves float32 logits by ~1e-6 relative (exactly 0 with MLX's own BLAS)."""
-    err = np.abs(a - b).max() / max(1.0, np.abs(b).max())
-    assert err <= tol, f"relative max |diff| {err:.2e} > {tol:.0e}"
-    assert (a.argmax(-1) == b.argmax(-1)).all(), "argmax differs"
+def close(a, b):
+    """The same output up to float32 rounding, relative to its scale (argmax equal): batch
+    size changes OpenBLAS's blocking, so the batched and solo paths round differently.
+    The bound and its reasoning: tests/reference/compare.py."""
+    assert_same_network_output(a, b)
 
 
 def encoded(model, tokens):
@@ -125,12 +130,17 @@ def switched(model, **settings):
     return Ctx()
 
 
-PLAIN = dict(compile_decoder=False, expert_dispatch="gather", merge_prefix=False, numpy_softcap=False)
+PLAIN = dict(compile_decoder=False, expert_dispatch="gather", merge_prefix=False, numpy_softcap=False,
+             cpu_attention=False, encoder_expert_dispatch=None, dequantize_matmuls=False)
 VARIANTS = [
     dict(PLAIN, compile_decoder=True),
+    pytest.param(dict(PLAIN, cpu_attention=True), marks=needs_cpu_attention),
+    dict(PLAIN, encoder_expert_dispatch="grouped"),
     dict(PLAIN, expert_dispatch="grouped"),
     dict(PLAIN, expert_dispatch="dense"),
     dict(PLAIN, compile_decoder=True, expert_dispatch="dense"),
+    pytest.param(dict(PLAIN, expert_dispatch="cpu"), marks=needs_cpu_attention),
+    pytest.param(dict(PLAIN, expert_dispatch="cpu", cpu_attention=True, numpy_softcap=True), marks=needs_cpu_attention),
     dict(PLAIN, merge_prefix=True),
     dict(PLAIN, numpy_softcap=True),
     dict(PLAIN, compile_decoder=True, merge_prefix=True),
@@ -152,6 +162,107 @@ def test_speed_switches_keep_the_logits(model, variant):
         for (c, k, s), want in zip(cases, plain):
             close(np.array(model.denoise(c, k, self_conditioning_embeddings=s)), want)
         close(np.array(model.hidden(canvas[:1], caches[1])), plain_h)
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param(dict(cpu_attention=True), marks=needs_cpu_attention),
+    dict(encoder_expert_dispatch="grouped"),
+    pytest.param(dict(encoder_expert_dispatch="cpu"), marks=needs_cpu_attention),
+], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()))
+def test_encoder_speed_switches_keep_the_cache(model, variant):
+    """Prefill in chunks past the sliding window (8), then a committed block: the cache
+    and the next logits equal the plain path's (causal and windowed masks, offsets)."""
+    rng = np.random.default_rng(8)
+    prompt = mx.array(rng.integers(0, 160, (1, 37)))
+    block = mx.array(rng.integers(0, 160, (1, 16)))
+    canvas = mx.array(rng.integers(0, 160, (1, 16)))
+    results = []
+    for settings in (dict(PLAIN, prefill_chunk=16), dict(PLAIN, prefill_chunk=16, **variant)):
+        with switched(model, **settings):
+            cache = model.make_cache()
+            model.encode(prompt, cache)
+            model.encode(block, cache)
+            results.append(([np.array(c.state[0]) for c in cache] + [np.array(c.state[1]) for c in cache],
+                            np.array(model.denoise(canvas, cache))))
+    (want_kv, want), (got_kv, got) = results
+    for a, b in zip(got_kv, want_kv):
+        close(a, b)
+    close(got, want)
+
+
+@needs_cpu_attention
+def test_cpu_experts_match_switch_glu_and_fall_back_when_quantized():
+    import mlx.nn as nn
+
+    model = tiny_model(5)
+    experts = model.layers[0].experts
+    x = mx.random.normal((2, 9, 64))
+    idx = mx.argpartition(-mx.random.normal((2, 9, 8)), kth=1, axis=-1)[..., :2]
+    w = mx.softmax(mx.random.normal((2, 9, 2)), axis=-1)
+    want = (experts.switch_glu(x, idx) * w[..., None]).sum(-2)
+    got = cpu_kernels.moe(experts.switch_glu, x, idx, w)
+    # float32: the same products summed in another order (and tanh through exp): within
+    # a few ulp of the output's scale
+    assert got.shape == want.shape
+    assert float(mx.abs(got - want).max()) <= 1e-5 * max(1.0, float(mx.abs(want).max()))
+    # an expert no token uses, and a single token
+    got1 = cpu_kernels.moe(experts.switch_glu, x[:1, :1], idx[:1, :1], w[:1, :1])
+    close(np.array(got1), np.array(want[:1, :1]))
+    nn.quantize(model, group_size=32, bits=4)
+    experts = model.layers[0].experts
+    assert not cpu_kernels.moe_supported(experts.switch_glu)
+    experts.dispatch = "cpu"  # falls back to the grouped MLX path
+    want = (experts.switch_glu(x, idx) * w[..., None]).sum(-2)
+    assert float(mx.abs(experts(x, idx, w) - want).max()) <= 1e-4 * max(1.0, float(mx.abs(want).max()))
+
+
+@pytest.mark.skipif(not cpu_kernels.built(), reason="the CPU kernel is not built here")
+def test_cpu_softcap_matches_mlx():
+    from mlx_dgemma.model import softcap
+
+    x = mx.concatenate([mx.random.normal((3, 1000)) * 40, mx.array([[0.0, -0.0, 1e-7, -1e-7, 1e4, -1e4] * 3]).reshape(3, 6)
+                        .astype(mx.float32)], axis=1)
+    got, want = cpu_kernels.softcap(x, 30.0), softcap(x, 30.0)
+    # tanh through MLX's exp, (1 - e) / (1 + e): within 4 ulp of the cap (measured: 3)
+    assert float(mx.abs(got - want).max()) <= 4 * float(np.spacing(np.float32(30)))
+    assert got.dtype == mx.float32 and got.shape == x.shape
+
+
+@needs_cpu_attention
+def test_cpu_geglu_matches_mlx():
+    from mlx_dgemma.kernels import _cpu
+    from mlx_dgemma.model import geglu
+
+    g = np.concatenate([np.linspace(-12, 12, 2001), [0.0, -0.0, 1e-8, -1e-8, 40.0, -40.0]]).astype(np.float32)
+    u = np.random.default_rng(0).normal(size=g.shape).astype(np.float32)
+    out = np.empty_like(g)
+    _cpu.geglu(g, u, out, g.size)
+    want = np.array(geglu(mx.array(g), mx.array(u)))
+    # tanh through exp: an absolute error of a few ulp of 1 in tanh, times 0.5 |g u|
+    assert np.all(np.abs(out - want) <= 4e-7 * (np.abs(g * u) + 1e-6))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_matmuls_match_quantized_matmul(bits):
+    """CPU: quantized layers, experts (grouped) and the embedding table (LM head, in row
+    chunks; self-conditioning) run dequantized through float32 matmuls: the same weights,
+    so the logits agree to float32 rounding of the sums."""
+    import mlx.nn as nn
+
+    model = tiny_model(9)
+    nn.quantize(model, group_size=32, bits=bits)
+    rng = np.random.default_rng(9)
+    prompt, canvas = rng.integers(0, 160, 11), mx.array(rng.integers(0, 160, (1, 16)))
+    probs = mx.softmax(mx.array(rng.normal(size=(1, 16, 160)).astype(np.float32)), -1)
+    out = []
+    for on in (False, True):
+        with switched(model, **dict(PLAIN, expert_dispatch="grouped", dequantize_matmuls=on, dequantize_rows=64)):
+            cache = encoded(model, prompt)
+            sc = model.soft_embeddings(probs)
+            out.append((np.array(model.denoise(canvas, cache, self_conditioning_embeddings=sc)), np.array(sc)))
+    (want, want_sc), (got, got_sc) = out
+    close(got_sc, want_sc)
+    close(got, want)
 
 
 def test_grouped_experts_match_gather_mm_float_and_quantized():

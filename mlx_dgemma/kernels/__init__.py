@@ -5,11 +5,12 @@ and runs, in order of preference:
 
 - ``metal``: the fused kernel through ``mx.fast.metal_kernel`` (Apple GPUs),
 - ``cuda``: the same algorithm through ``mx.fast.cuda_kernel`` (MLX's CUDA build),
-- ``mlx``: the pure-MLX path (every other backend, and the fallback).
+- ``cpu``: a C extension on MLX's CPU backend (``cpu.py``, built by ``pip install``),
+- ``mlx``: the pure-MLX path (everything else, and the fallback).
 
 On first use in a process the chosen kernel is run against the MLX path on a small
 random input (``self_check``); if it fails to build or run, or disagrees, a warning is
-issued once and the MLX path is used instead. ``MLX_DGEMMA_SAMPLER=mlx|metal|cuda|auto``
+issued once and the MLX path is used instead. ``MLX_DGEMMA_SAMPLER=mlx|metal|cuda|cpu|auto``
 forces a path (a forced kernel still goes through the self-check). ``backend()`` names
 the active path.
 """
@@ -26,11 +27,11 @@ import numpy as np
 
 from .. import rng
 from ..sampling import StepSample, probabilities, sample_step_mlx
-from . import cuda, metal
+from . import cpu, cuda, metal
 from .selfcond import soft_embeddings, topk_soft_embeddings
 
 ENV = "MLX_DGEMMA_SAMPLER"
-CHOICES = ("auto", "mlx", "metal", "cuda")
+CHOICES = ("auto", "mlx", "metal", "cuda", "cpu")
 MLX = "mlx"
 
 SampleFn = Callable[[mx.array, Union[float, mx.array], mx.array], StepSample]
@@ -39,6 +40,7 @@ SampleFn = Callable[[mx.array, Union[float, mx.array], mx.array], StepSample]
 _KERNELS: Dict[str, Tuple[Callable[[], bool], Callable[[], SampleFn]]] = {
     metal.NAME: (metal.available, metal.make_sample_step),
     cuda.NAME: (cuda.available, cuda.make_sample_step),
+    cpu.NAME: (cpu.available, cpu.make_sample_step),
 }
 _lock = threading.RLock()
 _active: Optional[Tuple[str, str, SampleFn]] = None  # (env value, backend name, fn)
@@ -122,6 +124,10 @@ def _select(choice: str) -> Tuple[str, SampleFn, str]:
     if choice == "auto":
         names = [n for n, (avail, _) in _KERNELS.items() if avail()]
         if not names:
+            if mx.default_device() == mx.cpu and not cpu.built():
+                _warn_once(cpu.NAME, "mlx_dgemma: the CPU sampling kernel is not built (installing needs a C "
+                                     "compiler); sampling uses the slower pure-MLX path")
+                return MLX, sample_step_mlx, "CPU sampling kernel not built: the pure-MLX path"
             return MLX, sample_step_mlx, "no Metal or CUDA device: the pure-MLX path"
         name = names[0]
     else:
@@ -152,7 +158,7 @@ def _resolve() -> Tuple[str, SampleFn]:
 
 
 def backend() -> str:
-    """The active path: 'metal', 'cuda' or 'mlx' (selects and self-checks on first call)."""
+    """The active path: 'metal', 'cuda', 'cpu' or 'mlx' (selects and self-checks on first call)."""
     return _resolve()[0]
 
 

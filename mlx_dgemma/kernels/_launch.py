@@ -12,15 +12,20 @@ from . import template
 SampleFn = Callable[[mx.array, Union[float, mx.array], mx.array], StepSample]
 
 
+def check_shapes(logits: mx.array, keys: mx.array) -> None:
+    """Every kernel's contract: logits [B, L, V] and keys [B, L]."""
+    if logits.ndim != 3 or keys.shape != logits.shape[:2]:
+        raise ValueError(
+            f"sample_step: expected logits [B, L, V] and keys [B, L], got "
+            f"{tuple(logits.shape)} and {tuple(keys.shape)}"
+        )
+
+
 def wrap(kernel, threads: int) -> SampleFn:
     """``kernel`` comes from mx.fast.metal_kernel / mx.fast.cuda_kernel on the common source."""
 
     def sample_step(logits: mx.array, temp: Union[float, mx.array], keys: mx.array) -> StepSample:
-        if logits.ndim != 3 or keys.shape != logits.shape[:2]:
-            raise ValueError(
-                f"sample_step: expected logits [B, L, V] and keys [B, L], got "
-                f"{tuple(logits.shape)} and {tuple(keys.shape)}"
-            )
+        check_shapes(logits, keys)
         B, L, V = logits.shape
         t = mx.array(temp, dtype=mx.float32).reshape(1)
         grid, group = template.launch_shape(B * L, threads)

@@ -95,15 +95,18 @@ _PROBS: Dict[mx.Dtype, object] = {}
 
 def soft_embeddings(
     model, logits: mx.array, temp: Union[float, mx.array], lse: mx.array,
-    top_k: Optional[int] = None, tail: str = "mean",
+    top_k: Optional[int] = None, tail: str = "mean", probs: Optional[mx.array] = None,
 ) -> mx.array:
     """The self-conditioning signal for the next step: exact, or top-k when ``top_k``.
 
     Exact is ``model.soft_embeddings(probabilities(logits, temp, lse))``, with the
     probabilities computed in one compiled pass (temperature passed as an array so a new
-    temperature does not recompile).
+    temperature does not recompile), or taken from ``probs`` when the sampling pass
+    already wrote them (the CPU kernel: float32 softmax(logits / temp)).
     """
     if top_k:
         return topk_soft_embeddings(model, logits, temp, lse, top_k, tail)
+    if probs is not None:
+        return model.soft_embeddings(probs.astype(_table_dtype(model)))
     t = mx.array(temp, dtype=mx.float32)
     return model.soft_embeddings(_probs_fn(_table_dtype(model))(logits, t, lse))

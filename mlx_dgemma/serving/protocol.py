@@ -18,6 +18,9 @@ Field policy (documented in the README (Serving)):
   (offset 0 = the first generated token) and/or ``canvas_template`` (text whose
   ``canvas_hole`` markers, default ``_``, are one free token each) pin output tokens
   through every denoising step;
+- our extension ``decode`` ("diffusion", "verified" or "ar"; see ``mlx_dgemma.verify``)
+  with ``verify`` ("greedy" or "sample", the encoder sampling at temperature 1) and
+  ``draft_steps``;
 - OpenAI sampling fields that would change the output (``temperature``, ``top_p``,
   penalties, ``logit_bias``, ``logprobs``, ``n > 1``, tools, JSON modes...) are accepted
   only at their neutral value (what omitting them means) and otherwise get a 400 saying
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..drafter import DenoiseSettings, SettingsError
+from ..verify import DECODE_MODES, VERIFY_RULES
 
 
 class APIError(Exception):
@@ -111,7 +115,7 @@ BENIGN = {
 CONSTRAINT_FIELDS = ("canvas_constraints", "canvas_template", "canvas_hole")
 COMMON = {"model", "stream", "max_tokens", "max_completion_tokens", "seed", "stop",
           "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids", *SAMPLER_FIELDS,
-          *CONSTRAINT_FIELDS}
+          *CONSTRAINT_FIELDS, "decode", "verify", "draft_steps"}
 CHAT_FIELDS = COMMON | {"messages"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 
@@ -137,6 +141,9 @@ class Parsed:
     constraints: Optional[Dict[int, int]] = None
     canvas_template: Optional[str] = None
     canvas_hole: str = "_"
+    decode: str = "diffusion"  # our extension: "diffusion", "verified" or "ar"
+    verify: str = "greedy"
+    draft_steps: Optional[int] = None
 
 
 def _is_neutral(value: Any, neutral: Tuple[Any, ...]) -> bool:
@@ -251,9 +258,17 @@ def parse_request(body: Any, chat: bool, ignore_sampling: bool = False, log=None
     rti = body.get("return_token_ids", False)
     if not isinstance(rti, bool) and rti is not None:
         raise APIError(f"return_token_ids must be a boolean, got {rti!r}", param="return_token_ids")
+    decode, verify = body.get("decode") or "diffusion", body.get("verify") or "greedy"
+    if decode not in DECODE_MODES:
+        raise APIError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}", param="decode")
+    if verify not in VERIFY_RULES:
+        raise APIError(f"verify must be one of {', '.join(VERIFY_RULES)}, got {verify!r}", param="verify")
     parsed = Parsed(model, stream, include_usage, max_tokens, seed, stop, overrides, bool(thinking),
-                    kwargs, return_token_ids=bool(rti), ignored=ignored)
+                    kwargs, return_token_ids=bool(rti), ignored=ignored, decode=decode, verify=verify,
+                    draft_steps=_int(body, "draft_steps", 1))
     parsed.constraints, parsed.canvas_template, parsed.canvas_hole = _constraints(body)
+    if decode != "diffusion" and (parsed.constraints or parsed.canvas_template is not None):
+        raise APIError(f"canvas constraints apply to decode 'diffusion' only, not {decode!r}", param="decode")
     if chat:
         parsed.messages = _messages(body.get("messages"))
     else:

@@ -16,7 +16,10 @@ Each in-flight request is a *row*. Every iteration of the loop:
 
 A committed block goes to the request's event callback at once (streaming sends one
 chunk per block); unless the row is finished, it is then encoded into the row's cache
-and the next block starts. The per-row step mirrors ``drafter.denoise_steps`` for one
+and the next block starts. Rows with ``decode="verified"`` draft the same way (the
+step budget is the request's ``draft_steps``), and their commit is the encoder's
+verification (``mlx_dgemma.verify``); ``decode="ar"`` rows take one encoder step per
+iteration instead of a decoder pass. The per-row step mirrors ``drafter.denoise_steps`` for one
 row exactly (same helpers, same order of operations); tests check that a server reply
 equals the library's block loop under the same seed.
 """
@@ -39,6 +42,7 @@ from .. import drafter as _drafter
 from .. import rng
 from ..drafter import CanvasPins, DenoiseSettings, block_constraints, initial_canvas
 from ..sampling import temperature
+from ..verify import EncoderRule, advance, encoder_choice, verify_draft
 from .prompt_cache import PromptCacheStore
 
 log = logging.getLogger("mlx_dgemma.server")
@@ -60,6 +64,8 @@ class GenerationParams:
     # Canvas constraints: {offset in the generated tokens: token id}, pinned through every
     # denoising step of the block holding that offset (drafter.CanvasPins).
     constraints: Optional[Dict[int, int]] = None
+    decode: str = "diffusion"  # or "verified" / "ar" (mlx_dgemma.verify)
+    rule: EncoderRule = field(default_factory=EncoderRule)  # the encoder's rule for verified / ar
 
 
 @dataclass
@@ -105,6 +111,9 @@ class Row:
         stops = {len(self.prompt)} if p.snapshot_prompt else set()
         self.snapshots = sorted(s for s in set(p.snapshot_at) | stops if cached < s <= len(self.prompt))
         self.generated: List[int] = []
+        self.decode, self.rule = p.decode, p.rule
+        self.pending = None  # verified / ar: the encoder's logits for the next position
+        self.verifications = self.accepted = 0
         self.block = 0
         self.passes = 0
         self.prefill_s = 0.0
@@ -268,13 +277,17 @@ class Scheduler:
                 log.error("prefill failed: %s", e)
                 self._rows.remove(row)
                 self._emit(row.req, Event("error", message=f"prefill failed: {type(e).__name__}: {e}"))
-        denoising = [r for r in self._rows if not r.prefilling]
+        denoising = [r for r in self._rows if not r.prefilling and r.decode != "ar"]
         if denoising:
             self._denoise_step(denoising)
+        for r in [r for r in self._rows if not r.prefilling and r.decode == "ar"]:
+            tok = encoder_choice(r.pending[None], [r.cache.offset], r.seed, r.rule)[0]
+            self._commit(r, [int(tok)])
 
     def _admit(self, req: GenerationRequest) -> None:
         p = req.params
-        n, cache = self.store.lookup(p.prompt)
+        # verified / ar need the encoder's logits after the prompt: encode at least its last token
+        n, cache = self.store.lookup(p.prompt if p.decode == "diffusion" else p.prompt[:-1])
         if cache is None:
             cache = self.model.make_cache()
         row = Row(req, cache, n)
@@ -289,7 +302,13 @@ class Scheduler:
             row.snapshots.pop(0)
         if row.snapshots and row.snapshots[0] < end:
             end = row.snapshots[0]  # cut the chunk where a snapshot is wanted
-        self.model.encode(mx.array(row.prompt[None, row.pos:end]), row.cache)
+        last = row.decode != "diffusion" and end == len(row.prompt)
+        if last and end - row.pos > 1:
+            end -= 1  # the last token alone, with logits (the rest need none)
+        logits = self.model.encode(mx.array(row.prompt[None, row.pos:end]), row.cache,
+                                   return_logits=last and end - row.pos == 1)
+        if logits is not None:
+            row.pending = logits[0, -1]
         self.prefill_tokens += end - row.pos
         row.pos = end
         if row.snapshots and row.snapshots[0] == end:
@@ -353,11 +372,18 @@ class Scheduler:
             if done or r.n == 0:
                 self._commit(r)
 
-    def _commit(self, row: Row) -> None:
-        """The row's block is done: hand its tokens out, then finish or go on."""
+    def _commit(self, row: Row, tokens: Optional[List[int]] = None) -> None:
+        """The row's block is done (or, for "ar", its next token chosen): hand its tokens
+        out, then finish or go on."""
         p = row.req.params
-        block = [int(t) for t in row.argmax]
         room = p.max_tokens - len(row.generated)
+        if row.decode == "verified":  # the cache then holds every committed token but the last
+            v = verify_draft(self.model, row.cache, row.argmax, row.pending, row.seed, row.rule, room, row.eos)
+            block = v.tokens
+            row.verifications += 1
+            row.accepted += v.accepted
+        else:
+            block = tokens if tokens is not None else [int(t) for t in row.argmax]
         eos_at = next((i for i, t in enumerate(block) if t in row.eos), None)
         finish = None
         keep = block
@@ -382,10 +408,14 @@ class Scheduler:
             self._emit(req, Event("done", finish_reason=finish, stats=self._final_stats(row, now)))
             if p.snapshot_reply and self.store.enabled and keep and wanted:
                 # The next turn most likely re-sends prompt + reply (+ EOS): keep it.
-                self.model.encode(mx.array([keep]), row.cache)
+                # (verified / ar: the cache already holds all of it but the last token)
+                self.model.encode(mx.array([keep if row.decode == "diffusion" else keep[-1:]]), row.cache)
                 self.store.insert(np.concatenate([row.prompt, np.asarray(row.generated[: len(row.generated) - len(out)] + keep, np.int32)]), row.cache)
             return
-        self.model.encode(mx.array([block]), row.cache)
+        if row.decode == "diffusion":
+            self.model.encode(mx.array([block]), row.cache)
+        else:
+            row.pending = advance(self.model, row.cache, block[-1])
         row.block += 1
         row._new_block_state()
 
@@ -397,6 +427,9 @@ class Scheduler:
             "prompt_tokens": int(len(row.prompt)),
             "completion_tokens": n,
             "blocks": row.block + 1,
+            "decode": row.decode,
+            "verifications": row.verifications,
+            "accepted_per_verification": row.accepted / row.verifications if row.verifications else 0.0,
             "decoder_passes": row.passes,
             "tokens_per_forward": n / row.passes if row.passes else 0.0,
             "prefill_s": row.prefill_s,

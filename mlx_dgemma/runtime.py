@@ -1,0 +1,163 @@
+"""Process setup for MLX's Linux CPU backend, done once when mlx_dgemma is imported.
+
+Two things decide how fast MLX runs on a Linux CPU, and neither is MLX's default:
+
+- **BLAS.** The ``mlx[cpu]`` wheel links its own reference (netlib) BLAS: a float32
+  matmul runs at ~4-8 GFLOP/s, where OpenBLAS gives ~150-250 on the same 2 cores. MLX
+  resolves ``cblas_sgemm`` when ``mlx.core`` is loaded, so a BLAS loaded into the global
+  symbol scope BEFORE that (what ``LD_PRELOAD`` does) wins. We load the system OpenBLAS
+  that way when mlx_dgemma is imported first. When ``mlx.core`` was imported earlier
+  it is too late: the note says so (``LD_PRELOAD`` then still works).
+- **malloc.** MLX's CPU allocator is ``malloc`` without a cache, and glibc serves every
+  allocation over 32 MB with a fresh ``mmap``: each [256, 32768] float32 result then
+  costs ~8,000 page faults (~40 ms here) before a byte is computed, every time. We let
+  glibc keep large blocks in its heap for reuse (``mallopt``: no mmap, no trimming):
+  the process keeps its peak size instead of returning it to the system between steps.
+
+``MLX_DGEMMA_BLAS`` = a library path (any BLAS with the CBLAS interface), or ``bundled``
+to keep MLX's own; ``MLX_DGEMMA_MALLOC=system`` keeps glibc's defaults. ``describe()``
+names what is in use; the CLI and the server print it once on stderr (``announce``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from typing import Dict, List, Optional
+
+ENV_BLAS = "MLX_DGEMMA_BLAS"
+ENV_MALLOC = "MLX_DGEMMA_MALLOC"
+
+# Where distributions put OpenBLAS (Debian/Ubuntu alternatives first: the pthread build).
+OPENBLAS_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+HOW_TO_GET = ("install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread; Fedora: dnf install "
+              "openblas) or point MLX_DGEMMA_BLAS at a CBLAS library")
+
+_state: Dict[str, Optional[str]] = {"blas": None, "blas_path": None, "malloc": None}
+_announced = False
+
+
+def _preloaded() -> Optional[str]:
+    for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
+        if "blas" in os.path.basename(p).lower():
+            return p
+    return None
+
+
+def find_openblas() -> Optional[str]:
+    for p in OPENBLAS_PATHS:
+        if os.path.exists(p):
+            return p
+    name = ctypes.util.find_library("openblas")
+    return name
+
+
+def _setup_blas() -> None:
+    choice = os.environ.get(ENV_BLAS, "").strip()
+    pre = _preloaded()
+    if pre:
+        _state.update(blas="preloaded", blas_path=pre)
+        return
+    if choice == "bundled":
+        _state.update(blas="bundled", blas_path=None)
+        return
+    if "mlx.core" in sys.modules:  # bound already: only LD_PRELOAD can change it now
+        _state.update(blas="bundled-late", blas_path=choice or find_openblas())
+        return
+    path = choice or find_openblas()
+    if not path:
+        _state.update(blas="missing", blas_path=None)
+        return
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        if not hasattr(ctypes.CDLL(path), "cblas_sgemm"):
+            raise OSError("no cblas_sgemm in it")
+    except OSError as e:
+        _state.update(blas="failed", blas_path=f"{path} ({e})")
+        return
+    _state.update(blas="loaded", blas_path=path)
+
+
+def _setup_malloc() -> None:
+    if os.environ.get(ENV_MALLOC, "").strip() == "system":
+        _state["malloc"] = "system (MLX_DGEMMA_MALLOC=system)"
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only
+    except (OSError, AttributeError):
+        _state["malloc"] = "system (not glibc)"
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)) == 1
+    _state["malloc"] = "heap reuse (no mmap per large block)" if ok else "system (mallopt refused)"
+
+
+def setup() -> None:
+    """Idempotent; a no-op off Linux (macOS: Accelerate and Metal need none of this)."""
+    if _state["blas"] is not None or not sys.platform.startswith("linux"):
+        return
+    _setup_blas()
+    _setup_malloc()
+
+
+def fast_blas() -> bool:
+    return _state["blas"] in ("preloaded", "loaded") or not sys.platform.startswith("linux")
+
+
+def describe() -> str:
+    """One line: which BLAS MLX's matmuls use, and how to get the fast one if missing."""
+    if not sys.platform.startswith("linux"):
+        return "BLAS: MLX's own (macOS: Accelerate)"
+    kind, path = _state["blas"], _state["blas_path"]
+    if kind == "preloaded":
+        return f"BLAS: {path} (LD_PRELOAD)"
+    if kind == "loaded":
+        return f"BLAS: {path} (loaded before MLX)"
+    slow = "MLX's bundled reference BLAS, float32 matmuls ~30x slower than OpenBLAS"
+    if kind == "bundled":
+        return f"BLAS: {slow} ({ENV_BLAS}=bundled)"
+    if kind == "bundled-late":
+        hint = f"set LD_PRELOAD={path}" if path else HOW_TO_GET
+        return f"BLAS: {slow}: mlx was imported before mlx_dgemma; import mlx_dgemma first or {hint}"
+    if kind == "failed":
+        return f"BLAS: {slow}: could not load {path}"
+    return f"BLAS: {slow}: no OpenBLAS found; {HOW_TO_GET}"
+
+
+def announce(file=None) -> None:
+    """Print ``describe()`` once per process on stderr (the CLI and the server call this)."""
+    global _announced
+    if _announced or not sys.platform.startswith("linux"):
+        return
+    _announced = True
+    print(f"mlx_dgemma: {describe()}", file=file or sys.stderr, flush=True)
+
+
+def warn_if_slow() -> None:
+    """Once per process, a RuntimeWarning when MLX's matmuls run on the slow BLAS (``load``
+    calls this: a user's script that imported mlx before mlx_dgemma hears about it)."""
+    global _announced
+    if _announced or fast_blas():
+        return
+    _announced = True
+    import warnings
+
+    warnings.warn(f"mlx_dgemma: {describe()}", RuntimeWarning, stacklevel=3)
+
+
+def state() -> Dict[str, Optional[str]]:
+    return dict(_state)
+
+
+__all__: List[str] = ["ENV_BLAS", "ENV_MALLOC", "announce", "describe", "fast_blas", "find_openblas", "setup", "state",
+                      "warn_if_slow"]
