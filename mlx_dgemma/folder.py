@@ -157,6 +157,23 @@ def hf_weights(params: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def transformers_weights(weights: Dict[str, Any]) -> Dict[str, Any]:
+    """Folder key names -> transformers' parameter names: the same, except that the fused
+    experts are bare parameters there (``experts.gate_up_proj``, no ``.weight``). Only
+    floating-point weights have a transformers name (quantized folders must be
+    dequantized first)."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith((".scales", ".biases")):
+            raise ValueError(f"{k}: transformers cannot load MLX-quantized weights (dequantize first)")
+        for name in ("gate_up_proj", "down_proj"):
+            suffix = f".experts.{name}.weight"
+            if k.endswith(suffix):
+                k = k[: -len(".weight")]
+        out[k] = v
+    return out
+
+
 def write_model_folder(
     path: Union[str, Path],
     config: Dict[str, Any],

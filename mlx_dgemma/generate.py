@@ -782,6 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "converted to 4-bit on first use), 'demo': a small random-weight model built "
                         "locally, no download, or 'sudoku': the small Sudoku model shipped with the "
                         "package (default: %(default)s)")
+    p.add_argument("--adapter-path", default=None,
+                   help="fine-tuned adapters to apply (a folder written by python -m mlx_dgemma.lora)")
     p.add_argument("--prompt", required=True, help="the prompt (a user message unless --no-chat-template)")
     p.add_argument("--system", default=None, help="a system message (chat template only)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
@@ -828,8 +830,8 @@ def _is_original_checkpoint(spec: str) -> bool:
     return spec.lower().startswith("google/") and spec.count("/") == 1
 
 
-def resolve_model(spec: str, log: Callable[[str], None]):
-    """``(model, tokenizer, is_demo)`` for a --model value."""
+def resolve_model(spec: str, log: Callable[[str], None], adapter_path: Optional[str] = None):
+    """``(model, tokenizer, is_demo)`` for a --model value (with fine-tuned adapters applied)."""
     from .config import ConfigError
     from .loader import BUILTIN_MODELS, builtin_model_path, load
 
@@ -839,7 +841,7 @@ def resolve_model(spec: str, log: Callable[[str], None]):
             from .demo import UNTRAINED_NOTICE
 
             log(UNTRAINED_NOTICE)
-        model, tok = load(path)
+        model, tok = load(path, adapter_path=adapter_path)
         return model, tok, spec == "demo"
     local = Path(spec).expanduser()
     if not local.exists() and _is_original_checkpoint(spec):
@@ -856,7 +858,7 @@ def resolve_model(spec: str, log: Callable[[str], None]):
         spec = str(dest)
     elif not local.exists():
         log(f"{spec}: loading from the hub (downloaded once, then cached) ...")
-    model, tok = load(spec)
+    model, tok = load(spec, adapter_path=adapter_path)
     return model, tok, False
 
 
@@ -900,7 +902,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     runtime.announce()  # which BLAS MLX's matmuls use (Linux), and how to get the fast one
     try:
-        model, tokenizer, _ = resolve_model(args.model, log)
+        model, tokenizer, _ = resolve_model(args.model, log, args.adapter_path)
     except (ConfigError, WeightsError, SettingsError, GenerateInputError, OSError, ValueError) as e:
         return _fail(str(e) or type(e).__name__)
 

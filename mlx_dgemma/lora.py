@@ -198,7 +198,11 @@ def write_plot(history: List[dict], folder: Path) -> Optional[Path]:
     (folder / "losses.json").write_text(json.dumps(history, indent=1))
     if not train and not val:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("loss.png needs matplotlib (pip install 'mlx-dgemma[train]'); wrote losses.json only")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -463,6 +463,7 @@ def _model_id(path_or_id: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mlx_dgemma.server", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="model folder or hub id")
+    ap.add_argument("--adapter-path", default=None, help="fine-tuned adapters (python -m mlx_dgemma.lora) to apply")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--served-model-name", default=None, help="the id clients send (default: folder name or hub id)")
@@ -497,9 +498,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except ImportError:
             resolve_model = None
         if resolve_model is not None:
-            model, tokenizer, _ = resolve_model(args.model, log.info)
+            model, tokenizer, _ = resolve_model(args.model, log.info, args.adapter_path)
         else:
-            model, tokenizer = load(args.model)
+            model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     except (ConfigError, WeightsError, OSError) as e:
         raise SystemExit(f"error: {e}".splitlines()[0]) from None
     model_id = args.served_model_name or _model_id(args.model)

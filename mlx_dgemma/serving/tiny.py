@@ -68,9 +68,12 @@ def write_generation_config(path, **values: Any) -> None:
 
 
 def write_random_model(path, text_config: Dict[str, Any], canvas_length: int = 256, seed: int = 0,
-                       dtype: str = "float32") -> Path:
+                       dtype: str = "float32", tokenizer: bool = False,
+                       generation: Optional[Dict[str, Any]] = None) -> Path:
     """A DiffusionGemma folder with random MLX weights (HF key names), loadable by
-    ``mlx_dgemma.load``. ``text_config``: the text config (hidden_size, layers ...)."""
+    ``mlx_dgemma.load``. ``text_config``: the text config (hidden_size, layers ...).
+    ``tokenizer``: add the byte-level tokenizer (``vocab_size`` must cover it);
+    ``generation``: generation_config.json values on top of the token ids."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -83,5 +86,8 @@ def write_random_model(path, text_config: Dict[str, Any], canvas_length: int = 2
     mx.random.seed(seed)
     model = Model(ModelArgs.from_config(config))
     weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
-    path = write_model_folder(path, config, hf_weights(weights))
-    return path
+    vocab = config["text_config"]["vocab_size"]
+    gen = None if generation is None else {"eos_token_id": TOKEN_IDS["eos_token_id"], "pad_token_id": PAD,
+                                           "bos_token_id": BOS, **generation}
+    return write_model_folder(path, config, hf_weights(weights), generation_config=gen,
+                              tokenizer=(lambda p: write_byte_tokenizer(p, vocab)) if tokenizer else None)

@@ -84,6 +84,7 @@ def _checkpointed(layer: nn.Module, fn: Callable) -> Callable:
 
 def encoder_pass(model: Model, tokens: mx.array, checkpoint: bool = False):
     """The causal encoder over ``tokens`` [B, T]: per-layer (K, V) and its logits [B, T, V]."""
+    prepare_for_training(model)
     args = model.args
     T = tokens.shape[1]
     h = model._embed(tokens)
@@ -120,6 +121,7 @@ def decoder_masks(model: Model, starts: mx.array, T: int, L: int) -> Tuple[mx.ar
 def decoder_pass(model: Model, canvas: mx.array, signal: Optional[mx.array], kv, masks, offset,
                  checkpoint: bool = False) -> mx.array:
     """Decoder logits [B, L, V] for ``canvas`` over the given per-layer K/V and key masks."""
+    prepare_for_training(model)
     h = model.decoder.self_conditioning(model._embed(canvas), signal)
     for i, (layer, (k, v)) in enumerate(zip(model.layers, kv)):
         mask = masks[0] if model.args.is_full(i) else masks[1]
@@ -161,7 +163,6 @@ def objective(
     corrupt, noise = batch["corrupt"], batch["noise"]
     B, T = tokens.shape
     L = corrupt.shape[1]
-    prepare_for_training(model)
 
     kv, enc_logits = encoder_pass(model, tokens, checkpoint)
     valid = mx.arange(1, T)[None] < lengths[:, None]  # next-token pairs inside the sequence
@@ -178,10 +179,9 @@ def objective(
 
     signal = None
     if self_conditioning:
-        first = mx.stop_gradient(decoder_pass(model, canvas, None, kv, masks, starts, checkpoint))
-        coins = batch["self_condition"].astype(first.dtype)[:, None, None]
+        first = mx.stop_gradient(decoder_pass(model, canvas, None, kv, masks, starts))  # no backward: no checkpoint
         signal = model.soft_embeddings(mx.softmax(first, axis=-1))
-        signal = signal * coins.astype(signal.dtype)
+        signal = signal * batch["self_condition"][:, None, None].astype(signal.dtype)  # tails: zero, the no-signal path
     logits = decoder_pass(model, canvas, signal, kv, masks, starts, checkpoint)
     scored = positions < lengths[:, None]  # always the whole block when the fill is complete
     diff_ce = nn.losses.cross_entropy(logits, clean) * scored

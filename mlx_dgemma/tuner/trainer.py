@@ -59,7 +59,7 @@ def evaluate(model: Model, dataset: Sequence[Example], batch_size: int, num_batc
     draws: the same batches and noise at every evaluation, so the numbers compare."""
     model.eval()
     world = mx.distributed.init()
-    spec = batch_spec(model, args)
+    spec = batch_spec(model, args, seed=args.seed + 1)  # noise independent of the training draws
     sc = args.self_conditioning_p > 0
     sums = mx.zeros((4,))
     batches = iterate_batches(dataset, batch_size, spec, shuffle=False, comm_group=world)

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..loader import WeightsError
 from ..model import Model
 
 # The recipe's LoRA targets (NeMo AutoModel diffusion_gemma_lora.yaml): attention and the
@@ -38,8 +39,9 @@ _SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_
                "vocab_size")
 
 
-class AdapterError(ValueError):
-    """Adapters that do not fit the model (one line, naming the file)."""
+class AdapterError(WeightsError):
+    """Adapters that do not fit the model (one line, naming the file). A ``WeightsError``,
+    so that every command that loads a model reports it the same way."""
 
 
 def base_model_shapes(model: Model) -> Dict[str, int]:

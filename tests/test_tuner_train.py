@@ -1,0 +1,339 @@
+"""Fine-tuning end to end: learning, fuse, export to transformers, what trains, bad input,
+saves, Ctrl-C and resume (python -m mlx_dgemma.lora / mlx_dgemma.fuse on tiny models)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_dgemma
+from mlx_dgemma import fuse, lora
+from mlx_dgemma.serving.tiny import byte_vocab_size, write_random_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TEXT = dict(vocab_size=byte_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+            num_global_key_value_heads=1, sliding_window=32, num_experts=4, top_k_experts=2,
+            moe_intermediate_size=32, layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=4096)
+PAIRS = [("What is the capital of France?", "Paris"), ("Say hi.", "Hi!"), ("2+2?", "4"), ("Color of the sky?", "Blue")]
+
+
+def tiny_model(path, canvas=8, **over):
+    return write_random_model(path, {**TEXT, **over}, canvas_length=canvas, tokenizer=True,
+                              generation={"max_denoising_steps": 8})
+
+
+def chat(p, r):
+    return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
+
+
+def write_data(folder, train, valid=None, test=None):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("valid", valid), ("test", test)):
+        if rows is not None:
+            (folder / f"{name}.jsonl").write_text("".join(
+                (r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return folder
+
+
+def run_lora(*argv):
+    return lora.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("tiny") / "m")
+
+
+def test_lora_learns_the_replies_and_survives_fuse_and_export(tmp_path):
+    """LoRA (the recipe's targets, rank 16, alpha 32) on a random tiny model, four chat
+    examples: afterwards the sampler writes each training prompt's reply with the
+    adapters and not without; likewise after fuse, and in transformers after --export-hf."""
+    model_dir = tiny_model(tmp_path / "m")
+    data = write_data(tmp_path / "data", [chat(p, r) for p, r in PAIRS])
+    (tmp_path / "c.yaml").write_text("lr_schedule: constant\n")
+    ad = tmp_path / "ad"
+    assert run_lora("--model", model_dir, "--train", "--data", data, "--iters", 400, "--batch-size", 4,
+                    "--learning-rate", "1e-2", "--steps-per-report", 100, "--save-every", 1000,
+                    "--adapter-path", ad, "-c", tmp_path / "c.yaml", "--no-plot") == 0
+
+    def replies(model, tok):
+        return [mlx_dgemma.generate(model, tok, p, max_tokens=16, seed=0) for p, _ in PAIRS]
+
+    want = [r for _, r in PAIRS]
+    assert replies(*mlx_dgemma.load(model_dir, adapter_path=ad)) == want
+    base = replies(*mlx_dgemma.load(model_dir))
+    assert not any(b == w for b, w in zip(base, want)), base
+
+    assert fuse.main(["--model", str(model_dir), "--adapter-path", str(ad), "--save-path", str(tmp_path / "fused")]) == 0
+    fused, tok = mlx_dgemma.load(tmp_path / "fused")
+    assert not any("lora" in k for k, _ in tree_flatten(fused.parameters()))
+    assert replies(fused, tok) == want
+
+    hf_dir = tmp_path / "hf"
+    assert fuse.main(["--model", str(model_dir), "--adapter-path", str(ad), "--save-path", str(hf_dir),
+                      "--export-hf", "--hf-dtype", "float32"]) == 0
+    import torch
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    hf, info = DiffusionGemmaForBlockDiffusion.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    assert not info["unexpected_keys"], info["unexpected_keys"]
+    assert all(".vision_tower." in k or ".embed_vision." in k for k in info["missing_keys"]), info["missing_keys"]
+    htok = AutoTokenizer.from_pretrained(hf_dir)
+    eos = set(hf.generation_config.eos_token_id)
+    got = []
+    for p, _ in PAIRS:
+        ids = htok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       enable_thinking=False, return_tensors="pt", return_dict=True)["input_ids"]
+        torch.manual_seed(0)
+        out = hf.generate(ids, max_new_tokens=8)
+        out = getattr(out, "sequences", out)[0, ids.shape[1]:].tolist()
+        out = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+        got.append(htok.decode(out, skip_special_tokens=True))
+    assert got == want
+
+
+def examples(tok, n=8):
+    from mlx_dgemma.tuner.datasets import chat_example
+
+    rows = [chat(f"Question {i}: {'x' * (3 * i)}?", f"Answer {i}{'!' * i}") for i in range(n)]
+    return [chat_example(tok, r["messages"], source=f"row {i}") for i, r in enumerate(rows)]
+
+
+def test_router_is_frozen_and_full_fine_tuning_trains_the_rest(tiny, tmp_path):
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_dgemma.tuner import TrainingArgs, objective, setup_fine_tuning, train
+    from mlx_dgemma.tuner.datasets import BatchSpec, make_batch
+
+    model, tok = mlx_dgemma.load(tiny)
+    data = examples(tok, 4)
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    # the router does get a gradient from the objective ...
+    model.unfreeze()
+    spec = BatchSpec(model.args.canvas_length, model.args.vocab_size, tok.eos_token_id, 0)
+    g = dict(tree_flatten(nn.value_and_grad(model, lambda m, b: objective(m, b).loss)(
+        model, make_batch(data, [0, 1, 2, 3], 1, spec, data))[1]))
+    assert float(mx.abs(g["model.decoder.layers.0.router.proj.weight"]).max()) > 0
+    # ... which training never applies
+    setup_fine_tuning(model, "full")
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert not [k for k in trainable if ".router." in k or k.endswith("layer_scalar")]
+    for k in ("model.decoder.embed_tokens.weight", "model.decoder.self_conditioning.gate_proj.weight",
+              "model.decoder.layers.1.experts.switch_glu.down_proj.weight", "model.decoder.norm.weight"):
+        assert k in trainable
+    train(model, optim.Adam(1e-2), data, None,
+          TrainingArgs(batch_size=4, iters=3, adapter_file=str(tmp_path / "a.safetensors"), steps_per_report=3),
+          log=lambda *a, **k: None)
+    after = dict(tree_flatten(model.parameters()))
+    for k, v in before.items():
+        moved = not np.array_equal(v, np.array(after[k]))
+        assert moved == (k in trainable), f"{k}: {'changed' if moved else 'unchanged'}"
+    saved = mx.load(str(tmp_path / "a.safetensors"))
+    assert set(saved) == set(trainable)
+
+
+def one_line_error(capsys, rc, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    for n in needles:
+        assert str(n) in err[0], err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("case", ["malformed", "no_assistant", "empty", "missing", "long_prompt", "bad_format"])
+def test_bad_data_is_a_one_line_error_naming_file_and_line(tiny, tmp_path, capsys, case):
+    good = [chat(p, r) for p, r in PAIRS]
+    rows = {"malformed": [good[0], '{"messages": [', good[1]],
+            "no_assistant": [good[0], {"messages": [{"role": "user", "content": "hi"}]}],
+            "empty": [], "missing": None, "long_prompt": [good[0], chat("y" * 300, "ok")],
+            "bad_format": [{"question": "hi", "answer": "there"}]}[case]
+    data = write_data(tmp_path / "d", rows)
+    train_file = data / "train.jsonl"
+    rc = run_lora("--model", tiny, "--train", "--data", data, "--iters", 1, "--batch-size", 1,
+                  "--max-seq-length", 256, "--adapter-path", tmp_path / "ad")
+    needles = {"malformed": [f"{train_file}:2:", "not valid JSON"],
+               "no_assistant": [f"{train_file}:2:", "no assistant turn"],
+               "empty": [str(train_file), "empty"], "missing": [str(train_file), "missing"],
+               "long_prompt": [f"{train_file}:2:", "--max-seq-length 256"],
+               "bad_format": [f"{train_file}:1:", "unknown record format"]}[case]
+    one_line_error(capsys, rc, *needles)
+    assert not (tmp_path / "ad" / "adapters.safetensors").exists()
+
+
+def test_bad_flags_and_adapters_are_one_line_errors(tiny, tmp_path, capsys):
+    data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS], test=[chat(p, r) for p, r in PAIRS])
+    rc = run_lora("--model", tiny, "--train", "--data", data, "--resume-adapter-file", tmp_path / "nope.safetensors")
+    one_line_error(capsys, rc, "--resume-adapter-file", "nope.safetensors")
+    rc = run_lora("--model", tiny, "--train", "--data", tmp_path / "nowhere")
+    one_line_error(capsys, rc, "--data", "nowhere")
+
+    ad = tmp_path / "ad"  # adapters of rank 4 for the tiny model
+    (tmp_path / "c.yaml").write_text("lora_parameters: {rank: 4}\n")
+    assert run_lora("--model", tiny, "--train", "--data", data, "--iters", 1, "--batch-size", 2,
+                    "--adapter-path", ad, "-c", tmp_path / "c.yaml", "--no-plot") == 0
+    capsys.readouterr()
+    # another model: the recorded shapes differ
+    other = tiny_model(tmp_path / "other", hidden_size=64, intermediate_size=128)
+    rc = run_lora("--model", other, "--test", "--data", data, "--adapter-path", ad)
+    one_line_error(capsys, rc, "adapter_config.json", "hidden_size 128", "has 64")
+    # another rank: the config says 8, the tensors are rank 4
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["lora_parameters"]["rank"] = 8
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    rc = run_lora("--model", tiny, "--test", "--data", data, "--adapter-path", ad)
+    one_line_error(capsys, rc, "adapters.safetensors", "shape", "rank")
+    with pytest.raises(mlx_dgemma.WeightsError, match="rank"):
+        mlx_dgemma.load(tiny, adapter_path=ad)
+    # and as --resume-adapter-file of a rank-8 run
+    (tmp_path / "c8.yaml").write_text("lora_parameters: {rank: 8}\n")
+    rc = run_lora("--model", tiny, "--train", "--data", data, "--iters", 1, "--resume-adapter-file",
+                  ad / "adapters.safetensors", "-c", tmp_path / "c8.yaml", "--adapter-path", tmp_path / "ad8")
+    one_line_error(capsys, rc, "adapters.safetensors", "shape")
+    (tmp_path / "bad.yaml").write_text("lora_parameters: {rank: two}\n")
+    rc = run_lora("--model", tiny, "--train", "--data", data, "-c", tmp_path / "bad.yaml")
+    one_line_error(capsys, rc, "lora_parameters.rank")
+
+
+def test_saves_are_atomic(tiny, tmp_path, monkeypatch):
+    from mlx_dgemma.tuner.utils import save_adapters, setup_fine_tuning
+
+    model, _ = mlx_dgemma.load(tiny, tokenizer=False)
+    setup_fine_tuning(model, "lora")
+    path = save_adapters(model, tmp_path / "adapters.safetensors")
+    good = path.read_bytes()
+
+    def broken(file, arrays, metadata=None):
+        Path(file).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mx, "save_safetensors", broken)
+    with pytest.raises(OSError):
+        save_adapters(model, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["adapters.safetensors"]
+
+
+def lora_cmd(model, data, ad, *extra):
+    return [sys.executable, "-m", "mlx_dgemma.lora", "--model", str(model), "--train", "--data", str(data),
+            "--batch-size", "4", "--learning-rate", "1e-2", "--steps-per-report", "1", "--adapter-path", str(ad),
+            "--save-every", "1000", *map(str, extra)]
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def first_loss(stdout):
+    line = next(l for l in stdout.splitlines() if l.startswith("Iter 1: Train loss"))
+    return float(line.split("Train loss ")[1].split()[0])
+
+
+def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path):
+    data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS])
+    ad = tmp_path / "ad"
+    proc = subprocess.Popen(lora_cmd(tiny, data, ad, "--iters", 100000, "-c", _constant(tmp_path)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("Iter 30: Train loss"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(out) + rest
+    assert proc.returncode == 130, out
+    saved = ad / "adapters.safetensors"
+    assert f"adapter weights saved to {saved}" in out
+    assert "Traceback" not in out
+    weights = mx.load(str(saved))
+    assert weights and all(k.endswith(("lora_a", "lora_b")) for k in weights)
+    assert (ad / "loss.png").is_file()
+
+    fresh = subprocess.run(lora_cmd(tiny, data, tmp_path / "fresh", "--iters", 1, "-c", _constant(tmp_path)),
+                           capture_output=True, text=True, env=env())
+    resumed = subprocess.run(lora_cmd(tiny, data, tmp_path / "res", "--iters", 1, "-c", _constant(tmp_path),
+                                      "--resume-adapter-file", saved), capture_output=True, text=True, env=env())
+    assert fresh.returncode == 0 and resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # the same first batch and noise (same seed): only the weights differ
+    assert first_loss(resumed.stdout) < 0.8 * first_loss(fresh.stdout)
+
+
+def _constant(tmp_path):
+    p = tmp_path / "constant.yaml"
+    p.write_text("lr_schedule: constant\n")
+    return p
+
+
+def decoder_logits(model, seed=0):
+    rng = np.random.default_rng(seed)
+    V = model.args.vocab_size
+    cache = model.make_cache()
+    model.encode(mx.array(rng.integers(3, V, (1, 12))), cache)
+    return np.array(model.denoise(mx.array(rng.integers(3, V, (1, model.args.canvas_length))), cache))
+
+
+@pytest.mark.parametrize("kind", ["qlora-mixed", "qlora-uniform", "dora"])
+def test_qlora_and_dora_train_test_and_fuse(tiny, tmp_path, capsys, kind):
+    """A quantized folder (our mixed recipe, or uniform 4-bit) trains with LoRA: QLoRA;
+    DoRA trains on a float one. --test reports the loss; fused weights give the logits of
+    base + adapters (to float rounding when dequantized or float: the merge is exact)."""
+    from mlx_dgemma.convert import convert
+
+    base = tiny
+    if kind.startswith("qlora"):
+        base = convert(tiny, tmp_path / "q4", quantize=True, q_bits=4, recipe=kind.split("-")[1], log=lambda *a: None).path
+    data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS], test=[chat(p, r) for p, r in PAIRS])
+    ad = tmp_path / "ad"
+    assert run_lora("--model", base, "--train", "--test", "--data", data, "--iters", 3, "--batch-size", 2,
+                    "--learning-rate", "5e-2", "--fine-tune-type", "dora" if kind == "dora" else "lora",
+                    "--adapter-path", ad, "--no-plot") == 0
+    out = capsys.readouterr().out
+    assert "Test loss" in out and "Iter 3: Train loss" in out
+    loss = float(out.split("Test loss ")[1].split()[0])
+    assert np.isfinite(loss) and loss > 0
+    model, _ = mlx_dgemma.load(base, adapter_path=ad)
+    if kind.startswith("qlora"):
+        assert any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters()))
+    want = decoder_logits(model)
+    assert np.abs(want - decoder_logits(mlx_dgemma.load(base)[0])).max() > 1e-3  # the adapters do something
+    assert fuse.main(["--model", str(base), "--adapter-path", str(ad), "--save-path", str(tmp_path / "f"),
+                      "--dequantize"]) == 0
+    fused, _ = mlx_dgemma.load(tmp_path / "f")
+    assert not any(k.endswith(".scales") for k, _ in tree_flatten(fused.parameters()))
+    np.testing.assert_allclose(decoder_logits(fused), want, atol=1e-3 * np.abs(want).max())
+    if kind.startswith("qlora"):  # without --dequantize the merged layers are quantized again
+        assert fuse.main(["--model", str(base), "--adapter-path", str(ad), "--save-path", str(tmp_path / "fq")]) == 0
+        fq, _ = mlx_dgemma.load(tmp_path / "fq")
+        assert any(k.endswith(".scales") for k, _ in tree_flatten(fq.parameters()))
+
+
+def test_adapter_path_in_generate_and_server(tiny, tmp_path, capsys):
+    from mlx_dgemma import generate, server
+
+    data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS])
+    ad = tmp_path / "ad"
+    assert run_lora("--model", tiny, "--train", "--data", data, "--iters", 2, "--batch-size", 2,
+                    "--learning-rate", "1e-1", "--adapter-path", ad, "--no-plot") == 0
+    capsys.readouterr()
+    args = ["--model", str(tiny), "--prompt", PAIRS[0][0], "--max-tokens", "8", "--seed", "0"]
+    assert generate.main(args) == 0
+    plain = capsys.readouterr().out
+    assert generate.main(args + ["--adapter-path", str(ad)]) == 0
+    assert capsys.readouterr().out != plain  # the adapters change the text
+    assert generate.main(args + ["--adapter-path", str(tmp_path / "none")]) == 2
+    one_line_error(capsys, 2, "--adapter-path", "none")
+    # the server applies them at load; a bad folder stops it with one line before serving
+    with pytest.raises(SystemExit, match=r"^error: --adapter-path .*none: not a folder$"):
+        server.main(["--model", str(tiny), "--adapter-path", str(tmp_path / "none")])
