@@ -56,6 +56,8 @@ def prepare_for_training(model: Model) -> Model:
     "dense" expert dispatch keeps it: small models train faster with it on the CPU."""
     if model.expert_dispatch != "dense":
         model.expert_dispatch = "gather"
+    model.encoder_expert_dispatch = None
+    model.cpu_attention = False  # the C attention kernel has no gradient
     model.numpy_softcap = False
     return model
 
