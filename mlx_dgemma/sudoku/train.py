@@ -10,7 +10,9 @@ shipped folder ``mlx_dgemma/sudoku/model`` written through ``folder.write_model_
 The settings come from ``train.yaml`` beside this file (``-c`` another); the loss curve,
 a solve-rate curve on validation puzzles (made by the training generator, not the
 held-out sets) and the wall time go to ``benchmarks/sudoku/training/`` as they come, so a
-stopped run is not lost. Weights are saved every ``steps_per_save`` iterations;
+stopped run is not lost. Weights are saved every ``steps_per_save`` iterations (the
+trainer's adapter folder ``OUT/adapters``: ``python -m mlx_dgemma.fuse --model OUT/init
+--adapter-path OUT/adapters`` reads it, ``--export-hf`` for transformers);
 ``--resume`` continues from the last save (a fresh optimizer state, the schedule and the
 data order carried on from the saved iteration).
 """
@@ -126,6 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .. import load
     from ..tuner import TrainingArgs, setup_fine_tuning, train
+    from ..tuner.utils import save_adapter_config
     from ..tuner.datasets import load_split
     from . import solve_details
     from .data import write_training_data
@@ -151,7 +154,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     setup_fine_tuning(model, "full")
     model.expert_dispatch = cfg.get("expert_dispatch", "dense")
-    adapter_file = out / "weights.safetensors"
+    # the trainer's adapter folder (full fine-tuning: every trained weight), so that
+    # load(init, adapter_path=...) and python -m mlx_dgemma.fuse read it as any other
+    adapters = out / "adapters"
+    adapter_file = adapters / "adapters.safetensors"
+    save_adapter_config({"fine_tune_type": "full", "num_layers": -1, "model": str(init)}, model,
+                        adapters / "adapter_config.json")
     curve_path = rec / "curve.jsonl"
     offset = 0
     if args.resume:
