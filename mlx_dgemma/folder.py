@@ -212,7 +212,11 @@ def write_model_folder(
                     sum(a.size for a in arrays.values()))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if generation_config is not None:
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+            gen = dict(generation_config)
+            if isinstance(gen.get("sampler_config"), dict):
+                # transformers' DiffusionGemmaGenerationConfig finds the dataclass by this name
+                gen["sampler_config"] = {"_cls_name": "EntropyBoundSamplerConfig", **gen["sampler_config"]}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
             tokenizer(tmp)
         if chat_template is not None:

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mlx_model", help="The base model folder (default: %(default)s).")
     p.add_argument("--save-path", default="fused_model", help="Where to write the fused folder (default: %(default)s).")
     p.add_argument("--adapter-path", default="adapters",
-                   help="The adapters' folder (adapter_config.json, adapters.safetensors; default: %(default)s).")
+                   help="The adapters' folder (adapter_config.json, adapters.safetensors; default: %(default)s); "
+                        "'' for none: --export-hf then converts the model folder as it is.")
     p.add_argument("--dequantize", "--de-quantize", dest="dequantize", action="store_true",
                    help="Write floating-point weights even if the model is quantized.")
     p.add_argument("--export-hf", action="store_true",
@@ -75,7 +76,8 @@ def fuse(model_path, adapter_path, save_path, dequantize: bool = False, export_h
     from .loader import load, resolve_model_path
 
     src = resolve_model_path(model_path)
-    log(f"Loading {src} with the adapters in {adapter_path}")
+    adapter_path = adapter_path or None  # none: export or dequantize the folder as it is
+    log(f"Loading {src}" + (f" with the adapters in {adapter_path}" if adapter_path else " (no adapters)"))
     model, _ = load(src, tokenizer=False, adapter_path=adapter_path)
     model = fuse_model(model, dequantize or export_hf)
     config = read_config(src)

@@ -137,6 +137,8 @@ VARIANTS = [
     pytest.param(dict(PLAIN, cpu_attention=True), marks=needs_cpu_attention),
     dict(PLAIN, encoder_expert_dispatch="grouped"),
     dict(PLAIN, expert_dispatch="grouped"),
+    dict(PLAIN, expert_dispatch="dense"),
+    dict(PLAIN, compile_decoder=True, expert_dispatch="dense"),
     pytest.param(dict(PLAIN, expert_dispatch="cpu"), marks=needs_cpu_attention),
     pytest.param(dict(PLAIN, expert_dispatch="cpu", cpu_attention=True, numpy_softcap=True), marks=needs_cpu_attention),
     dict(PLAIN, merge_prefix=True),
@@ -280,6 +282,37 @@ def test_grouped_experts_match_gather_mm_float_and_quantized():
     glu = model.layers[0].experts.switch_glu
     want, got = glu(x, idx), grouped_switch_glu(glu, x, idx)
     assert float(mx.abs(got - want).max()) <= 1e-4 * max(1.0, float(mx.abs(want).max()))
+
+
+def test_dense_experts_match_the_routed_sum_and_its_gradient():
+    """Every expert on every token, unrouted ones weighted 0: the routed weighted sum, and
+    the same gradients for the expert weights (exact zeros where a token was not routed)."""
+    import mlx.nn as nn
+
+    from mlx_dgemma.model import dense_switch_glu
+
+    model = tiny_model(6)
+    experts = model.layers[0].experts
+    x = mx.random.normal((2, 9, 64))
+    idx = mx.argpartition(-mx.random.normal((2, 9, 8)), kth=1, axis=-1)[..., :2]
+    w = mx.softmax(mx.random.normal((2, 9, 2)), axis=-1)
+    experts.dispatch = "gather"
+    want = experts(x, idx, w)
+    got = dense_switch_glu(experts.switch_glu, x, idx, w)
+    assert float(mx.abs(got - want).max()) <= 1e-5 * max(1.0, float(mx.abs(want).max()))
+
+    def grads(mode):
+        experts.dispatch = mode
+        return nn.value_and_grad(experts, lambda x: (experts(x, idx, w) ** 2).sum())(x)[1]
+
+    g_gather, g_dense = grads("gather"), grads("dense")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        a, b = g_gather["switch_glu"][name]["weight"], g_dense["switch_glu"][name]["weight"]
+        assert float(mx.abs(a - b).max()) <= 1e-5 * max(1.0, float(mx.abs(a).max())), name
+    unused = sorted(set(range(8)) - set(np.array(idx).ravel().tolist()))
+    if unused:  # an expert no token chose gets no gradient
+        assert float(mx.abs(g_dense["switch_glu"]["gate_proj"]["weight"][unused[0]]).max()) == 0.0
+    experts.dispatch = "gather"
 
 
 def test_decoder_step_is_rebuilt_when_the_cache_changes(model):

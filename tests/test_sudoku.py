@@ -135,10 +135,134 @@ def test_chat_line_tokenizes_to_prompt_and_reply(tmp_path):
     prompt = tok.apply_chat_template(msgs[:1], add_generation_prompt=True)
     full = tok.apply_chat_template(msgs)
     assert full[: len(prompt)] == prompt and len(prompt) == 89
+    assert tok.decode(prompt) == f"<bos><|turn>user\n{EXAMPLE}<turn|><|turn>model\n"  # one token per cell
     reply = full[len(prompt):]
     assert len(reply) == 82 and reply[-1] == recipe.TURN_CLOSE == tok.eos_token_id
     assert tok.decode(reply[:81]) == EXAMPLE_SOLUTION
-    assert tok.decode(prompt[4:85]) == EXAMPLE  # the puzzle, one token per cell, "." blanks
     assert recipe.CANVAS_LENGTH >= len(reply) and recipe.CANVAS_LENGTH % 8 == 0
     v = recipe.vocabulary()
     assert len(v) == recipe.VOCAB_SIZE and len(set(v.values())) == recipe.VOCAB_SIZE
+
+
+# --- the shipped model ------------------------------------------------------------------------
+# A fixed set: the first 64 held-out easy puzzles (another grid source and removal order than
+# the training data). SOLVE_FLOOR is set well under the measured rate (benchmarks/sudoku) and
+# far above what a broken drafter or loss gives (an untrained model solves none).
+
+FIXED = 64
+SOLVE_FLOOR = 0.75
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from mlx_dgemma.sudoku import MODEL_DIR, load_model
+
+    if not (MODEL_DIR / "config.json").is_file():
+        # a skip, not a pass: the model is rebuilt by `python -m mlx_dgemma.sudoku.train`
+        # (hours on a 2-core CPU); it ships once it meets SOLVE_FLOOR (issue 10)
+        pytest.skip(f"{MODEL_DIR}: the trained Sudoku model is not in this checkout yet")
+    return load_model("sudoku")
+
+
+@pytest.fixture(scope="module")
+def initial_dir(tmp_path_factory):
+    """The recipe's untrained model folder: what pinning and the export must handle whatever
+    the weights are."""
+    return recipe.write_initial_model(tmp_path_factory.mktemp("sudoku-init"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def initial(initial_dir):
+    from mlx_dgemma.sudoku import load_model
+
+    return load_model(initial_dir)
+
+
+def test_solve_rate_on_fixed_easy_heldout_set(shipped):
+    from mlx_dgemma.sudoku import solve_details
+
+    pairs = read_pairs(HELDOUT_EASY, FIXED)
+    res = solve_details([p for p, _ in pairs], model=shipped)
+    rate = sum(r.solved for r in res) / len(res)
+    assert rate >= SOLVE_FLOOR, f"solved {rate:.1%} of {len(res)} held-out easy puzzles"
+    for (p, s), r in zip(pairs, res):
+        if r.solved:
+            assert r.grid == s  # a unique solution: solved means equal
+    # the same puzzles one by one give the same grids (rows do not depend on the batch)
+    from mlx_dgemma.sudoku import solve
+
+    assert solve([p for p, _ in pairs[:3]], batch_size=1, model=shipped) == [r.grid for r in res[:3]]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 24, 48])
+def test_givens_hold_under_every_step_budget(initial, steps):
+    """Every canvas the drafter shows (each denoising step) keeps every given, whatever the
+    weights (here untrained ones, whose drafts are far from a solution)."""
+    from mlx_dgemma.sudoku import solve_details
+
+    pairs = read_pairs(HELDOUT_EASY, 8)
+    puzzles = [p for p, _ in pairs]
+    for sampler in ({}, {"sampler": "confidence", "threshold": 0.9}):
+        drafts = []
+        res = solve_details(puzzles, steps=steps, model=initial, on_draft=lambda grids, d: drafts.append(grids),
+                            **sampler)
+        assert 1 <= len(drafts) <= steps
+        for grids in drafts:
+            for p, g in zip(puzzles, grids):
+                assert all(a == "0" or a == b for a, b in zip(p, g)), (steps, sampler)
+        assert all(r.passes <= steps for r in res)
+
+
+def test_unpinned_model_reads_the_prompt(shipped):
+    """Without pins the puzzle reaches the model only through the prompt: it must still
+    solve most easy puzzles (transformers' generate sees the same)."""
+    from mlx_dgemma.sudoku import solve_details
+
+    pairs = read_pairs(HELDOUT_EASY, 16)
+    res = solve_details([p for p, _ in pairs], model=shipped, pin=False)
+    assert sum(r.solved for r in res) >= 8
+
+
+def test_load_and_generate_by_name(shipped):
+    import mlx_dgemma
+    from mlx_dgemma.generate import generate
+
+    model, tok = mlx_dgemma.load("sudoku")
+    assert model.args.canvas_length == recipe.CANVAS_LENGTH and model.args.vocab_size == recipe.VOCAB_SIZE
+    text = generate(model, tok, EXAMPLE, max_tokens=88)
+    assert len(text) == 81 and set(text) <= set("123456789")
+
+
+def run_cli(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "mlx_dgemma.sudoku", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_solves_and_draws(shipped):
+    r = run_cli(EXAMPLE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("------+-------+------") == 4  # the puzzle and the solution
+    assert "solved" in r.stderr and "NOT" not in r.stderr
+    last = r.stdout.strip().splitlines()[-11:]
+    digits = "".join(ch for line in last for ch in line if ch.isdigit())
+    assert digits == EXAMPLE_SOLUTION
+
+
+@pytest.mark.parametrize("arg, word", [("123", "expected 81"), ("x" * 81, "bad character"),
+                                       ("55" + "0" * 79, "break the rules")])
+def test_cli_bad_input_one_line(arg, word):
+    r = run_cli(arg)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and word in r.stderr and r.stderr.startswith("error:")
+
+
+def test_exported_model_loads_in_transformers(initial_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaForBlockDiffusion
+
+    from mlx_dgemma.fuse import fuse
+
+    out = fuse(initial_dir, None, tmp_path / "hf", export_hf=True, hf_dtype="float32", log=lambda m: None)
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.canvas_length == recipe.CANVAS_LENGTH
+    assert sum(p.numel() for p in hf.parameters()) > 1e6

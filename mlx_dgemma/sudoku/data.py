@@ -1,18 +1,21 @@
 """Training data and the held-out evaluation sets.
 
-    python -m mlx_dgemma.sudoku.data --out DIR [--train N] [--valid N] [--base-easy N] [--base-medium N]
+    python -m mlx_dgemma.sudoku.data --out DIR [--train N] [--valid N] [--base N]
     python -m mlx_dgemma.sudoku.data --heldout DIR
 
-Training (``train.jsonl`` / ``valid.jsonl`` in the trainer's chat format: a user turn with
-the puzzle, the assistant's reply the 81 digits of the solution): base puzzles made by
-``generator.puzzle`` with ``source="search"`` and ``order="random"``, easy and medium,
-then each training line a random symmetry of a base puzzle (``generator.transform``), so
-lines rarely repeat even when the base set is small.
+Training (``train.jsonl`` / ``valid.jsonl`` in the trainer's chat format): the user turn
+is a puzzle (81 characters, ``.`` blanks), the reply the 81 digits of its solution. Base
+puzzles come from ``generator.puzzle`` with ``source="search"`` (grids by randomized
+search) and ``order="random"`` (single cells removed in random order), easy and medium;
+every line is then a random symmetry of a base puzzle (``generator.transform``: relabelled
+digits, moved rows, columns, bands and stacks, transposition), so lines almost never
+repeat even from a small base set.
 
 Held-out (``heldout_easy.txt`` / ``heldout_medium.txt``, one ``puzzle solution`` pair a
-line): ``source="seeded"``, ``order="symmetric"``, other seeds: grids, removal order and
-randomness the training never saw; easy = singles alone, 25-35 givens; medium = rated
-medium by the human-style solver.
+line): ``source="seeded"`` grids (random clues completed by the classical solver),
+``order="symmetric"`` removal, other seeds: the training saw neither these grids' source
+nor this removal order. Easy = singles alone, 25-35 givens; medium = rated medium by the
+human-style solver.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .recipe import prompt_messages
 
 Pair = Tuple[str, str]
 
-# (level, givens range, seed namespace); the held-out sets use other namespaces.
+# (level, givens range); seeds: the held-out sets use their own namespace.
 TRAIN_EASY = (EASY, (24, 36))
 TRAIN_MEDIUM = (MEDIUM, (22, 32))
 HELDOUT_EASY = (EASY, (25, 35))
@@ -102,10 +105,10 @@ def write_training_data(out: Path, train: int, valid: int, base_easy: int, base_
     n_med = int(round(train * medium_share)) if medium else 0
     pairs = augment(easy, train - n_med, TRAIN_SEED) + augment(medium, n_med, TRAIN_SEED + 1)
     random.Random(TRAIN_SEED + 2).shuffle(pairs)
-    val_easy = make_puzzles(TRAIN_EASY, valid, "search", "random", VALID_SEED, workers)
+    val = make_puzzles(TRAIN_EASY, valid, "search", "random", VALID_SEED, workers)
     _write_atomic(out / "train.jsonl", [chat_line(*p) for p in pairs])
-    _write_atomic(out / "valid.jsonl", [chat_line(*p) for p in val_easy])
-    return dict(train=len(pairs), valid=len(val_easy), base_easy=len(easy), base_medium=len(medium),
+    _write_atomic(out / "valid.jsonl", [chat_line(*p) for p in val])
+    return dict(train=len(pairs), valid=len(val), base_easy=len(easy), base_medium=len(medium),
                 medium_share=medium_share, seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -131,10 +134,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--heldout", type=Path, help="write heldout_easy.txt and heldout_medium.txt here")
     ap.add_argument("--train", type=int, default=100_000)
     ap.add_argument("--valid", type=int, default=256)
-    ap.add_argument("--base-easy", type=int, default=4000)
-    ap.add_argument("--base-medium", type=int, default=1000)
-    ap.add_argument("--medium-share", type=float, default=0.25)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--base-easy", type=int, default=2000, help="easy base puzzles (then augmented)")
+    ap.add_argument("--base-medium", type=int, default=500, help="medium base puzzles (then augmented)")
+    ap.add_argument("--medium-share", type=float, default=0.25, help="share of medium lines in train.jsonl")
+    ap.add_argument("--workers", type=int, default=1, help="processes making puzzles")
     args = ap.parse_args(argv)
     if not args.out and not args.heldout:
         ap.error("give --out or --heldout")

@@ -11,15 +11,25 @@ Design (why each choice; the numbers behind them are in benchmarks/sudoku/README
 - Prompt: the puzzle is in the user turn (81 characters, ``.`` for blanks); the reply is
   the 81 digits of the solution then ``<turn|>``. At inference the givens are ALSO pinned
   in the canvas (canvas constraints), and so are the end-of-turn token and the fill after
-  it: the model only ever chooses the blanks, and a given can never be changed.
-- canvas_length 88: the 82-token reply rounded up to a multiple of 8; the prompt is 88
-  tokens too (``<bos><|turn>user\\n`` + 81 + ``<turn|><|turn>model\\n``).
-- Architecture: the released model's at a small size: 6 layers (5 sliding, 1 full;
-  full layers with K = V, their own head size and proportional RoPE), MoE (8 experts,
-  top-2) with the dense GeGLU MLP beside it, self-conditioning, soft-capped tied logits.
-  The sliding window (256) is wider than prompt + reply (176 tokens), so training (whose
-  block-causal mask keeps the window) and inference (which shows the decoder the whole
-  cached window) see the same keys.
+  it: the model only ever chooses the blanks, and a given can never be changed. The
+  puzzle stays in the prompt although pinning alone would carry it (and would halve the
+  training cost: 97 tokens a sequence instead of 177) because transformers' ``generate``
+  and the autoregressive decoders cannot pin: with the puzzle in the prompt the same
+  model runs everywhere, and every training example, at any corruption level, asks for
+  the whole solution from the givens.
+- canvas_length 88: the 82-token reply rounded up to a multiple of 8. The prompt is 89
+  tokens (``<bos><|turn>user\\n`` + 81 + ``<turn|><|turn>model\\n``).
+- Architecture: the released model's at a small size (2.2M parameters): 6 layers (5
+  sliding, 1 full; full layers with K = V, a double head size and proportional RoPE), MoE
+  (8 experts of width 64, top-2, router frozen in training as the recipe does) with the
+  dense GeGLU MLP (width 256) beside it, self-conditioning, soft-capped tied logits,
+  hidden 128, 4 heads of 32. The sliding window (256) is wider than prompt + reply (177
+  tokens), so training and inference see the same keys. Sized for this CPU: a training
+  step of 16 examples takes about 3 s here, so the budget is tens of thousands of
+  examples, not millions.
+- Data: puzzles from their own generator (``data``: randomized-search grids, random
+  removal order), three easy to one medium, each line a random symmetry of a base puzzle;
+  the held-out sets come from other grids, another removal order and other seeds.
 """
 
 from __future__ import annotations
@@ -97,7 +107,7 @@ def model_config(
     head_dim: int = 32,
     num_experts: int = 8,
     top_k_experts: int = 2,
-    moe_intermediate_size: int = 128,
+    moe_intermediate_size: int = 64,
 ) -> Dict[str, Any]:
     """config.json of the Sudoku model (the converted layout, ``model_type: diffusion_gemma``)."""
     layer_types = ["sliding_attention"] * (num_hidden_layers - 1) + ["full_attention"]
@@ -160,7 +170,7 @@ GENERATION_CONFIG = dict(
 
 def prompt_messages(puzzle: str, solution: Optional[str] = None) -> List[Dict[str, str]]:
     """The chat of one puzzle (81 characters, ``0`` or ``.`` blanks): the user turn, and
-    the model's reply when ``solution`` is given (training data)."""
+    the model's reply (the 81 digits of the solution) when ``solution`` is given."""
     msgs = [{"role": "user", "content": puzzle.replace("0", BLANK)}]
     if solution is not None:
         msgs.append({"role": "assistant", "content": solution})

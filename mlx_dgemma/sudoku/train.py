@@ -1,0 +1,274 @@
+"""Rebuild the shipped Sudoku model from scratch, with the project's trainer.
+
+    flock /work/heavy.lock python -m mlx_dgemma.sudoku.train            # everything, ~hours on 2 cores
+    python -m mlx_dgemma.sudoku.train --iters 200 --out /tmp/sudoku      # a short run elsewhere
+
+One command: the training data (``data.write_training_data``), a freshly initialised
+model folder (``recipe.write_initial_model``), full training with ``mlx_dgemma.tuner``
+(the DiffusionGemma objective and loop; every weight but the router trains), then the
+shipped folder ``mlx_dgemma/sudoku/model`` written through ``folder.write_model_folder``.
+The settings come from ``train.yaml`` beside this file (``-c`` another); the loss curve,
+a solve-rate curve on validation puzzles (made by the training generator, not the
+held-out sets) and the wall time go to ``benchmarks/sudoku/training/`` as they come, so a
+stopped run is not lost. Weights are saved every ``steps_per_save`` iterations (the
+trainer's adapter folder ``OUT/adapters``: ``python -m mlx_dgemma.fuse --model OUT/init
+--adapter-path OUT/adapters`` reads it, ``--export-hf`` for transformers);
+``--resume`` continues from the last save (a fresh optimizer state, the schedule and the
+data order carried on from the saved iteration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "train.yaml"
+RECORD = HERE.parents[1] / "benchmarks" / "sudoku" / "training"
+
+
+def read_config(path: Path) -> Dict[str, Any]:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: {path}: {e}".splitlines()[0]) from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"error: {path}: expected a mapping of settings")
+    return cfg
+
+
+def schedule(cfg: Dict[str, Any], offset: int = 0):
+    """Linear warm-up then cosine decay to ``min_lr_ratio`` of the peak, shifted by ``offset``
+    iterations (a resumed run continues the curve)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    lr, iters, warm = float(cfg["learning_rate"]), int(cfg["iters"]), int(cfg["warmup_steps"])
+    base = optim.join_schedules(
+        [optim.linear_schedule(lr / 100, lr, warm),
+         optim.cosine_decay(lr, max(iters - warm, 1), lr * float(cfg["min_lr_ratio"]))], [warm])
+    return lambda step: base(mx.array(step) + offset)
+
+
+def validation_puzzles(n: int) -> List[tuple]:
+    """Easy puzzles from the TRAINING generator's procedure (search grids, random removal),
+    own seed: the in-training solve-rate curve never touches the held-out sets."""
+    from . import generator
+
+    return list(generator.puzzles(random.Random(31_337), n, "easy", givens_range=(25, 35)))
+
+
+def write_shipped(model, config: Dict[str, Any], dst: Path, card: str) -> Path:
+    """The trained model as a normal model folder (package data), via the one builder."""
+    from mlx.utils import tree_flatten
+
+    from ..folder import hf_weights, write_model_folder
+    from .recipe import CHAT_TEMPLATE, GENERATION_CONFIG, write_tokenizer
+
+    params = dict(tree_flatten(model.parameters()))
+    return write_model_folder(dst, config, hf_weights(params), tokenizer=write_tokenizer, chat_template=CHAT_TEMPLATE,
+                              generation_config=dict(GENERATION_CONFIG), readme=card)
+
+
+def model_card(cfg: Dict[str, Any], record: Dict[str, Any]) -> str:
+    return f"""---
+library_name: mlx
+pipeline_tag: text-generation
+tags:
+- mlx
+- diffusion-gemma
+- block-diffusion
+- sudoku
+---
+# DiffusionGemma Sudoku
+
+A small DiffusionGemma (the released architecture at a small size: MoE beside a dense
+MLP, sliding and full layers, self-conditioning, soft-capped logits) trained from scratch
+by `python -m mlx_dgemma.sudoku.train` with mlx_dgemma's trainer (the DiffusionGemma
+objective). It fills the 81 cells of a Sudoku by block diffusion; the givens are pinned
+in the canvas.
+
+```python
+from mlx_dgemma.sudoku import solve
+solve("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79")
+```
+
+Architecture: {json.dumps(cfg["model"])}. Training: {record.get("iterations")} iterations of
+{cfg["batch_size"]} solved grids, {record.get("train_seconds", 0) / 60:.0f} minutes on
+{record.get("machine", "this machine")}. Results: benchmarks/sudoku/README.md in mlx_dgemma.
+"""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mlx_dgemma.sudoku.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-c", "--config", type=Path, default=CONFIG)
+    ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "mlx_dgemma" / "sudoku-train",
+                    help="work folder: data, initial model, saved weights (default: %(default)s)")
+    ap.add_argument("--ship", type=Path, default=HERE / "model", help="where the trained folder goes")
+    ap.add_argument("--record", type=Path, default=RECORD, help="where the curves and the record go")
+    ap.add_argument("--iters", type=int, default=None, help="override the config's iterations")
+    ap.add_argument("--resume", action="store_true", help="continue from the last saved weights in --out")
+    args = ap.parse_args(argv)
+
+    cfg = read_config(args.config)
+    if args.iters is not None:
+        cfg["iters"] = args.iters
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    from .. import load
+    from ..tuner import TrainingArgs, setup_fine_tuning, train
+    from ..tuner.utils import save_adapter_config
+    from ..tuner.datasets import load_split
+    from . import solve_details
+    from .data import write_training_data
+    from .recipe import model_config, write_initial_model
+
+    out, rec = args.out, args.record
+    out.mkdir(parents=True, exist_ok=True)
+    rec.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    record: Dict[str, Any] = {"config": cfg, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "load_at_start": os.getloadavg()[0], "machine": f"{os.cpu_count()} CPU cores"}
+    data_dir = out / "data"
+    stamp = json.dumps(cfg["data"], sort_keys=True)
+    if not (data_dir / "train.jsonl").is_file() or (data_dir / "stamp").read_text() != stamp:
+        print("making the training data ...", flush=True)
+        record["data"] = write_training_data(data_dir, **cfg["data"])
+        (data_dir / "stamp").write_text(stamp)
+    record["data_seconds"] = round(time.perf_counter() - t_start, 1)
+
+    init = out / "init"
+    write_initial_model(init, seed=int(cfg["seed"]), **cfg["model"])
+    model, tok = load(init)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    setup_fine_tuning(model, "full")
+    model.expert_dispatch = cfg.get("expert_dispatch", "dense")
+    # the trainer's adapter folder (full fine-tuning: every trained weight), so that
+    # load(init, adapter_path=...) and python -m mlx_dgemma.fuse read it as any other
+    adapters = out / "adapters"
+    adapter_file = adapters / "adapters.safetensors"
+    save_adapter_config({"fine_tune_type": "full", "num_layers": -1, "model": str(init)}, model,
+                        adapters / "adapter_config.json")
+    curve_path = rec / "curve.jsonl"
+    offset = 0
+    if args.resume:
+        if not adapter_file.is_file():
+            raise SystemExit(f"error: --resume: {adapter_file} does not exist")
+        model.load_weights(str(adapter_file), strict=False)
+        offset = json.loads((out / "progress.json").read_text())["iteration"]
+        print(f"resuming after iteration {offset}", flush=True)
+    elif curve_path.exists():
+        curve_path.unlink()
+    remaining = int(cfg["iters"]) - offset
+    if remaining <= 0:
+        raise SystemExit(f"error: nothing left to train ({offset} of {cfg['iters']} iterations done)")
+
+    t_data = time.perf_counter()
+    train_set = load_split(data_dir / "train.jsonl", tok)
+    val_set = load_split(data_dir / "valid.jsonl", tok)
+    puzzles = validation_puzzles(int(cfg["eval_puzzles"]))
+    print(f"{n_params} parameters; {len(train_set)} training, {len(val_set)} validation examples "
+          f"(loaded in {time.perf_counter() - t_data:.0f} s)", flush=True)
+
+    b1, b2 = cfg["betas"]
+    opt = optim.AdamW(learning_rate=schedule(cfg, offset), betas=[b1, b2], weight_decay=float(cfg["weight_decay"]))
+    curve = open(curve_path, "a")
+    t_train = time.perf_counter()
+
+    def log(entry: Dict[str, Any]) -> None:
+        entry = dict(entry, wall_seconds=round(time.perf_counter() - t_train, 1))
+        curve.write(json.dumps(entry) + "\n")
+        curve.flush()
+
+    class Callback(TrainingCallback):
+        def on_train_loss_report(self, info):
+            it = info["iteration"] + offset
+            log(dict(info, iteration=it))
+            # the trainer saves right AFTER this report: record the last save already on disk
+            S = int(cfg["steps_per_save"])
+            (out / "progress.json").write_text(json.dumps({"iteration": (it - 1) // S * S}))
+            if it % int(cfg["steps_per_solve_eval"]) == 0 or info["iteration"] == remaining:
+                model.eval()
+                t = time.perf_counter()
+                res = solve_details([p for p, _ in puzzles], model=(model, tok))
+                e = {"iteration": it, "val_solve_rate": sum(r.solved for r in res) / len(res),
+                     "val_passes": sum(r.passes for r in res) / len(res), "eval_seconds": time.perf_counter() - t}
+                print(f"Iter {it}: solve rate {e['val_solve_rate']:.3f} on {len(res)} validation puzzles", flush=True)
+                log(e)
+                model.train()
+
+        def on_val_loss_report(self, info):
+            log(dict(info, iteration=info["iteration"] + offset))
+
+    targs = TrainingArgs(
+        batch_size=int(cfg["batch_size"]), iters=remaining, val_batches=int(cfg["val_batches"]),
+        steps_per_report=int(cfg["steps_per_report"]), steps_per_eval=int(cfg["steps_per_eval"]),
+        steps_per_save=int(cfg["steps_per_save"]), adapter_file=str(adapter_file), pad_to=1,
+        encoder_loss_weight=float(cfg["encoder_loss_weight"]), self_conditioning_p=float(cfg["self_conditioning_p"]),
+        grad_clip=float(cfg["grad_clip"]), seed=int(cfg["seed"]) + offset,
+    )
+    # progress.json must match the weights on disk: the trainer saves at multiples of
+    # steps_per_save of ITS count, which equals ours only when offset is such a multiple.
+    if offset % int(cfg["steps_per_save"]):
+        raise SystemExit(f"error: cannot resume from iteration {offset}: not a multiple of steps_per_save")
+    try:
+        train(model, opt, train_set, val_set, targs, training_callback=Callback())
+    except KeyboardInterrupt:
+        print(f"interrupted: weights in {adapter_file}; --resume continues from the last multiple of "
+              f"steps_per_save recorded in {out / 'progress.json'}", file=sys.stderr)
+        return 130
+    (out / "progress.json").write_text(json.dumps({"iteration": int(cfg["iters"])}))
+    train_seconds = time.perf_counter() - t_train
+    prev = json.loads((rec / "record.json").read_text()) if args.resume and (rec / "record.json").is_file() else {}
+    record.update(iterations=int(cfg["iters"]), parameters=int(n_params),
+                  train_seconds=round(train_seconds + prev.get("train_seconds", 0.0), 1),
+                  total_seconds=round(time.perf_counter() - t_start + prev.get("total_seconds", 0.0), 1),
+                  load_at_end=os.getloadavg()[0], finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  runs=prev.get("runs", 0) + 1)
+    model.eval()
+    write_shipped(model, model_config(**cfg["model"]), args.ship, model_card(cfg, record))
+    (rec / "record.json").write_text(json.dumps(record, indent=2))
+    plot_curve(curve_path, rec / "curve.png")
+    print(f"wrote {args.ship} ({record['train_seconds'] / 60:.1f} min of training); curves in {rec}", flush=True)
+    return 0
+
+
+def plot_curve(curve_path: Path, png: Path) -> None:
+    """Train/validation losses and the validation solve rate against iterations."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in curve_path.read_text().splitlines() if line.strip()]
+    tr = [r for r in rows if "train_loss" in r]
+    va = [r for r in rows if "val_loss" in r]
+    so = [r for r in rows if "val_solve_rate" in r]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("diffusion_loss", "train diffusion"), ("encoder_loss", "train encoder")):
+        ax[0].plot([r["iteration"] for r in tr], [r[key] for r in tr], label=label)
+    for key, label in (("val_diffusion_loss", "valid diffusion"), ("val_encoder_loss", "valid encoder")):
+        ax[0].plot([r["iteration"] for r in va], [r[key] for r in va], "o-", label=label)
+    ax[0].set_xlabel("iteration"), ax[0].set_ylabel("cross-entropy"), ax[0].set_yscale("log"), ax[0].legend()
+    ax[1].plot([r["iteration"] for r in so], [r["val_solve_rate"] for r in so], "o-")
+    ax[1].set_xlabel("iteration"), ax[1].set_ylabel("solve rate (validation puzzles)"), ax[1].set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
