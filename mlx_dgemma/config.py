@@ -138,6 +138,71 @@ class ModelArgs(BaseModelArgs):
         return cls.from_dict(text)
 
 
+def small_model_config(
+    *,
+    vocab_size: int,
+    canvas_length: int,
+    hidden_size: int,
+    num_hidden_layers: int,
+    intermediate_size: int,
+    num_attention_heads: int,
+    head_dim: int,
+    num_experts: int,
+    top_k_experts: int,
+    moe_intermediate_size: int,
+    sliding_window: int,
+    max_position_embeddings: int,
+    eos_token_id: Union[int, List[int]],
+    pad_token_id: int,
+    bos_token_id: int,
+    **top_level: Any,
+) -> Dict[str, Any]:
+    """config.json (the converted layout) of a small model with the released architecture's
+    fixed choices: the last layer full and the others sliding, full layers with K = V, one
+    K/V head of twice the head size and proportional RoPE, GeGLU (tanh), tied soft-capped
+    logits. The demo and the Sudoku model are built from it; ``top_level`` adds keys
+    beside ``text_config``."""
+    text = dict(
+        model_type="diffusion_gemma_text",
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=max(1, num_attention_heads // 2),
+        head_dim=head_dim,
+        global_head_dim=2 * head_dim,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention"] * (num_hidden_layers - 1) + ["full_attention"],
+        num_experts=num_experts,
+        top_k_experts=top_k_experts,
+        moe_intermediate_size=moe_intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        final_logit_softcapping=30.0,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1000000.0},
+        },
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+    )
+    return dict(
+        model_type="diffusion_gemma",
+        architectures=["DiffusionGemmaForBlockDiffusion"],
+        canvas_length=canvas_length,
+        text_config=text,
+        tie_word_embeddings=True,
+        **top_level,
+    )
+
+
 def read_config(model_path: Union[str, Path]) -> Dict[str, Any]:
     """Read ``config.json`` from a model folder, with one-line errors."""
     path = Path(model_path) / "config.json"

@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from .chat_template import CONTROL_TOKENS, GEMMA4_CHAT_TEMPLATE, TOOL_RESPONSE_OPEN
+from .config import small_model_config
 
 CACHE_ENV = "MLX_DGEMMA_CACHE"
 DEMO_VERSION = 2  # bump when the recipe changes: cached demos are rebuilt
@@ -77,43 +78,11 @@ def demo_path() -> Path:
 
 
 def demo_config(vocab_size: int, canvas_length: int = 128) -> Dict:
-    text = dict(
-        model_type="diffusion_gemma_text",
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        global_head_dim=64,
-        num_global_key_value_heads=1,
-        attention_k_eq_v=True,
-        sliding_window=128,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        num_experts=8,
-        top_k_experts=2,
-        moe_intermediate_size=64,
-        max_position_embeddings=4096,
-        final_logit_softcapping=30.0,
-        rms_norm_eps=1e-6,
-        hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                               "rope_theta": 1000000.0},
-        },
-        eos_token_id=STOP_IDS,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-    )
-    return dict(
-        model_type="diffusion_gemma",
-        architectures=["DiffusionGemmaForBlockDiffusion"],
-        canvas_length=canvas_length,
-        text_config=text,
-        tie_word_embeddings=True,
+    return small_model_config(
+        vocab_size=vocab_size, canvas_length=canvas_length, hidden_size=128, num_hidden_layers=4,
+        intermediate_size=256, num_attention_heads=4, head_dim=32, num_experts=8, top_k_experts=2,
+        moe_intermediate_size=64, sliding_window=128, max_position_embeddings=4096,
+        eos_token_id=STOP_IDS, pad_token_id=PAD, bos_token_id=BOS,
         mlx_dgemma_demo={"version": DEMO_VERSION, "untrained": True, "note": UNTRAINED_NOTICE},
     )
 

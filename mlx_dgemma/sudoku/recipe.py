@@ -110,48 +110,16 @@ def model_config(
     moe_intermediate_size: int = 64,
 ) -> Dict[str, Any]:
     """config.json of the Sudoku model (the converted layout, ``model_type: diffusion_gemma``)."""
-    layer_types = ["sliding_attention"] * (num_hidden_layers - 1) + ["full_attention"]
-    text = dict(
-        model_type="diffusion_gemma_text",
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=max(1, num_attention_heads // 2),
-        head_dim=head_dim,
-        global_head_dim=2 * head_dim,
-        num_global_key_value_heads=1,
-        attention_k_eq_v=True,
-        sliding_window=256,
-        layer_types=layer_types,
-        num_experts=num_experts,
-        top_k_experts=top_k_experts,
-        moe_intermediate_size=moe_intermediate_size,
-        max_position_embeddings=512,
-        final_logit_softcapping=30.0,
-        rms_norm_eps=1e-6,
-        hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                               "rope_theta": 1000000.0},
-        },
-        eos_token_id=[TURN_CLOSE, EOS],
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-    )
-    return dict(
-        model_type="diffusion_gemma",
-        architectures=["DiffusionGemmaForBlockDiffusion"],
-        canvas_length=CANVAS_LENGTH,
-        text_config=text,
-        tie_word_embeddings=True,
-        eos_token_id=[TURN_CLOSE, EOS],
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-    )
+    from ..config import small_model_config
+
+    ids = dict(eos_token_id=[TURN_CLOSE, EOS], pad_token_id=PAD, bos_token_id=BOS)
+    config = small_model_config(
+        vocab_size=VOCAB_SIZE, canvas_length=CANVAS_LENGTH, hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers, intermediate_size=intermediate_size,
+        num_attention_heads=num_attention_heads, head_dim=head_dim, num_experts=num_experts,
+        top_k_experts=top_k_experts, moe_intermediate_size=moe_intermediate_size, sliding_window=256,
+        max_position_embeddings=512, **ids)
+    return dict(config, **ids)  # the ids at the top level too, as the released config.json has them
 
 
 GENERATION_CONFIG = dict(
