@@ -168,6 +168,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         model.load_weights(str(adapter_file), strict=False)
         offset = json.loads((out / "progress.json").read_text())["iteration"]
         print(f"resuming after iteration {offset}", flush=True)
+        if curve_path.is_file():  # rows past the resumed save describe training that was discarded
+            rows = [r for r in curve_path.read_text().splitlines() if r.strip()]
+            kept = [r for r in rows if json.loads(r).get("iteration", 0) <= offset]
+            tmp = curve_path.with_suffix(".tmp")
+            tmp.write_text("".join(r + "\n" for r in kept))
+            tmp.replace(curve_path)
     elif curve_path.exists():
         curve_path.unlink()
     remaining = int(cfg["iters"]) - offset
