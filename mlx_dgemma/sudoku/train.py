@@ -47,7 +47,7 @@ def read_config(path: Path) -> Dict[str, Any]:
 
 def schedule(cfg: Dict[str, Any], offset: int = 0):
     """Linear warm-up then cosine decay to ``min_lr_ratio`` of the peak, shifted by ``offset``
-    iterations (a resumed run continues the curve)."""
+    iterations (a resumed run continues the curve, after a warm-up of its own)."""
     import mlx.core as mx
     import mlx.optimizers as optim
 
@@ -55,7 +55,11 @@ def schedule(cfg: Dict[str, Any], offset: int = 0):
     base = optim.join_schedules(
         [optim.linear_schedule(lr / 100, lr, warm),
          optim.cosine_decay(lr, max(iters - warm, 1), lr * float(cfg["min_lr_ratio"]))], [warm])
-    return lambda step: base(mx.array(step) + offset)
+    if not offset:
+        return lambda step: base(mx.array(step))
+    # a resumed run starts with fresh Adam moments: at the curve's full rate their first
+    # updates undo training (the loss jumped back ~200 iterations), so warm up again
+    return lambda step: base(mx.array(step) + offset) * mx.minimum(1.0, (mx.array(step) + 1) / warm)
 
 
 def validation_puzzles(n: int) -> List[tuple]:
