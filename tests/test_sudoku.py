@@ -266,3 +266,47 @@ def test_exported_model_loads_in_transformers(initial_dir, tmp_path):
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.config.canvas_length == recipe.CANVAS_LENGTH
     assert sum(p.numel() for p in hf.parameters()) > 1e6
+
+
+# --- the rebuild command ----------------------------------------------------------------------
+
+
+def test_train_command_runs_resumes_and_ships(tmp_path):
+    """`python -m mlx_dgemma.sudoku.train` end to end on a tiny recipe: data, training with
+    the solve-rate evaluations, a stop, --resume (the curve keeps only the training that
+    was kept, the rate warms up again), the shipped folder loads and solves by name."""
+    import json
+
+    import yaml
+
+    from mlx_dgemma.sudoku import solve_details
+    from mlx_dgemma.sudoku.train import CONFIG, main, read_config, schedule
+
+    cfg = read_config(CONFIG)
+    cfg.update(iters=4, batch_size=2, warmup_steps=2, steps_per_report=1, steps_per_eval=2, val_batches=1,
+               steps_per_save=2, steps_per_solve_eval=2, eval_puzzles=2,
+               model=dict(hidden_size=32, num_hidden_layers=2, intermediate_size=32, num_attention_heads=2,
+                          head_dim=16, num_experts=2, top_k_experts=1, moe_intermediate_size=16),
+               data=dict(train=16, valid=2, base_easy=4, base_medium=1, medium_share=0.25, workers=1))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["-c", str(tmp_path / "train.yaml"), "--out", str(tmp_path / "work"), "--ship", str(tmp_path / "ship"),
+            "--record", str(tmp_path / "record")]
+    assert main(args) == 0
+    curve = [json.loads(r) for r in (tmp_path / "record" / "curve.jsonl").read_text().splitlines()]
+    evals = [r for r in curve if "val_solve_rate" in r]
+    assert [r["iteration"] for r in evals] == [2, 4] and all(0 <= r["val_blank_accuracy"] <= 1 for r in evals)
+    # a stop after iteration 2's save: resume, to 6 iterations
+    (tmp_path / "work" / "progress.json").write_text(json.dumps({"iteration": 2}))
+    assert main(args + ["--resume", "--iters", "6"]) == 0
+    its = [r["iteration"] for r in map(json.loads, (tmp_path / "record" / "curve.jsonl").read_text().splitlines())
+           if "train_loss" in r]
+    assert its == [1, 2, 3, 4, 5, 6]  # the discarded 3 and 4 of the first run are gone
+    record = json.loads((tmp_path / "record" / "record.json").read_text())
+    assert record["iterations"] == 6 and record["runs"] == 2
+    res = solve_details([EXAMPLE], model=str(tmp_path / "ship"))
+    assert len(res[0].grid) == 81 and set(res[0].grid) <= set("0123456789") and res[0].passes >= 1
+    # the resumed rate starts low again and rejoins the curve
+    cfg["iters"] = 6
+    resumed, fresh = schedule(cfg, 2), schedule(cfg, 0)
+    assert resumed(0).item() == pytest.approx(fresh(2).item() / cfg["warmup_steps"], rel=1e-6)
+    assert resumed(2).item() == pytest.approx(fresh(4).item(), rel=1e-6)

@@ -247,8 +247,11 @@ def first_loss(stdout):
 def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path):
     data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS])
     ad = tmp_path / "ad"
+    # SIGINT at its default in the child: a test run in the background (`cmd &`) inherits
+    # SIG_IGN, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen(lora_cmd(tiny, data, ad, "--iters", 100000, "-c", _constant(tmp_path)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = []
     for line in proc.stdout:
         out.append(line)
