@@ -297,6 +297,8 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     assert [r["iteration"] for r in evals] == [2, 4] and all(0 <= r["val_blank_accuracy"] <= 1 for r in evals)
     # a stop after iteration 2's save: resume, to 6 iterations
     (tmp_path / "work" / "progress.json").write_text(json.dumps({"iteration": 2}))
+    with open(tmp_path / "record" / "curve.jsonl", "a") as f:
+        f.write('{"iteration": 5, "train_lo')  # a run killed mid-write
     assert main(args + ["--resume", "--iters", "6"]) == 0
     its = [r["iteration"] for r in map(json.loads, (tmp_path / "record" / "curve.jsonl").read_text().splitlines())
            if "train_loss" in r]

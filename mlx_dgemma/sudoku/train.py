@@ -173,8 +173,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         offset = json.loads((out / "progress.json").read_text())["iteration"]
         print(f"resuming after iteration {offset}", flush=True)
         if curve_path.is_file():  # rows past the resumed save describe training that was discarded
-            rows = [r for r in curve_path.read_text().splitlines() if r.strip()]
-            kept = [r for r in rows if json.loads(r).get("iteration", 0) <= offset]
+            kept = []
+            for r in curve_path.read_text().splitlines():
+                try:
+                    if json.loads(r).get("iteration", 0) <= offset:
+                        kept.append(r)
+                except ValueError:  # blank, or torn by a run killed mid-write
+                    pass
             tmp = curve_path.with_suffix(".tmp")
             tmp.write_text("".join(r + "\n" for r in kept))
             tmp.replace(curve_path)
