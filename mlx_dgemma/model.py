@@ -664,8 +664,7 @@ class Model(nn.Module):
             self.expert_dispatch = "gather"
         self.encoder_expert_dispatch = None
         self.numpy_softcap = False
-        if self.cpu_attention:
-            self.cpu_attention = False
+        self.cpu_attention = False
         # soft_embeddings evaluates the dequantized table chunk by chunk (not traceable), and
         # a dequantized weight would be kept in float32 for the backward pass: QLoRA trains
         # on the quantized weights, as on GPUs

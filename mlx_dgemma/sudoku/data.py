@@ -82,7 +82,8 @@ def augment(base: Sequence[Pair], n: int, seed: int) -> List[Pair]:
     return out
 
 
-def _write_atomic(path: Path, lines: Sequence[str]) -> None:
+def write_atomic(path: Path, lines: Sequence[str]) -> None:
+    """``lines`` into ``path`` through a temporary file renamed into place (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
     with os.fdopen(fd, "w") as f:
@@ -106,8 +107,8 @@ def write_training_data(out: Path, train: int, valid: int, base_easy: int, base_
     pairs = augment(easy, train - n_med, TRAIN_SEED) + augment(medium, n_med, TRAIN_SEED + 1)
     random.Random(TRAIN_SEED + 2).shuffle(pairs)
     val = make_puzzles(TRAIN_EASY, valid, "search", "random", VALID_SEED, workers)
-    _write_atomic(out / "train.jsonl", [chat_line(*p) for p in pairs])
-    _write_atomic(out / "valid.jsonl", [chat_line(*p) for p in val])
+    write_atomic(out / "train.jsonl", [chat_line(*p) for p in pairs])
+    write_atomic(out / "valid.jsonl", [chat_line(*p) for p in val])
     return dict(train=len(pairs), valid=len(val), base_easy=len(easy), base_medium=len(medium),
                 medium_share=medium_share, seconds=round(time.perf_counter() - t0, 1))
 
@@ -116,7 +117,7 @@ def write_heldout(out: Path, easy: int = 300, medium: int = 200, workers: int = 
     for name, lr, n, seed in (("easy", HELDOUT_EASY, easy, HELDOUT_SEED), ("medium", HELDOUT_MEDIUM, medium,
                                                                             HELDOUT_SEED + 500_000)):
         pairs = make_puzzles(lr, n, "seeded", "symmetric", seed, workers)
-        _write_atomic(out / f"heldout_{name}.txt", [f"{p} {s}" for p, s in pairs])
+        write_atomic(out / f"heldout_{name}.txt", [f"{p} {s}" for p, s in pairs])
 
 
 def read_pairs(path: Path, limit: Optional[int] = None) -> List[Pair]:

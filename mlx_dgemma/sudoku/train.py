@@ -135,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..tuner.utils import save_adapter_config
     from ..tuner.datasets import load_split
     from . import solve_details
-    from .data import write_training_data
+    from .data import write_atomic, write_training_data
     from .recipe import model_config, write_initial_model
 
     out, rec = args.out, args.record
@@ -180,9 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         kept.append(r)
                 except ValueError:  # blank, or torn by a run killed mid-write
                     pass
-            tmp = curve_path.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in kept))
-            tmp.replace(curve_path)
+            write_atomic(curve_path, kept)
     elif curve_path.exists():
         curve_path.unlink()
     remaining = int(cfg["iters"]) - offset
