@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -83,15 +81,10 @@ def augment(base: Sequence[Pair], n: int, seed: int) -> List[Pair]:
 
 
 def write_atomic(path: Path, lines: Sequence[str]) -> None:
-    """``lines`` into ``path`` through a temporary file renamed into place (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private
-    os.replace(tmp, path)
+    """``lines`` into ``path``, never half-written (``tuner.utils.atomic_write``)."""
+    from ..tuner.utils import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
 def write_training_data(out: Path, train: int, valid: int, base_easy: int, base_medium: int,

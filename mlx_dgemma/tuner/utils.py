@@ -86,13 +86,18 @@ def setup_fine_tuning(model: Model, fine_tune_type: str = "lora", num_layers: in
     return model
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename."""
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename
+    (never half-written), with the permissions a plain ``open`` would give it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=str(path.parent))
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -103,7 +108,7 @@ def save_adapters(model: nn.Module, path: Union[str, Path]) -> Path:
     """The trainable parameters into ``path`` (a .safetensors file), atomically."""
     path = Path(path)
     weights = dict(tree_flatten(model.trainable_parameters()))
-    _atomic(path, lambda tmp: mx.save_safetensors(tmp, weights))
+    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, weights))
     return path
 
 
@@ -112,7 +117,7 @@ def save_adapter_config(config: Dict[str, Any], model: Model, path: Union[str, P
     config = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
     config["base_model"] = base_model_shapes(model)
     text = json.dumps(config, indent=4, sort_keys=True)
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
