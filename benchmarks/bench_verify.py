@@ -78,7 +78,10 @@ def load_sudoku(path: str, limit: int) -> List[Dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            out.append({"puzzle": parse(line.split()[0], what=f"{path}:{i}")})
+            fields = line.split()
+            out.append({"puzzle": parse(fields[0], what=f"{path}:{i}")})
+            if len(fields) > 1:
+                out[-1]["solution"] = parse(fields[1], what=f"{path}:{i} solution")
         except SudokuInputError as e:
             raise SystemExit(f"error: {e}")
         if len(out) == limit:
@@ -170,6 +173,9 @@ def summarise(runs: List[Dict[str, Any]], scored: bool) -> Dict[str, Any]:
     )
     if scored:
         out["score"] = sum(bool(r["correct"]) for r in runs) / len(runs)
+    blanks = [b for r in runs for b in r.get("blanks", ())]
+    if blanks:  # Sudoku: the blanks filled right (moves long before the solve rate does)
+        out["blanks_right"] = sum(blanks) / len(blanks)
     return out
 
 
@@ -183,6 +189,9 @@ def table(result: Dict[str, Any]) -> str:
     sep = "|---|---:|---:|---:|---:|---:|---:|"
     if scored:
         head, sep = head + (" solve rate |" if result.get("sudoku") else " score |"), sep + "---:|"
+    blanks = any("blanks_right" in m for m in result["modes"].values())
+    if blanks:
+        head, sep = head + " blanks right |", sep + "---:|"
     lines = [f"### {result['label']}", "", f"model `{result['model']}`, {result['prompts']} prompts x "
              f"{len(result['seeds'])} seeds, max {result['max_tokens']} tokens; {result['machine']}", "", head, sep]
     for name, m in result["modes"].items():
@@ -191,6 +200,8 @@ def table(result: Dict[str, Any]) -> str:
                f"{m['decode_s']:.2f} | {_fmt(m['tokens_per_s'], '.1f')} |")
         if scored:
             row += f" {_fmt(m.get('score'), '.0%')} |"
+        if blanks:
+            row += f" {_fmt(m.get('blanks_right'), '.1%')} |"
         lines.append(row)
     lines.append("")
     lines.append(f"verified == ar (same rule, seed) on every run: {result['verified_equals_ar']}")
@@ -285,6 +296,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         def score(rec, text, tokens):
             return is_solution(rec["puzzle"], _grid_of(tokens, tok))
+
+        def blanks_right(rec, tokens):
+            grid = _grid_of(tokens, tok)
+            return [c == want for g, c, want in zip(rec["puzzle"], grid, rec["solution"]) if g == "0"]
     else:
         prompts = [r["prompt"] if isinstance(r["prompt"], list) else
                    encode_prompt(tok, r["prompt"], chat_template=not args.no_chat_template) for r in records]
@@ -306,6 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if score is not None:
                     text = tok.decode([t for t in r["tokens"] if t not in eos], skip_special_tokens=True)
                     r["correct"] = bool(score(rec, text, r["tokens"]))
+                if args.sudoku and rec.get("solution"):
+                    r["blanks"] = blanks_right(rec, r["tokens"])
                 key = (mode.get("verify"), i, seed)
                 if mode["decode"] == "ar":
                     ar_tokens[key] = r["tokens"]
@@ -324,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{'GPU' if mx.default_device() == mx.gpu else 'CPU'}, load {os.getloadavg()[0]:.1f}",
         verified_equals_ar=equal,
         modes={name: summarise(rs, score is not None) for name, rs in runs.items()},
-        runs={name: [{k: v for k, v in r.items() if k != "tokens"} for r in rs] for name, rs in runs.items()},
+        runs={name: [{k: v for k, v in r.items() if k not in ("tokens", "blanks")} for r in rs] for name, rs in runs.items()},
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

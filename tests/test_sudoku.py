@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlx_dgemma.sudoku import SudokuInputError, generator, grid, rater, recipe, solver
@@ -135,13 +136,33 @@ def test_chat_line_tokenizes_to_prompt_and_reply(tmp_path):
     prompt = tok.apply_chat_template(msgs[:1], add_generation_prompt=True)
     full = tok.apply_chat_template(msgs)
     assert full[: len(prompt)] == prompt and len(prompt) == 89
-    assert tok.decode(prompt) == f"<bos><|turn>user\n{EXAMPLE}<turn|><|turn>model\n"  # one token per cell
+    assert tok.decode(prompt) == f"<bos><|turn>user\n{recipe.cell_text(EXAMPLE)}<turn|><|turn>model\n"
+    assert tok.convert_ids_to_tokens(prompt[4:6]) == ["A15", "A23"]  # one token per cell and its content
     reply = full[len(prompt):]
     assert len(reply) == 82 and reply[-1] == recipe.TURN_CLOSE == tok.eos_token_id
     assert tok.decode(reply[:81]) == EXAMPLE_SOLUTION
     assert recipe.CANVAS_LENGTH >= len(reply) and recipe.CANVAS_LENGTH % 8 == 0
     v = recipe.vocabulary()
     assert len(v) == recipe.VOCAB_SIZE and len(set(v.values())) == recipe.VOCAB_SIZE
+
+
+def test_cell_embeddings_start_as_their_digit_and_units():
+    """The initial cell-token embeddings read as their digit and share a component within a
+    row, column or box (recipe.structured_cell_embeddings)."""
+    import mlx.core as mx
+
+    E = mx.random.normal((recipe.VOCAB_SIZE, 1024), key=mx.random.key(0)) / 32
+    F = np.array(recipe.structured_cell_embeddings(E))
+    v = recipe.vocabulary()
+
+    def cos(a, b):
+        a, b = F[v[a]], F[v[b]]
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    assert cos("A15", "5") > 0.65 and abs(cos("A15", "6")) < 0.15
+    assert cos("A1.", "B2.") > cos("A1.", "E5.") + 0.08  # one box (and blank) against blank only
+    assert np.allclose(F[v["5"]], np.array(E)[v["5"]])  # other tokens untouched
+    assert abs(np.linalg.norm(F[v["A15"]]) / np.linalg.norm(F[v["5"]]) - 1) < 0.15
 
 
 # --- the shipped model ------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..tuner.datasets import load_split
     from . import solve_details
     from .data import write_atomic, write_training_data
-    from .recipe import model_config, write_initial_model
+    from .recipe import PROMPT_FORMAT, model_config, write_initial_model
 
     out, rec = args.out, args.record
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     record: Dict[str, Any] = {"config": cfg, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "load_at_start": os.getloadavg()[0], "machine": f"{os.cpu_count()} CPU cores"}
     data_dir = out / "data"
-    stamp = json.dumps(cfg["data"], sort_keys=True)
+    stamp = json.dumps(dict(cfg["data"], prompt_format=PROMPT_FORMAT), sort_keys=True)
     if not (data_dir / "train.jsonl").is_file() or (data_dir / "stamp").read_text() != stamp:
         print("making the training data ...", flush=True)
         record["data"] = write_training_data(data_dir, **cfg["data"])
