@@ -316,6 +316,11 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     curve = [json.loads(r) for r in (tmp_path / "record" / "curve.jsonl").read_text().splitlines()]
     evals = [r for r in curve if "val_solve_rate" in r]
     assert [r["iteration"] for r in evals] == [2, 4] and all(0 <= r["val_blank_accuracy"] <= 1 for r in evals)
+    # an untrained model is under the bar: written beside the run's weights, not shipped
+    assert not (tmp_path / "ship").exists() and (tmp_path / "work" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "record" / "record.json").read_text())["shipped"] is False
+    cfg["ship_solve_rate"] = 0.0  # now ship whatever it does
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     # a stop after iteration 2's save: resume, to 6 iterations
     (tmp_path / "work" / "progress.json").write_text(json.dumps({"iteration": 2}))
     with open(tmp_path / "record" / "curve.jsonl", "a") as f:
@@ -325,7 +330,7 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
            if "train_loss" in r]
     assert its == [1, 2, 3, 4, 5, 6]  # the discarded 3 and 4 of the first run are gone
     record = json.loads((tmp_path / "record" / "record.json").read_text())
-    assert record["iterations"] == 6 and record["runs"] == 2
+    assert record["iterations"] == 6 and record["runs"] == 2 and record["shipped"] is True
     res = solve_details([EXAMPLE], model=str(tmp_path / "ship"))
     assert len(res[0].grid) == 81 and set(res[0].grid) <= set("0123456789") and res[0].passes >= 1
     # the resumed rate starts low again and rejoins the curve
