@@ -288,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            if is_demo else args.model)
     pins = [None] * len(records)
     if args.sudoku:
-        from mlx_dgemma.sudoku import _grid_of, constraints_for, is_solution  # the package's own reading of a reply
+        from mlx_dgemma.sudoku import _grid_of, blanks_right, constraints_for, is_solution  # the package's own reading
         from mlx_dgemma.sudoku.recipe import prompt_messages
 
         prompts = [encode_prompt(tok, prompt_messages(r["puzzle"])) for r in records]
@@ -296,10 +296,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         def score(rec, text, tokens):
             return is_solution(rec["puzzle"], _grid_of(tokens, tok))
-
-        def blanks_right(rec, tokens):
-            grid = _grid_of(tokens, tok)
-            return [c == want for g, c, want in zip(rec["puzzle"], grid, rec["solution"]) if g == "0"]
     else:
         prompts = [r["prompt"] if isinstance(r["prompt"], list) else
                    encode_prompt(tok, r["prompt"], chat_template=not args.no_chat_template) for r in records]
@@ -322,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     text = tok.decode([t for t in r["tokens"] if t not in eos], skip_special_tokens=True)
                     r["correct"] = bool(score(rec, text, r["tokens"]))
                 if args.sudoku and rec.get("solution"):
-                    r["blanks"] = blanks_right(rec, r["tokens"])
+                    r["blanks"] = blanks_right(rec["puzzle"], _grid_of(r["tokens"], tok), rec["solution"])
                 key = (mode.get("verify"), i, seed)
                 if mode["decode"] == "ar":
                     ar_tokens[key] = r["tokens"]

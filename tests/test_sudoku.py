@@ -62,6 +62,10 @@ def test_is_solution():
     assert not grid.is_solution("0" * 81, EXAMPLE_SOLUTION[:80] + "0")
     bad_col = "123456789" * 9  # rows fine, columns not
     assert not grid.is_solution("0" * 81, bad_col)
+    # blanks_right: one entry per blank, givens not counted
+    assert grid.blanks_right(p, EXAMPLE_SOLUTION, EXAMPLE_SOLUTION) == [True] * p.count("0")
+    two_wrong = EXAMPLE_SOLUTION[:2] + EXAMPLE_SOLUTION[3] + EXAMPLE_SOLUTION[2] + EXAMPLE_SOLUTION[4:]
+    assert sum(grid.blanks_right(p, two_wrong, EXAMPLE_SOLUTION)) == p.count("0") - 2  # cells 2, 3 are blanks
 
 
 # --- solver and rater ----------------------------------------------------------------------------

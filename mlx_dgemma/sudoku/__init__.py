@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
-from .grid import SudokuInputError, draw, givens, is_solution, parse
+from .grid import SudokuInputError, blanks_right, draw, givens, is_solution, parse
 from .rater import rate
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -159,5 +159,5 @@ def solve(
     return grids[0] if single else grids
 
 
-__all__ = ["MODEL_DIR", "Solved", "SudokuInputError", "draw", "givens", "is_solution", "load_model", "model_path",
+__all__ = ["MODEL_DIR", "Solved", "SudokuInputError", "blanks_right", "draw", "givens", "is_solution", "load_model", "model_path",
            "parse", "rate", "solve", "solve_details"]

@@ -77,6 +77,12 @@ def is_solution(puzzle: str, solution: str) -> bool:
     return all(len({solution[i] for i in cells}) == 9 for cells in UNITS)
 
 
+def blanks_right(puzzle: str, grid: str, solution: str) -> List[bool]:
+    """For each blank of ``puzzle`` (``0``), whether ``grid`` holds the solution's digit
+    there: a measure that moves long before the solve rate does."""
+    return [c == want for g, c, want in zip(puzzle, grid, solution) if g == "0"]
+
+
 def draw(grid: str, puzzle: Optional[str] = None, color: bool = False, blank: str = ".") -> str:
     """A 9x9 drawing with box lines. With ``puzzle`` and ``color``, givens are bold and the
     filled-in digits cyan."""

@@ -56,8 +56,6 @@ WORDS = ["user", "model", "system"]
 CHARS = list("\n 0123456789.")
 BLANK = "."
 ROWS = "ABCDEFGHI"
-# the prompt format's name: train.py stamps the data with it, so a change remakes the data
-PROMPT_FORMAT = "cell-tokens"
 # "A15": row A, column 1, digit 5; "A2.": row A, column 2, blank
 CELLS = [f"{r}{c}{x}" for r in ROWS for c in "123456789" for x in BLANK + "123456789"]
 # What fills the canvas after <turn|>: the trainer fills a reply's last block with the

@@ -134,9 +134,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..tuner import TrainingArgs, setup_fine_tuning, train
     from ..tuner.utils import save_adapter_config
     from ..tuner.datasets import load_split
-    from . import solve_details
-    from .data import write_atomic, write_training_data
-    from .recipe import PROMPT_FORMAT, model_config, write_initial_model
+    from . import blanks_right, solve_details
+    from .data import chat_line, write_atomic, write_training_data
+    from .recipe import model_config, write_initial_model
 
     out, rec = args.out, args.record
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     record: Dict[str, Any] = {"config": cfg, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "load_at_start": os.getloadavg()[0], "machine": f"{os.cpu_count()} CPU cores"}
     data_dir = out / "data"
-    stamp = json.dumps(dict(cfg["data"], prompt_format=PROMPT_FORMAT), sort_keys=True)
+    # the settings and one line in the current format: a change to either remakes the data
+    stamp = json.dumps(dict(cfg["data"], format=chat_line("1" + "0" * 80, "1" * 81)), sort_keys=True)
     if not (data_dir / "train.jsonl").is_file() or (data_dir / "stamp").read_text() != stamp:
         print("making the training data ...", flush=True)
         record["data"] = write_training_data(data_dir, **cfg["data"])
@@ -216,10 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 model.eval()
                 t = time.perf_counter()
                 res = solve_details([p for p, _ in puzzles], model=(model, tok))
-                # the blanks filled right: moves long before the solve rate does
-                blanks = [(c, want) for (p, sol), r in zip(puzzles, res) for g, c, want in zip(p, r.grid, sol) if g == "0"]
+                blanks = [b for (p, sol), r in zip(puzzles, res) for b in blanks_right(p, r.grid, sol)]
                 e = {"iteration": it, "val_solve_rate": sum(r.solved for r in res) / len(res),
-                     "val_blank_accuracy": sum(c == want for c, want in blanks) / max(len(blanks), 1),
+                     "val_blank_accuracy": sum(blanks) / max(len(blanks), 1),
                      "val_passes": sum(r.passes for r in res) / len(res), "eval_seconds": time.perf_counter() - t}
                 print(f"Iter {it}: solve rate {e['val_solve_rate']:.3f}, blanks right {e['val_blank_accuracy']:.3f} "
                       f"on {len(res)} validation puzzles", flush=True)
@@ -260,7 +260,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bar = float(cfg.get("ship_solve_rate", 0.8))
     solved = last_eval.get("val_solve_rate", 0.0)
     dst = args.ship if solved >= bar else out / "model"
-    record.update(val_solve_rate=solved, shipped=dst == args.ship)
+    record.update(val_solve_rate=solved, val_blank_accuracy=last_eval.get("val_blank_accuracy"), shipped=dst == args.ship)
     write_shipped(model, model_config(**cfg["model"]), dst, model_card(cfg, record))
     (rec / "record.json").write_text(json.dumps(record, indent=2))
     plot_curve(curve_path, rec / "curve.png")
