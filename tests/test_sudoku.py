@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -201,6 +202,28 @@ def initial(initial_dir):
     from mlx_dgemma.sudoku import load_model
 
     return load_model(initial_dir)
+
+
+def test_an_end_of_turn_written_in_a_cell_keeps_the_cells_after_it(initial, monkeypatch):
+    """The model writing <turn|> (an EOS id) into a blank cell must not blank the rest of the
+    grid: the givens after it come back, and the puzzle is simply not solved."""
+    from mlx_dgemma import Model
+    from mlx_dgemma.sudoku import solve_details
+
+    puzzle = read_pairs(HELDOUT_EASY, 1)[0][0]
+    cell = puzzle.index("0")  # the first blank
+    assert any(ch != "0" for ch in puzzle[cell + 1 :])
+    denoise = Model.denoise
+
+    def eos_in_cell(self, *a, **kw):
+        logits = denoise(self, *a, **kw)
+        bump = mx.zeros(logits.shape[1:]).at[cell, recipe.TURN_CLOSE].add(1e4)
+        return logits + bump
+
+    monkeypatch.setattr(Model, "denoise", eos_in_cell)
+    (res,) = solve_details([puzzle], steps=4, model=initial)
+    assert res.grid[cell] == "0" and not res.solved
+    assert all(p == "0" or p == g for p, g in zip(puzzle, res.grid))  # every given, before and after
 
 
 def test_solve_rate_on_fixed_easy_heldout_set(shipped):

@@ -110,15 +110,23 @@ def solve_details(
         pins = [constraints_for(g, tok) for g in chunk] if pin else None
         seeds = [seed + start + k for k in range(len(chunk))]
 
+        last = []  # the final draft: the canvas before the block is finalised
+
         def show(d):
             import numpy as np
 
-            on_draft([_grid_of(row, tok) for row in np.array(d.tokens)], d)
+            last[:] = [np.array(d.tokens)]
+            if on_draft is not None:
+                on_draft([_grid_of(row, tok) for row in last[0]], d)
 
         block = next(iter(generate_blocks(
             mdl, prompts, settings=settings, max_tokens=mdl.args.canvas_length, seeds=seeds, eos_token_ids=eos,
-            pad_token_id=pad, constraints=pins, on_draft=show if on_draft is not None else None)))
-        for g, row, passes, tpf in zip(chunk, block.tokens, block.passes, block.tokens_per_forward):
+            pad_token_id=pad, constraints=pins, on_draft=show)))
+        # Finalising pads everything after the first EOS; with the reply's end pinned, an
+        # EOS the model wrote in a cell is just a wrong cell, and the cells after it (givens
+        # included) are still what the model wrote: read them from the canvas itself.
+        canvases = last[0] if pin else block.tokens
+        for g, row, passes, tpf in zip(chunk, canvases, block.passes, block.tokens_per_forward):
             cells = _grid_of(row, tok)
             out.append(Solved(cells, is_solution(g, cells), int(passes), float(tpf),
                               g.count("0") / max(int(passes), 1)))
