@@ -352,14 +352,19 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     assert json.loads((tmp_path / "record" / "record.json").read_text())["shipped"] is False
     cfg["ship_solve_rate"] = 0.0  # now ship whatever it does
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
-    # a stop after iteration 2's save: resume, to 6 iterations
+    # a stop after iteration 2's save: resume, to 6 iterations. The weights are iteration
+    # 2's numbered save, not adapters.safetensors (newer after a Ctrl-C; here torn).
     (tmp_path / "work" / "progress.json").write_text(json.dumps({"iteration": 2}))
+    adapters = tmp_path / "work" / "adapters"
+    (adapters / "adapters.safetensors").write_bytes(b"torn")
     with open(tmp_path / "record" / "curve.jsonl", "a") as f:
         f.write('{"iteration": 5, "train_lo')  # a run killed mid-write
     assert main(args + ["--resume", "--iters", "6"]) == 0
     its = [r["iteration"] for r in map(json.loads, (tmp_path / "record" / "curve.jsonl").read_text().splitlines())
            if "train_loss" in r]
     assert its == [1, 2, 3, 4, 5, 6]  # the discarded 3 and 4 of the first run are gone
+    # numbered saves are named by the total: the resumed run's 4 and 6, not its own 2 and 4
+    assert sorted(f.name[:7] for f in adapters.glob("0*_adapters.safetensors")) == ["0000002", "0000004", "0000006"]
     record = json.loads((tmp_path / "record" / "record.json").read_text())
     assert record["iterations"] == 6 and record["runs"] == 2 and record["shipped"] is True
     res = solve_details([EXAMPLE], model=str(tmp_path / "ship"))

@@ -168,10 +168,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     curve_path = rec / "curve.jsonl"
     offset = 0
     if args.resume:
-        if not adapter_file.is_file():
-            raise SystemExit(f"error: --resume: {adapter_file} does not exist")
-        model.load_weights(str(adapter_file), strict=False)
         offset = json.loads((out / "progress.json").read_text())["iteration"]
+        # The numbered save of that iteration: adapters.safetensors can be newer (Ctrl-C
+        # saves it where the run stopped, past the last save progress.json names).
+        numbered = adapters / f"{offset:07d}_{adapter_file.name}"
+        weights = numbered if numbered.is_file() else adapter_file
+        if not weights.is_file():
+            raise SystemExit(f"error: --resume: neither {numbered} nor {adapter_file} exists")
+        model.load_weights(str(weights), strict=False)
         print(f"resuming after iteration {offset}", flush=True)
         if curve_path.is_file():  # rows past the resumed save describe training that was discarded
             kept = []
@@ -235,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         steps_per_report=int(cfg["steps_per_report"]), steps_per_eval=int(cfg["steps_per_eval"]),
         steps_per_save=int(cfg["steps_per_save"]), adapter_file=str(adapter_file), pad_to=1,
         encoder_loss_weight=float(cfg["encoder_loss_weight"]), self_conditioning_p=float(cfg["self_conditioning_p"]),
-        grad_clip=float(cfg["grad_clip"]), seed=int(cfg["seed"]) + offset,
+        grad_clip=float(cfg["grad_clip"]), seed=int(cfg["seed"]) + offset, start_iteration=offset,
     )
     # progress.json must match the weights on disk: the trainer saves at multiples of
     # steps_per_save of ITS count, which equals ours only when offset is such a multiple.

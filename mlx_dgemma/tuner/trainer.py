@@ -39,6 +39,9 @@ class TrainingArgs(_MLXTrainingArgs):
     seed: int = field(default=0, metadata={"help": "Seed of the batch order and the objective's draws."})
     pad_to: int = field(default=32, metadata={"help": "Pad batch rows to a multiple of this many tokens."})
     fill_token_id: Optional[int] = field(default=None, metadata={"help": "EOS fill token (default: the model's EOS)."})
+    start_iteration: int = field(default=0, metadata={
+        "help": "Iterations trained before this run (a resume): numbered saves carry the total, "
+                "so a resumed run does not overwrite the earlier run's."})
 
 
 def batch_spec(model: Model, args: TrainingArgs, seed: Optional[int] = None) -> BatchSpec:
@@ -136,7 +139,7 @@ def train(
             return
         save_adapters(model, adapter_file)
         if numbered:
-            save_adapters(model, adapter_file.parent / f"{it:07d}_{adapter_file.name}")
+            save_adapters(model, adapter_file.parent / f"{it + args.start_iteration:07d}_{adapter_file.name}")
 
     def validate(it: int) -> None:
         tic = time.perf_counter()
@@ -198,7 +201,7 @@ def train(
             if it % args.steps_per_save == 0:
                 save(it, numbered=True)
                 log(f"Iter {it}: Saved adapter weights to {adapter_file} and "
-                    f"{adapter_file.parent / f'{it:07d}_{adapter_file.name}'}.", flush=True)
+                    f"{adapter_file.parent / f'{it + args.start_iteration:07d}_{adapter_file.name}'}.", flush=True)
     except KeyboardInterrupt:
         save(it, numbered=False)
         log(f"\nInterrupted at iteration {it}: adapter weights saved to {adapter_file}.", flush=True)
