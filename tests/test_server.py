@@ -144,7 +144,8 @@ def test_chat_stream_and_whole_agree_one_chunk_per_block(server):
 
 def _library_tokens(server, prompt, seed, max_tokens, constraints=None, **settings):
     """The library's block loop (mlx_dgemma.generate.generate_blocks), cold, on the
-    scheduler thread (MLX streams are per thread)."""
+    scheduler thread (MLX streams are per thread). Tests comparing it with a server reply
+    use ``order_free_arithmetic``: the server may reuse a cache encoded in other chunks."""
     from mlx_dgemma.generate import generate_blocks
 
     st = server.state
@@ -164,6 +165,7 @@ def _library_tokens(server, prompt, seed, max_tokens, constraints=None, **settin
     return st.scheduler.call(run, timeout=60)
 
 
+@pytest.mark.usefixtures("order_free_arithmetic")
 def test_reply_equals_library_generate(server):
     prompt = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 51, 52]
     r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=4 * L, seed=5,
@@ -174,6 +176,7 @@ def test_reply_equals_library_generate(server):
     assert r.choices[0].text == server.state.tokenizer.decode(want, skip_special_tokens=True)
 
 
+@pytest.mark.usefixtures("order_free_arithmetic")
 def test_canvas_constraints_extension_pins_tokens_like_the_library(server):
     prompt = [2, 40, 41, 42, 43, 44, 45]
     # "ab" then two free tokens then "c": offsets 0, 1, 4; an explicit pin at offset L + 1
@@ -196,6 +199,7 @@ def test_canvas_constraints_extension_pins_tokens_like_the_library(server):
         assert status == 400 and word in reply["error"]["message"], reply
 
 
+@pytest.mark.usefixtures("order_free_arithmetic")
 def test_decode_verified_and_ar_equal_the_library(server):
     """Our extension fields: decode="verified" (drafts verified by the encoder) and "ar"
     give the library's encoder-only tokens under the same seed, alone or side by side,
