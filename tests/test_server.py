@@ -105,6 +105,41 @@ def chat(server, messages, **kw):
     return server.client.chat.completions.create(model="tiny", messages=messages, **kw)
 
 
+@pytest.fixture
+def order_free_arithmetic(server, monkeypatch):
+    """Float arithmetic that depends neither on batch mates nor on how a prompt was chunked.
+
+    BLAS rounds a row of a product differently at other matrix sizes: with OpenBLAS, a row
+    of this model's logits differs by up to ~2e-5 between a batch of four and the row
+    alone, and a prompt encoded in other chunks gets other last bits in its cache. A
+    near tie in a random model's sampling or acceptance then flips a token, and the
+    replies part (measured: about 4% of requests; a quarter of runs of the concurrency
+    test failed). Those paths are checked within float32 bounds at the model level
+    (test_model_speedups, test_model). Here the encoder takes one token per pass and a
+    ragged decoder batch is run row by row, so the same float operations happen whatever
+    the company or the cache, and "same tokens" checks the server's own logic (seeds,
+    step counters, batching, snapshots and reuse) exactly.
+    """
+    model = server.state.model
+    run_decoder = type(model)._run_decoder
+
+    def row_by_row(self, canvas, cache, sc_logits, sc_embeddings, head):
+        if isinstance(cache, PrefixCache):  # one row's cache (itself a list of layers)
+            return run_decoder(self, canvas, cache, sc_logits, sc_embeddings, head)
+        rows = [
+            run_decoder(self, canvas[b : b + 1], c, None if sc_logits is None else sc_logits[b : b + 1],
+                        None if sc_embeddings is None else sc_embeddings[b : b + 1], head)
+            for b, c in enumerate(cache)
+        ]
+        return mx.concatenate(rows)
+
+    server.state.scheduler.call(server.state.store.clear)  # no cache encoded the other way
+    monkeypatch.setattr(model, "prefill_chunk", 1)
+    monkeypatch.setattr(type(model), "_run_decoder", row_by_row)
+    yield
+    server.state.scheduler.call(server.state.store.clear)
+
+
 def test_models_reports_true_context_length(server, model_dir):
     models = server.client.models.list().data
     assert [m.id for m in models] == ["tiny"]
@@ -244,41 +279,6 @@ def test_decode_verified_and_ar_equal_the_library(server):
     for extra in ({"decode": "fast"}, {"decode": "ar", "canvas_template": "a_"}):
         status, body = http(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "hi", **extra})
         assert status == 400 and body["error"]["param"] == "decode", body
-
-
-@pytest.fixture
-def order_free_arithmetic(server, monkeypatch):
-    """Float arithmetic that depends neither on batch mates nor on how a prompt was chunked.
-
-    BLAS rounds a row of a product differently at other matrix sizes: with OpenBLAS, a row
-    of this model's logits differs by up to ~2e-5 between a batch of four and the row
-    alone, and a prompt encoded in other chunks gets other last bits in its cache. A
-    near tie in a random model's sampling or acceptance then flips a token, and the
-    replies part (measured: about 4% of requests; a quarter of runs of the concurrency
-    test failed). Those paths are checked within float32 bounds at the model level
-    (test_model_speedups, test_model). Here the encoder takes one token per pass and a
-    ragged decoder batch is run row by row, so the same float operations happen whatever
-    the company or the cache, and "same tokens" checks the server's own logic (seeds,
-    step counters, batching, snapshots and reuse) exactly.
-    """
-    model = server.state.model
-    run_decoder = type(model)._run_decoder
-
-    def row_by_row(self, canvas, cache, sc_logits, sc_embeddings, head):
-        if isinstance(cache, PrefixCache):  # one row's cache (itself a list of layers)
-            return run_decoder(self, canvas, cache, sc_logits, sc_embeddings, head)
-        rows = [
-            run_decoder(self, canvas[b : b + 1], c, None if sc_logits is None else sc_logits[b : b + 1],
-                        None if sc_embeddings is None else sc_embeddings[b : b + 1], head)
-            for b, c in enumerate(cache)
-        ]
-        return mx.concatenate(rows)
-
-    server.state.scheduler.call(server.state.store.clear)  # no cache encoded the other way
-    monkeypatch.setattr(model, "prefill_chunk", 1)
-    monkeypatch.setattr(type(model), "_run_decoder", row_by_row)
-    yield
-    server.state.scheduler.call(server.state.store.clear)
 
 
 @pytest.mark.usefixtures("order_free_arithmetic")
