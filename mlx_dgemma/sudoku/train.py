@@ -132,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .. import load
     from ..tuner import TrainingArgs, setup_fine_tuning, train
-    from ..tuner.utils import save_adapter_config
+    from ..tuner.utils import numbered_adapter_file, save_adapter_config
     from ..tuner.datasets import load_split
     from . import blanks_right, solve_details
     from .data import chat_line, write_atomic, write_training_data
@@ -171,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         offset = json.loads((out / "progress.json").read_text())["iteration"]
         # The numbered save of that iteration: adapters.safetensors can be newer (Ctrl-C
         # saves it where the run stopped, past the last save progress.json names).
-        numbered = adapters / f"{offset:07d}_{adapter_file.name}"
+        numbered = numbered_adapter_file(adapter_file, offset)
         weights = numbered if numbered.is_file() else adapter_file
         if not weights.is_file():
             raise SystemExit(f"error: --resume: neither {numbered} nor {adapter_file} exists")

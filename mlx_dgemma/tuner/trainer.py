@@ -28,7 +28,7 @@ from mlx_lm.tuner.trainer import TrainingArgs as _MLXTrainingArgs
 from ..model import Model
 from .datasets import BatchSpec, Example, iterate_batches
 from .objective import objective, prefix_span, prepare_for_training
-from .utils import save_adapters
+from .utils import numbered_adapter_file, save_adapters
 
 
 @dataclass
@@ -139,7 +139,7 @@ def train(
             return
         save_adapters(model, adapter_file)
         if numbered:
-            save_adapters(model, adapter_file.parent / f"{it + args.start_iteration:07d}_{adapter_file.name}")
+            save_adapters(model, numbered_adapter_file(adapter_file, it + args.start_iteration))
 
     def validate(it: int) -> None:
         tic = time.perf_counter()
@@ -201,7 +201,7 @@ def train(
             if it % args.steps_per_save == 0:
                 save(it, numbered=True)
                 log(f"Iter {it}: Saved adapter weights to {adapter_file} and "
-                    f"{adapter_file.parent / f'{it + args.start_iteration:07d}_{adapter_file.name}'}.", flush=True)
+                    f"{numbered_adapter_file(adapter_file, it + args.start_iteration)}.", flush=True)
     except KeyboardInterrupt:
         save(it, numbered=False)
         log(f"\nInterrupted at iteration {it}: adapter weights saved to {adapter_file}.", flush=True)

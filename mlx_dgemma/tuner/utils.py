@@ -112,6 +112,12 @@ def save_adapters(model: nn.Module, path: Union[str, Path]) -> Path:
     return path
 
 
+def numbered_adapter_file(adapter_file: Union[str, Path], iteration: int) -> Path:
+    """The copy of ``adapter_file`` saved at ``iteration`` (mlx-lm's naming: ``0000100_adapters.safetensors``)."""
+    adapter_file = Path(adapter_file)
+    return adapter_file.parent / f"{iteration:07d}_{adapter_file.name}"
+
+
 def save_adapter_config(config: Dict[str, Any], model: Model, path: Union[str, Path]) -> Path:
     path = Path(path)
     config = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
