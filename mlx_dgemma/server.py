@@ -634,18 +634,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit("mlx_dgemma.server needs uvicorn: pip install 'mlx-dgemma[server]'") from None
     from . import runtime
     from .config import ConfigError
-    from .loader import WeightsError, load
+    from .generate import resolve_model  # the CLI's resolver: "demo", hub ids, unconverted checkpoints
+    from .loader import WeightsError
 
     runtime.announce()  # which BLAS MLX's matmuls use (Linux), and how to get the fast one
     try:
-        try:  # the generate CLI's resolver: "demo", hub ids, Google's unconverted checkpoints
-            from .generate import resolve_model
-        except ImportError:
-            resolve_model = None
-        if resolve_model is not None:
-            model, tokenizer, _ = resolve_model(args.model, log.info, args.adapter_path)
-        else:
-            model, tokenizer = load(args.model, adapter_path=args.adapter_path)
+        model, tokenizer, _ = resolve_model(args.model, log.info, args.adapter_path)
     except (ConfigError, WeightsError, OSError) as e:
         raise SystemExit(f"error: {e}".splitlines()[0]) from None
     model_id = args.served_model_name or _model_id(args.model)

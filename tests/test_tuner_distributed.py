@@ -10,7 +10,7 @@ Adam: Adam divides by sqrt(v), so entries whose gradient is zero up to rounding 
 """
 
 import json
-import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +19,25 @@ import mlx.core as mx
 import numpy as np
 
 from tests.test_tuner_train import ROOT, chat, env, tiny_model, write_data
+
+
+def free_ports(n: int) -> int:
+    """A first port whose next n - 1 are free too (mlx.launch's ring takes consecutive ports)."""
+    for _ in range(50):
+        socks = [socket.socket()]
+        try:
+            socks[0].bind(("127.0.0.1", 0))
+            first = socks[0].getsockname()[1]
+            for i in range(1, n):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
 
 
 def test_two_ring_processes_equal_one(tmp_path):
@@ -35,7 +54,7 @@ def test_two_ring_processes_equal_one(tmp_path):
     launch = Path(sys.executable).with_name("mlx.launch")
     # the README's command, with both processes on this machine
     two = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--starting-port",
-                          str(random.randint(20000, 40000)), "--env", f"PYTHONPATH={ROOT}",
+                          str(free_ports(2)), "--env", f"PYTHONPATH={ROOT}",
                           "--python", sys.executable, "--", "-m", "mlx_dgemma.lora", *common,
                           "--adapter-path", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env(), timeout=300)

@@ -3,9 +3,12 @@ saves, Ctrl-C and resume (python -m mlx_dgemma.lora / mlx_dgemma.fuse on tiny mo
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -252,14 +255,25 @@ def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path):
     proc = subprocess.Popen(lora_cmd(tiny, data, ad, "--iters", 100000, "-c", _constant(tmp_path)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if line.startswith("Iter 30: Train loss"):
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=120)
-    out = "".join(out) + rest
+    try:  # the child never outlives the test: killed on a timeout or a failed assertion
+        out = []
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout] + [lines.put(None)],
+                         daemon=True).start()
+        deadline = time.monotonic() + 240
+        while (line := lines.get(timeout=max(deadline - time.monotonic(), 0.01))) is not None:
+            out.append(line)
+            if line.startswith("Iter 30: Train loss"):
+                proc.send_signal(signal.SIGINT)
+                break
+        proc.wait(timeout=120)
+        while (line := lines.get(timeout=30)) is not None:
+            out.append(line)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(out)
     assert proc.returncode == 130, out
     saved = ad / "adapters.safetensors"
     assert f"adapter weights saved to {saved}" in out
@@ -269,9 +283,10 @@ def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path):
     assert (ad / "loss.png").is_file()
 
     fresh = subprocess.run(lora_cmd(tiny, data, tmp_path / "fresh", "--iters", 1, "-c", _constant(tmp_path)),
-                           capture_output=True, text=True, env=env())
+                           capture_output=True, text=True, env=env(), timeout=300)
     resumed = subprocess.run(lora_cmd(tiny, data, tmp_path / "res", "--iters", 1, "-c", _constant(tmp_path),
-                                      "--resume-adapter-file", saved), capture_output=True, text=True, env=env())
+                                      "--resume-adapter-file", saved), capture_output=True, text=True, env=env(),
+                             timeout=300)
     assert fresh.returncode == 0 and resumed.returncode == 0, resumed.stdout + resumed.stderr
     # the same first batch and noise (same seed): only the weights differ
     assert first_loss(resumed.stdout) < 0.8 * first_loss(fresh.stdout)
