@@ -51,6 +51,14 @@ class ModelArgs(BaseModelArgs):
     bos_token_id: int = 2
     attention_bias: bool = False
     hidden_activation: str = "gelu_pytorch_tanh"
+    # Images (None: a text-only model). ``vision_config`` is Gemma 4's vision config as
+    # written in config.json; image tokens are replaced by the tower's soft tokens, and
+    # with ``use_bidirectional_attention == "vision"`` they attend to each other both ways.
+    vision_config: Optional[Dict[str, Any]] = None
+    image_token_id: Optional[int] = None
+    boi_token_id: Optional[int] = None
+    eoi_token_id: Optional[int] = None
+    use_bidirectional_attention: Optional[str] = None
 
     def __post_init__(self):
         if self.layer_types is None:
@@ -106,6 +114,9 @@ class ModelArgs(BaseModelArgs):
         text.setdefault("canvas_length", config.get("canvas_length", 256))
         for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
             if key not in text and key in config:
+                text[key] = config[key]
+        for key in ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id"):
+            if key in config and config.get("text_config") is not None:
                 text[key] = config[key]
         layer_types = text.get("layer_types")
         num_layers = text.get("num_hidden_layers", cls.num_hidden_layers)

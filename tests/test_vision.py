@@ -1,0 +1,88 @@
+"""The vision tower and the multimodal embedder against transformers' Gemma 4 vision model.
+
+Tiny random float32 configs; the soft tokens are compared relative to their scale with the
+bounds of tests/reference/compare.py (float32 rounding, not this CPU).
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mlx_dgemma import load_model  # noqa: E402
+from mlx_dgemma.folder import write_model_folder  # noqa: E402
+from tests.reference.compare import MEDIAN_RTOL, ATOL, bound  # noqa: E402
+from tests.reference.hf_reference import TINY_IMAGE_TOKENS, build_reference, save_checkpoint, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.reference
+
+VARIANTS = {
+    "plain": {},
+    # the released tower's optional parts: clamped linears, standardised soft tokens, two layers
+    "clipped_standardized": dict(use_clipped_linears=True, standardize=True, num_hidden_layers=2),
+}
+
+
+def grid(ph: int, pw: int, seed: int):
+    """Random patches [ph * pw, 3 * 16 * 16] in [0, 1] and their (x, y) positions, row-major."""
+    rs = np.random.RandomState(seed)
+    patches = rs.rand(ph * pw, 3 * 16 * 16).astype(np.float32)
+    gx, gy = np.meshgrid(np.arange(pw), np.arange(ph), indexing="xy")
+    return patches, np.stack([gx, gy], -1).reshape(-1, 2)
+
+
+def reference_features(ref, images, max_patches: int) -> list:
+    """transformers' soft tokens for a padded batch of images, split per image."""
+    pv = np.zeros((len(images), max_patches, 768), np.float32)
+    pp = -np.ones((len(images), max_patches, 2), np.int64)
+    for i, (patches, pos) in enumerate(images):
+        pv[i, : len(patches)], pp[i, : len(pos)] = patches, pos
+    with torch.no_grad():
+        out = ref.model.encoder.get_image_features(torch.tensor(pv), torch.tensor(pp)).pooler_output.numpy()
+    sizes = [len(p) // 9 for p, _ in images]
+    return np.split(out.reshape(sum(sizes), -1), np.cumsum(sizes)[:-1])
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    cfg = tiny_config(vision=VARIANTS[request.param], top_level=TINY_IMAGE_TOKENS)
+    ref = build_reference(cfg, seed=3).cpu()
+    model, _ = load_model(save_checkpoint(ref, tmp_path_factory.mktemp("vision")))
+    return ref, model
+
+
+def test_soft_tokens_match_reference(pair):
+    ref, model = pair
+    assert model.has_vision
+    # three aspect ratios; the reference pads them into one batch (its padding masked)
+    images = [grid(6, 9, 0), grid(9, 6, 1), grid(3, 3, 2)]
+    want = reference_features(ref, images, max_patches=81)
+    for (patches, pos), w in zip(images, want):
+        ours = np.array(model.image_features(patches, pos))
+        assert ours.shape == w.shape == (len(patches) // 9, 64)
+        diff = np.abs(ours - w)
+        scale = float(np.abs(w).max())
+        assert diff.max() <= bound(w), f"max |diff| {diff.max():.2e} > {bound(w):.2e} (scale {scale:.3g})"
+        assert np.median(diff) <= ATOL + MEDIAN_RTOL * scale
+
+
+def test_folder_without_vision_weights_is_text_only(tmp_path):
+    """A config naming a vision tower with no vision weights in the folder loads text-only,
+    and then refuses images with a one-line error."""
+    ref = build_reference(tiny_config(top_level=TINY_IMAGE_TOKENS), seed=0).cpu()
+    path = save_checkpoint(ref, tmp_path / "with")
+    cfg = json.loads((path / "config.json").read_text())
+    weights = {}
+    for f in sorted(path.glob("*.safetensors")):
+        weights.update({k: v for k, v in mx.load(str(f)).items() if not k.startswith("model.encoder.vision")
+                        and not k.startswith("model.encoder.embed_vision")})
+    text_only = write_model_folder(tmp_path / "text", cfg, weights, shards=1)
+    model, _ = load_model(text_only)
+    assert not model.has_vision
+    with pytest.raises(ValueError, match="no vision tower"):
+        model.image_features(*grid(3, 3, 0))
