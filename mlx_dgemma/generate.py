@@ -204,6 +204,7 @@ def _events(
     pad_token_id: Optional[int] = 0,
     sample_fn=None,
     constraints: Optional[Sequence[Optional[Constraints]]] = None,
+    image_features: Optional[mx.array] = None,
 ) -> Iterator[Union[Draft, Block]]:
     tokens = _as_batch(prompt_tokens)
     B, T = tokens.shape
@@ -229,7 +230,10 @@ def _events(
     for b in range(n_blocks):
         if pending is not None:
             t0 = time.perf_counter()
-            model.encode(pending, cache)  # evaluates the cache
+            if b == 0 and image_features is not None:
+                model.encode(pending, cache, image_features=image_features)
+            else:
+                model.encode(pending, cache)  # evaluates the cache
             if b == 0:
                 prompt_time = time.perf_counter() - t0
                 t_start = time.perf_counter()
@@ -273,6 +277,7 @@ def generate_blocks(
     on_draft: Optional[Callable[[Draft], None]] = None,
     sample_fn=None,
     constraints: Optional[Sequence[Optional[Constraints]]] = None,
+    image_features: Optional[mx.array] = None,
 ) -> Iterator[Block]:
     """Generate block by block from token ids; yields one :class:`Block` per committed block.
 
@@ -283,7 +288,8 @@ def generate_blocks(
     ``constraints``: canvas constraints, one ``{offset: token id}`` per row (or ``None``),
     the offset counting generated tokens from 0 across blocks (block ``b`` gets the offsets
     ``b * L .. b * L + L - 1``); those tokens are pinned through every denoising step
-    (``drafter.CanvasPins``).
+    (``drafter.CanvasPins``). ``image_features``: the soft tokens of the images in a
+    one-row prompt (``Model.encode``; :func:`mlx_dgemma.images.prepare_images` makes them).
 
     On return the cache holds the prefix, the prompt and every committed block except
     the LAST one yielded (the reference encodes a block at the start of the next one), each
@@ -291,7 +297,7 @@ def generate_blocks(
     conversation, encode the last block (or its non-pad part) yourself.
     """
     for ev in _events(model, prompt_tokens, cache, settings, max_tokens, seeds, eos_token_ids,
-                      pad_token_id, sample_fn, constraints):
+                      pad_token_id, sample_fn, constraints, image_features):
         if isinstance(ev, Block):
             yield ev
         elif on_draft is not None:
