@@ -214,6 +214,19 @@ def small_model_config(
     )
 
 
+def small_vision_config(hidden_size: int = 32, num_hidden_layers: int = 1, num_attention_heads: int = 2,
+                        head_dim: int = 16, intermediate_size: int = 64, **overrides: Any) -> Dict[str, Any]:
+    """A small Gemma 4 vision_config (the released tower's fixed choices: 16 px patches,
+    3 x 3 pooling, axial RoPE, GeGLU) for tests and demos: pass it as ``vision_config=``
+    to :func:`small_model_config` with image token ids inside the vocabulary."""
+    return dict(model_type="gemma4_vision", hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
+                head_dim=head_dim, intermediate_size=intermediate_size, patch_size=16, pooling_kernel_size=3,
+                position_embedding_size=10 * 1024, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                rope_parameters={"rope_type": "axial", "rope_theta": 100.0}, use_clipped_linears=False,
+                standardize=False, **overrides)
+
+
 def read_config(model_path: Union[str, Path]) -> Dict[str, Any]:
     """Read ``config.json`` from a model folder, with one-line errors."""
     path = Path(model_path) / "config.json"

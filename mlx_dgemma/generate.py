@@ -486,6 +486,8 @@ def stream_generate(
     draft_steps: Optional[int] = None,
     temperature: float = 1.0,
     draft_fn=None,
+    images: Optional[Sequence[Any]] = None,
+    max_image_pixels: Optional[int] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text; yields one :class:`GenerationResponse` per committed block (and one
     per denoising step with ``show_drafts``).
@@ -513,6 +515,12 @@ def stream_generate(
     budget (default: ``steps``, else generation_config.json). ``draft_fn``: see
     :func:`mlx_dgemma.verify.decode_steps`. Canvas constraints apply to ``"diffusion"``
     only (the encoder's own choices cannot be pinned).
+
+    ``images``: image file paths, encoded bytes or PIL images (``decode="diffusion"``; a
+    model folder with a vision tower). With a string prompt they come before the text in
+    the user turn; chat messages place them with ``{"type": "image"}`` content parts, one
+    per image, in order. ``max_image_pixels``: larger images are refused before
+    decoding (default: ``image_processor.DEFAULT_MAX_PIXELS``).
     """
     from .chat import ThoughtParser, encode_prompt
 
@@ -528,7 +536,28 @@ def stream_generate(
     settings = make_settings(model, settings, max_denoising_steps=steps, entropy_bound=entropy_bound,
                              t_min=t_min, t_max=t_max, sc_top_k=sc_top_k, sampler=sampler, threshold=threshold)
     eos, pad = resolve_ids(model, generation_defaults(model))
-    ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system)
+    features = None
+    if images:
+        from .chat import has_chat_template
+        from .chat_template import IMAGE_TOKEN
+        from .image_processor import ImageError
+        from .images import expand_image_tokens, prepare_images, with_image_parts
+
+        if decode != "diffusion":
+            raise GenerateInputError(f"images apply to decode='diffusion' only, not {decode!r}")
+        if isinstance(prompt, str) and not (chat_template and has_chat_template(tokenizer)):
+            prompt = f"\n\n{IMAGE_TOKEN}\n\n" * len(images) + prompt
+        else:
+            prompt = with_image_parts(prompt, len(images))
+        try:
+            features, counts = prepare_images(model, list(images), max_pixels=max_image_pixels)
+            ids = expand_image_tokens(
+                encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system),
+                counts, model.args)
+        except ImageError as e:
+            raise GenerateInputError(str(e)) from None
+    else:
+        ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system)
     if not ids:
         raise GenerateInputError("empty prompt")
     pinned: Optional[Dict[int, int]] = None
@@ -550,7 +579,7 @@ def stream_generate(
                                  sample_fn, decode, verify, temperature, draft_fn)
         return
     events = _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn,
-                     None if pinned is None else [pinned])
+                     None if pinned is None else [pinned], features)
     for ev in events:
         if isinstance(ev, Draft):
             if not show_drafts:
@@ -792,6 +821,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuned adapters to apply (a folder written by python -m mlx_dgemma.lora)")
     p.add_argument("--prompt", required=True, help="the prompt (a user message unless --no-chat-template)")
     p.add_argument("--system", default=None, help="a system message (chat template only)")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image file to show the model before the prompt (repeatable; model folders "
+                        "with a vision tower)")
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse larger --image files before decoding them (default: 50,000,000)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps per block at most (default: generation_config, else 48)")
@@ -898,6 +932,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail("--hole is empty")
     if args.draft_steps is not None and args.draft_steps < 1:
         return _fail(f"--draft-steps must be >= 1, got {args.draft_steps}")
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        return _fail(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
+    if args.image and args.decode != "diffusion":
+        return _fail(f"--image works with --decode diffusion only, not {args.decode}")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         return _fail(f"--temperature must be a finite number > 0, got {args.temperature}")
 
@@ -928,6 +966,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             thinking=args.thinking, system=args.system, sc_top_k=args.sc_top_k,
             sampler=args.sampler, threshold=args.threshold, canvas_template=args.canvas_template, hole=args.hole,
             decode=args.decode, verify=args.verify, draft_steps=args.draft_steps, temperature=args.temperature,
+            images=args.image, max_image_pixels=args.max_image_pixels,
         )
         draft_cap = args.draft_steps if args.decode == "verified" else None
         steps_cap = draft_cap or args.steps or make_settings(
