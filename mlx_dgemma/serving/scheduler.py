@@ -35,7 +35,7 @@ import time
 import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -70,6 +70,10 @@ class GenerationParams:
     processors: Optional[LogitsProcessors] = None  # applied to the raw logits of every step
     decode: str = "diffusion"  # or "verified" / "ar" (mlx_dgemma.verify)
     rule: EncoderRule = field(default_factory=EncoderRule)  # the encoder's rule for verified / ar
+    # Images of the prompt, in order: (patches, positions) from image_processor. Their
+    # soft tokens are computed and the prompt encoded in one step; such a row neither
+    # reads nor writes the prompt cache (its keys are tokens, which do not tell images apart).
+    images: Optional[List[Tuple[np.ndarray, np.ndarray]]] = None
 
 
 @dataclass
@@ -293,7 +297,10 @@ class Scheduler:
     def _admit(self, req: GenerationRequest) -> None:
         p = req.params
         # verified / ar need the encoder's logits after the prompt: encode at least its last token
-        n, cache = self.store.lookup(p.prompt if p.decode == "diffusion" else p.prompt[:-1])
+        if p.images:
+            n, cache = 0, None
+        else:
+            n, cache = self.store.lookup(p.prompt if p.decode == "diffusion" else p.prompt[:-1])
         if cache is None:
             cache = self.model.make_cache()
         row = Row(req, cache, n)
@@ -303,6 +310,15 @@ class Scheduler:
 
     def _prefill_chunk(self, row: Row) -> None:
         t0 = time.perf_counter()
+        images = row.req.params.images
+        if images:  # the whole prompt at once (Model.encode chunks it without splitting an image)
+            feats = mx.concatenate([self.model.image_features(patches, pos) for patches, pos in images])
+            self.model.encode(mx.array(row.prompt[None]), row.cache, image_features=feats)
+            self.prefill_tokens += len(row.prompt) - row.pos
+            row.pos = len(row.prompt)
+            row.prefill_s += time.perf_counter() - t0
+            self._prefilled(row)
+            return
         end = min(row.pos + self.prefill_chunk, len(row.prompt))
         while row.snapshots and row.snapshots[0] <= row.pos:
             row.snapshots.pop(0)
