@@ -931,10 +931,11 @@ class Model(nn.Module):
 
     @property
     def quant_predicate(self):
-        """Keep what is sensitive at 8 bits: router, embeddings/LM head, attention, dense MLP."""
+        """Keep what is sensitive at 8 bits: router, embeddings/LM head, attention, dense MLP;
+        the vision tower stays in float, as the converter keeps it."""
 
         def predicate(path: str, module: nn.Module):
-            if not hasattr(module, "to_quantized"):
+            if not hasattr(module, "to_quantized") or path.startswith("model.encoder."):
                 return False
             if "router" in path or "embed_tokens" in path or ".self_attn." in path:
                 return {"group_size": 64, "bits": 8}

@@ -171,7 +171,8 @@ class PatchEmbedder(nn.Module):
         self.position_embedding_table = mx.ones((2, args.position_embedding_size, args.hidden_size))
 
     def __call__(self, patches: mx.array, positions: mx.array, padding: mx.array) -> mx.array:
-        dtype = self.input_proj.weight.dtype
+        # the weights' float dtype (a quantized input_proj stores uint32 weights)
+        dtype = self.position_embedding_table.dtype
         h = self.input_proj((2 * (patches - 0.5)).astype(dtype))
         p = mx.maximum(positions, 0)
         pos = self.position_embedding_table[0][p[..., 0]] + self.position_embedding_table[1][p[..., 1]]

@@ -86,3 +86,39 @@ def test_folder_without_vision_weights_is_text_only(tmp_path):
     assert not model.has_vision
     with pytest.raises(ValueError, match="no vision tower"):
         model.image_features(*grid(3, 3, 0))
+
+
+def test_converted_folders_load_with_vision(pair, tmp_path):
+    """Our 4-bit conversion keeps the tower in float (unchanged: the same soft tokens), and a
+    folder whose tower's linears are stored at 8 bits (mlx-lm layout: .scales/.biases)
+    loads too, its soft tokens within 8-bit quantization error."""
+    from mlx_dgemma.convert import convert
+
+    ref, model = pair
+    src = tmp_path / "hf"
+    save_checkpoint(ref, src)
+    images = [grid(6, 9, 0), grid(3, 3, 2)]
+    want = [np.array(model.image_features(p, pos)) for p, pos in images]
+
+    q4 = tmp_path / "q4"
+    convert(src, q4, quantize=True, q_bits=4, log=lambda s: None, progress=False)
+    converted, _ = load_model(q4)
+    assert converted.has_vision
+    for (p, pos), w in zip(images, want):
+        np.testing.assert_array_equal(np.array(converted.image_features(p, pos)), w)
+
+    # the tower's linears at 8 bits, written by hand the way mlx-lm stores quantized layers
+    cfg = json.loads((q4 / "config.json").read_text())
+    weights = {}
+    for f in sorted(q4.glob("*.safetensors")):
+        weights.update(mx.load(str(f)))
+    for k in [k for k in weights if k.startswith("model.encoder.") and k.endswith(".weight") and weights[k].ndim == 2]:
+        wq, scales, biases = mx.quantize(weights[k], group_size=32, bits=8)
+        weights[k], weights[k[:-len("weight")] + "scales"], weights[k[:-len("weight")] + "biases"] = wq, scales, biases
+    q8 = write_model_folder(tmp_path / "vision8", cfg, weights, shards=1)
+    quantized, _ = load_model(q8)
+    assert quantized.model.encoder.embed_vision.embedding_projection.bits == 8
+    for (p, pos), w in zip(images, want):
+        got = np.array(quantized.image_features(p, pos))
+        rel = np.abs(got - w).max() / np.abs(w).max()
+        assert 0 < rel < 0.05, rel
