@@ -117,3 +117,19 @@ def test_text_only_folder_refuses_images(tmp_path, image_files, capsys):
         list(stream_generate(model, tok, "hi", max_tokens=16, images=[image_files / "a.png"]))
     assert main(["--model", str(path), "--prompt", "hi", "--image", str(image_files / "a.png")]) == 2
     assert "text-only model folder" in capsys.readouterr().err
+
+
+def test_template_places_images_as_gemma4(vision_model):
+    """Gemma 4's template writes each image part as a blank-line-wrapped <|image|>, text
+    parts trimmed around it (the processor then expands <|image|>)."""
+    _, tok = vision_model
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What is this? "},
+                                         {"type": "image_url", "image_url": {"url": "data:"}}]}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False, tokenize=False)
+    assert text == ("<bos><|turn>user\n\n\n<|image|>\n\nWhat is this?\n\n<|image|>\n\n<turn|>\n"
+                    "<|turn>model\n<|channel>thought\n<channel|>")
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False, tokenize=True)
+    assert ids.count(tiny.image_token_ids()["image_token_id"]) == 2  # one token each
+    # text-only content renders as before (no per-part trimming)
+    plain = [{"role": "user", "content": [{"type": "text", "text": " a "}, {"type": "text", "text": "b "}]}]
+    assert "<|turn>user\na b<turn|>" in tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
