@@ -739,6 +739,9 @@ class Model(nn.Module):
             raise ValueError("cpu_attention needs the built CPU kernel and a CBLAS sgemm (OpenBLAS) on the CPU")
         for layer in self.layers:
             layer.self_attn.cpu_attention = bool(on)
+        if self.has_vision:
+            for layer in self.model.encoder.vision_tower.encoder.layers:
+                layer.self_attn.cpu_attention = bool(on)
 
     @property
     def encoder_expert_dispatch(self) -> Optional[str]:

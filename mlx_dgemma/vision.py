@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 
 from .config import ConfigError
+from .kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -116,6 +117,9 @@ class VisionAttention(nn.Module):
         self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
         self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
         self.eps = args.rms_norm_eps  # v is normed without a weight
+        # CPU: the C attention kernel (Model.cpu_attention): MLX's SDPA fallback materialises
+        # every score (12 heads x 2,520^2 patches) and runs a scalar softmax over them
+        self.cpu_attention = False
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: Optional[mx.array]) -> mx.array:
         B, P, _ = x.shape
@@ -123,7 +127,11 @@ class VisionAttention(nn.Module):
         k = axial_rope(self.k_norm(self.k_proj(x).reshape(B, P, self.n_kv_heads, self.head_dim)), cos, sin)
         v = mx.fast.rms_norm(self.v_proj(x).reshape(B, P, self.n_kv_heads, self.head_dim), None, self.eps)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        if self.cpu_attention and q.dtype == mx.float32:
+            km = None if mask is None else mask.reshape(B, -1)
+            out = cpu_kernels.attention(q, k, v, 1.0, key_mask=km)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, P, -1))
 
 
@@ -202,7 +210,7 @@ class VisionModel(nn.Module):
         h = self.patch_embedder(patches, positions, padding)
         dtype = h.dtype
         # padding patches are hidden as keys (their own rows are dropped by the pooling)
-        mask = None if P == 0 else (~padding)[:, None, None, :]
+        mask = (~padding)[:, None, None, :] if bool(padding.any()) else None
         cos, sin = axial_cos_sin(positions, args.head_dim, args.rope_theta, dtype)
         for layer in self.encoder.layers:
             h = layer(h, cos, sin, mask)

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 from mlx_dgemma import load_model  # noqa: E402
 from mlx_dgemma.folder import write_model_folder  # noqa: E402
+from mlx_dgemma.kernels import cpu as cpu_kernels  # noqa: E402
 from tests.reference.compare import MEDIAN_RTOL, ATOL, bound  # noqa: E402
 from tests.reference.hf_reference import TINY_IMAGE_TOKENS, build_reference, save_checkpoint, tiny_config  # noqa: E402
 
@@ -56,14 +57,23 @@ def pair(request, tmp_path_factory):
     return ref, model
 
 
-def test_soft_tokens_match_reference(pair):
+@pytest.mark.parametrize("c_attention", [False, True], ids=["sdpa", "c_kernel"])
+def test_soft_tokens_match_reference(pair, c_attention):
     ref, model = pair
     assert model.has_vision
+    if c_attention and not cpu_kernels.attention_available():
+        pytest.skip("the C attention kernel is not built here (or no CBLAS sgemm)")
     # three aspect ratios; the reference pads them into one batch (its padding masked)
     images = [grid(6, 9, 0), grid(9, 6, 1), grid(3, 3, 2)]
     want = reference_features(ref, images, max_patches=81)
-    for (patches, pos), w in zip(images, want):
-        ours = np.array(model.image_features(patches, pos))
+    before = model.cpu_attention
+    model.cpu_attention = c_attention
+    try:
+        assert model.model.encoder.vision_tower.encoder.layers[0].self_attn.cpu_attention == c_attention
+        got = [np.array(model.image_features(patches, pos)) for patches, pos in images]
+    finally:
+        model.cpu_attention = before
+    for (patches, _), ours, w in zip(images, got, want):
         assert ours.shape == w.shape == (len(patches) // 9, 64)
         diff = np.abs(ours - w)
         scale = float(np.abs(w).max())
