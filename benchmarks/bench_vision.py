@@ -79,10 +79,14 @@ def main(argv=None) -> int:
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--sdpa", action="store_true",
+                    help="attention through MLX's SDPA instead of the C kernel (the CPU default)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vision"))
     args = ap.parse_args(argv)
 
     model = build(args.config)
+    if args.sdpa:
+        model.cpu_attention = False
     a = model.args
     weights_gb = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 2**30
     vision = model.model.encoder.vision_tower.args
@@ -120,6 +124,7 @@ def main(argv=None) -> int:
     meta = dict(command="python benchmarks/bench_vision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 config=args.config, vision=VISION, max_soft_tokens=args.max_soft_tokens, image="640x480 random RGB",
                 weights_gb=round(weights_gb, 3), repeats=args.repeats, warmup=args.warmup,
+                attention="C kernel" if model.cpu_attention else "MLX SDPA",
                 machine=f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} "
                         f"({mx.default_device()})",
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -134,7 +139,8 @@ def main(argv=None) -> int:
         rows.append(f"| {case} | {r['prompt_tokens']} | {r['processor_ms']} | {r['tower_ms']} | {r['encode_ms']} | "
                     f"{r['total_ms']} | {r['peak_gb']} |")
     md = (f"# Prefill with one image (`{meta['command']}`)\n\n{meta['machine']}, {meta['date']}; config "
-          f"{args.config} + Gemma 4's default vision tower, float32 random weights ({meta['weights_gb']} GB); "
+          f"{args.config} + Gemma 4's default vision tower, float32 random weights ({meta['weights_gb']} GB), "
+          f"attention: {meta['attention']}; "
           f"medians of {args.repeats} after {args.warmup} warm-up; peak = MLX's peak memory during the case, "
           "weights included.\n\n" + "\n".join(rows) + "\n")
     tmp = out / "vision.md.tmp"
