@@ -536,7 +536,7 @@ def stream_generate(
     settings = make_settings(model, settings, max_denoising_steps=steps, entropy_bound=entropy_bound,
                              t_min=t_min, t_max=t_max, sc_top_k=sc_top_k, sampler=sampler, threshold=threshold)
     eos, pad = resolve_ids(model, generation_defaults(model))
-    features = None
+    features, image_s = None, 0.0  # the images' soft tokens; seconds spent making them
     if images:
         from .chat import has_chat_template
         from .chat_template import IMAGE_TOKEN
@@ -550,7 +550,9 @@ def stream_generate(
         else:
             prompt = with_image_parts(prompt, len(images))
         try:
+            t0 = time.perf_counter()
             features, counts = prepare_images(model, list(images), max_pixels=max_image_pixels)
+            image_s = time.perf_counter() - t0  # part of the prompt's processing (its stats)
             ids = expand_image_tokens(
                 encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system),
                 counts, model.args)
@@ -604,7 +606,8 @@ def stream_generate(
         parser.feed(new)
         last = ev.last or len(kept) >= max_tokens or hit_eos
         d = parser.deltas(final=last)
-        stats["prompt_tps"] = ev.prompt_tokens / ev.prompt_time if ev.prompt_time > 0 else 0.0
+        prompt_s = ev.prompt_time + image_s
+        stats["prompt_tps"] = ev.prompt_tokens / prompt_s if prompt_s > 0 else 0.0
         n_gen = sum(1 for t in kept if t != pad) if pad is not None else len(kept)
         stats["generation_tps"] = n_gen / ev.elapsed if ev.elapsed > 0 else 0.0
         stats["tpf"] = float(ev.tokens_per_forward[0])

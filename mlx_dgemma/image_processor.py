@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -75,7 +76,11 @@ def open_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, name: st
         else:
             raise ImageError(f"{label}: expected an image file path, bytes or a PIL image")
         try:
-            img = Image.open(src)
+            with warnings.catch_warnings():  # Pillow's own bomb warning: our limit is checked below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(src)
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{label}: too many pixels ({e})".split(" could be")[0]) from None
         except UnidentifiedImageError:
             raise ImageError(f"{label}: not an image (Pillow cannot identify it)") from None
         except OSError as e:

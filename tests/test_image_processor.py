@@ -83,3 +83,21 @@ def test_bad_images(tmp_path):
         process_image(tmp_path / "missing.png")
     with pytest.raises(ImageError, match="max_soft_tokens"):
         process_image(picture(10, 10), max_soft_tokens=100)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG with only a header (no pixel data): its size is read without decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("w,h", [(9000, 8000), (20000, 10000)])  # past our limit; past Pillow's bomb limit too
+def test_huge_images_are_refused_before_decoding(w, h):
+    with pytest.raises(ImageError, match="pixels"):
+        process_image(png_header(w, h))
