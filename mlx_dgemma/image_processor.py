@@ -79,8 +79,9 @@ def open_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, name: st
             with warnings.catch_warnings():  # Pillow's own bomb warning: our limit is checked below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(src)
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"{label}: too many pixels ({e})".split(" could be")[0]) from None
+        except Image.DecompressionBombError:
+            raise ImageError(f"{label}: too many pixels (more than Pillow's limit of "
+                             f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,}; ours is {max_pixels:,})") from None
         except UnidentifiedImageError:
             raise ImageError(f"{label}: not an image (Pillow cannot identify it)") from None
         except OSError as e:
