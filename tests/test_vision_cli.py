@@ -85,6 +85,9 @@ def test_stream_generate_with_images_equals_the_block_loop(vision_model, image_f
     assert same == got
     other = tokens_of(stream_generate(model, tok, "What is in these?", max_tokens=32, seed=3, images=[b, a]))
     assert other != got
+    # without the chat template the image placeholders go before the raw text
+    raw = list(stream_generate(model, tok, "What is in these?", max_tokens=16, seed=3, images=[a], chat_template=False))
+    assert raw[-1].prompt_tokens == len(tok.encode("\n\n<|image|>\n\nWhat is in these?")) - 1 + 2 + counts[0]
 
 
 def test_bad_images_in_the_library(vision_model, image_files):
@@ -103,6 +106,8 @@ def test_cli_image_runs_and_bad_images_exit_2(vision_dir, image_files, capsys):
         assert main(base + ["--image", str(image_files / name)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) >= 1 and err[-1].startswith("error: ") and word in err[-1] and name in err[-1], err
+    assert main(base + ["--image", str(image_files / "a.png"), "--decode", "ar"]) == 2
+    assert "--decode diffusion only" in capsys.readouterr().err
     # too many pixels: a lowered limit (the default is 50 megapixels)
     assert main(base + ["--image", str(image_files / "a.png"), "--max-image-pixels", "1000"]) == 2
     assert "more than the limit of 1,000" in capsys.readouterr().err
