@@ -106,3 +106,32 @@ def test_text_only_folder_refuses_images(tmp_path):
         {"type": "image_url", "image_url": {"url": data_url(picture(64, 64))}}]}]), chat=True)
     with pytest.raises(APIError, match="text-only model folder"):
         state.image_inputs(p)
+
+
+def test_image_prompt_prefilled_in_chunks_that_keep_images_whole(server, monkeypatch):
+    st, model = server.state, server.state.model
+    a = data_url(picture(200, 150))
+    whole = ask(server, a)[1]
+    calls = []
+    encode = model.encode
+
+    def recording(tokens, cache, return_logits=False, image_features=None):
+        calls.append((list(map(int, tokens[0].tolist())), None if image_features is None else image_features.shape[0]))
+        return encode(tokens, cache, return_logits, image_features)
+
+    monkeypatch.setattr(model, "encode", recording)
+    monkeypatch.setattr(st.scheduler, "prefill_chunk", 20)
+    status, chunked = ask(server, a)
+    assert status == 200
+    img = model.args.image_token_id
+    prompt_calls = [c for c in calls if c[1] is not None]
+    assert sum(len(t) for t, _ in prompt_calls) == len(whole["prompt_token_ids"]) and len(prompt_calls) >= 3
+    assert len(prompt_calls[0][0]) > 20  # the chunk holding the image runs to its end
+    flat = []
+    for toks, n in prompt_calls:
+        assert toks.count(img) == n  # each chunk carries its images' soft tokens
+        if flat and flat[-1] == img:
+            assert toks[0] != img  # no chunk starts inside an image
+        flat += toks
+    assert flat == whole["prompt_token_ids"]
+    assert chunked["choices"][0]["token_ids"] == whole["choices"][0]["token_ids"]

@@ -45,6 +45,7 @@ from .. import rng
 from ..drafter import CanvasPins, DenoiseSettings, block_constraints, initial_canvas
 from ..logits_processors import LogitsProcessors
 from ..sampling import temperature
+from ..model import image_runs_end
 from ..verify import EncoderRule, advance, encoder_choice, verify_draft
 from .prompt_cache import PromptCacheStore
 
@@ -71,8 +72,9 @@ class GenerationParams:
     decode: str = "diffusion"  # or "verified" / "ar" (mlx_dgemma.verify)
     rule: EncoderRule = field(default_factory=EncoderRule)  # the encoder's rule for verified / ar
     # Images of the prompt, in order: (patches, positions) from image_processor. Their
-    # soft tokens are computed and the prompt encoded in one step; such a row neither
-    # reads nor writes the prompt cache (its keys are tokens, which do not tell images apart).
+    # soft tokens are computed in one step, then the prompt is encoded in chunks that
+    # never split an image; such a row neither reads nor writes the prompt cache (its
+    # keys are tokens, which do not tell images apart).
     images: Optional[List[Tuple[np.ndarray, np.ndarray]]] = None
 
 
@@ -121,6 +123,8 @@ class Row:
         self.generated: List[int] = []
         self.decode, self.rule = p.decode, p.rule
         self.pending = None  # verified / ar: the encoder's logits for the next position
+        self.image_features = None  # the prompt's images' soft tokens while it is prefilled
+        self.images_used = 0  # how many of them are encoded
         self.verifications = self.accepted = 0
         self.block = 0
         self.passes = 0
@@ -311,13 +315,8 @@ class Scheduler:
     def _prefill_chunk(self, row: Row) -> None:
         t0 = time.perf_counter()
         images = row.req.params.images
-        if images:  # the whole prompt at once (Model.encode chunks it without splitting an image)
-            feats = mx.concatenate([self.model.image_features(patches, pos) for patches, pos in images])
-            self.model.encode(mx.array(row.prompt[None]), row.cache, image_features=feats)
-            self.prefill_tokens += len(row.prompt) - row.pos
-            row.pos = len(row.prompt)
-            row.prefill_s += time.perf_counter() - t0
-            self._prefilled(row)
+        if images:
+            self._prefill_images_chunk(row, images, t0)
             return
         end = min(row.pos + self.prefill_chunk, len(row.prompt))
         while row.snapshots and row.snapshots[0] <= row.pos:
@@ -338,6 +337,25 @@ class Scheduler:
             self.store.insert(row.prompt[:end], row.cache)
         row.prefill_s += time.perf_counter() - t0
         if not row.prefilling:
+            self._prefilled(row)
+
+    def _prefill_images_chunk(self, row: Row, images, t0: float) -> None:
+        """A prompt with images: the vision tower in one step (all images), then chunks
+        of the prompt that never end inside an image, each with its images' soft tokens."""
+        if row.image_features is None:
+            row.image_features = mx.concatenate([self.model.image_features(p, pos) for p, pos in images])
+            row.prefill_s += time.perf_counter() - t0
+            return
+        image_id = self.model.args.image_token_id
+        end = image_runs_end(row.prompt, image_id, min(row.pos + self.prefill_chunk, len(row.prompt)))
+        n = int((row.prompt[row.pos:end] == image_id).sum())
+        self.model.encode(mx.array(row.prompt[None, row.pos:end]), row.cache,
+                          image_features=row.image_features[row.images_used:row.images_used + n])
+        self.prefill_tokens += end - row.pos
+        row.pos, row.images_used = end, row.images_used + n
+        row.prefill_s += time.perf_counter() - t0
+        if not row.prefilling:
+            row.image_features = None
             self._prefilled(row)
 
     def _prefilled(self, row: Row) -> None:
