@@ -17,7 +17,8 @@ Gemma 4's (and so DiffusionGemma's) template renders, with special tokens:
 This is a faithful subset of Google's template (same output for text, function tools
 with object/string/number/boolean/array/enum parameters, assistant ``tool_calls`` and
 ``tool`` role results resolved by ``tool_call_id``, ``reasoning_content`` kept only
-between a call and its result), written for this project; images, audio and Google's
+between a call and its result, image parts as ``\n\n<|image|>\n\n`` with the text
+parts around them trimmed), written for this project; audio, video and Google's
 ``tool_responses`` message field are left out. ``mlx_lm.tokenizer_utils`` recognises the
 ``<|tool_call>``/``<tool_call|>`` pair and attaches mlx-lm's Gemma 4 tool parser.
 """
@@ -33,6 +34,11 @@ TOOL_OPEN, TOOL_CLOSE = "<|tool>", "<tool|>"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<|tool_response>", "<tool_response|>"
 STRING_DELIMITER = '<|"|>'
+# Images: the template writes IMAGE_TOKEN (between blank lines) where a message's content
+# has an image part; mlx_dgemma.images expands it to BOI + one IMAGE_TOKEN per soft token
+# + EOI, as Gemma 4's processor does.
+BOI_TOKEN, IMAGE_TOKEN, EOI_TOKEN = "<|image>", "<|image|>", "<image|>"
+IMAGE_TOKENS = [BOI_TOKEN, IMAGE_TOKEN, EOI_TOKEN]
 
 CONTROL_TOKENS = [TURN_OPEN, TURN_CLOSE, CHANNEL_OPEN, CHANNEL_CLOSE, THINK, TOOL_OPEN, TOOL_CLOSE,
                   TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE, STRING_DELIMITER]
@@ -117,8 +123,17 @@ _FORMAT_CALLS_AND_RESULTS = """
 {%- endif -%}
 {{- '}<tool_response|>' -}}
 {%- endmacro -%}
+{%- macro has_images(content) -%}
+{%- if content is not string and content is sequence -%}{%- for part in content if part['type'] in ['image', 'image_url', 'input_image'] -%}1{%- endfor -%}{%- endif -%}
+{%- endmacro -%}
 {%- macro text_of(content) -%}
 {%- if content is string -%}{{- content -}}
+{%- elif content is sequence and has_images(content) -%}
+{%- for part in content -%}
+{%- if part['type'] == 'text' -%}{{- part['text'] | trim -}}
+{%- elif part['type'] in ['image', 'image_url', 'input_image'] -%}{{- '\n\n<|image|>\n\n' -}}
+{%- endif -%}
+{%- endfor -%}
 {%- elif content is sequence -%}{%- for part in content if part['type'] == 'text' -%}{{- part['text'] -}}{%- endfor -%}
 {%- endif -%}
 {%- endmacro -%}
@@ -182,7 +197,7 @@ _BODY = """
 {%- endfor -%}
 {%- endif -%}
 {%- set content = text_of(message['content']) -%}
-{{- strip_thinking(content) if role == 'model' else content | trim -}}
+{{- strip_thinking(content) if role == 'model' else (content if has_images(message['content']) else content | trim) -}}
 {%- if ns.prev == 'tool_call' -%}{{- '<|tool_response>' -}}
 {%- elif not (answered.flag and not content) -%}{{- '<turn|>\\n' -}}
 {%- endif -%}

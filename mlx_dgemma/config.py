@@ -51,6 +51,14 @@ class ModelArgs(BaseModelArgs):
     bos_token_id: int = 2
     attention_bias: bool = False
     hidden_activation: str = "gelu_pytorch_tanh"
+    # Images (None: a text-only model). ``vision_config`` is Gemma 4's vision config as
+    # written in config.json; image tokens are replaced by the tower's soft tokens, and
+    # with ``use_bidirectional_attention == "vision"`` they attend to each other both ways.
+    vision_config: Optional[Dict[str, Any]] = None
+    image_token_id: Optional[int] = None
+    boi_token_id: Optional[int] = None
+    eoi_token_id: Optional[int] = None
+    use_bidirectional_attention: Optional[str] = None
 
     def __post_init__(self):
         if self.layer_types is None:
@@ -106,6 +114,9 @@ class ModelArgs(BaseModelArgs):
         text.setdefault("canvas_length", config.get("canvas_length", 256))
         for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
             if key not in text and key in config:
+                text[key] = config[key]
+        for key in ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id"):
+            if key in config and config.get("text_config") is not None:
                 text[key] = config[key]
         layer_types = text.get("layer_types")
         num_layers = text.get("num_hidden_layers", cls.num_hidden_layers)
@@ -201,6 +212,19 @@ def small_model_config(
         tie_word_embeddings=True,
         **top_level,
     )
+
+
+def small_vision_config(hidden_size: int = 32, num_hidden_layers: int = 1, num_attention_heads: int = 2,
+                        head_dim: int = 16, intermediate_size: int = 64, **overrides: Any) -> Dict[str, Any]:
+    """A small Gemma 4 vision_config (the released tower's fixed choices: 16 px patches,
+    3 x 3 pooling, axial RoPE, GeGLU) for tests and demos: pass it as ``vision_config=``
+    to :func:`small_model_config` with image token ids inside the vocabulary."""
+    return dict(model_type="gemma4_vision", hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
+                head_dim=head_dim, intermediate_size=intermediate_size, patch_size=16, pooling_kernel_size=3,
+                position_embedding_size=10 * 1024, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                rope_parameters={"rope_type": "axial", "rope_theta": 100.0}, use_clipped_linears=False,
+                standardize=False, **overrides)
 
 
 def read_config(model_path: Union[str, Path]) -> Dict[str, Any]:

@@ -99,6 +99,8 @@ def expected_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     out: Dict[str, Tuple[int, ...]] = {}
     for k, v in tree_flatten(Model(args).parameters()):
         shape = tuple(v.shape)
+        if k.startswith(VISION):
+            continue  # the vision tower is copied as it is
         if ".experts.switch_glu." in k:
             base, rest = k.split(".experts.switch_glu.")
             if rest == "gate_proj.weight":

@@ -204,6 +204,7 @@ def _events(
     pad_token_id: Optional[int] = 0,
     sample_fn=None,
     constraints: Optional[Sequence[Optional[Constraints]]] = None,
+    image_features: Optional[mx.array] = None,
 ) -> Iterator[Union[Draft, Block]]:
     tokens = _as_batch(prompt_tokens)
     B, T = tokens.shape
@@ -229,7 +230,10 @@ def _events(
     for b in range(n_blocks):
         if pending is not None:
             t0 = time.perf_counter()
-            model.encode(pending, cache)  # evaluates the cache
+            if b == 0 and image_features is not None:
+                model.encode(pending, cache, image_features=image_features)
+            else:
+                model.encode(pending, cache)  # evaluates the cache
             if b == 0:
                 prompt_time = time.perf_counter() - t0
                 t_start = time.perf_counter()
@@ -273,6 +277,7 @@ def generate_blocks(
     on_draft: Optional[Callable[[Draft], None]] = None,
     sample_fn=None,
     constraints: Optional[Sequence[Optional[Constraints]]] = None,
+    image_features: Optional[mx.array] = None,
 ) -> Iterator[Block]:
     """Generate block by block from token ids; yields one :class:`Block` per committed block.
 
@@ -283,7 +288,8 @@ def generate_blocks(
     ``constraints``: canvas constraints, one ``{offset: token id}`` per row (or ``None``),
     the offset counting generated tokens from 0 across blocks (block ``b`` gets the offsets
     ``b * L .. b * L + L - 1``); those tokens are pinned through every denoising step
-    (``drafter.CanvasPins``).
+    (``drafter.CanvasPins``). ``image_features``: the soft tokens of the images in a
+    one-row prompt (``Model.encode``; :func:`mlx_dgemma.images.prepare_images` makes them).
 
     On return the cache holds the prefix, the prompt and every committed block except
     the LAST one yielded (the reference encodes a block at the start of the next one), each
@@ -291,7 +297,7 @@ def generate_blocks(
     conversation, encode the last block (or its non-pad part) yourself.
     """
     for ev in _events(model, prompt_tokens, cache, settings, max_tokens, seeds, eos_token_ids,
-                      pad_token_id, sample_fn, constraints):
+                      pad_token_id, sample_fn, constraints, image_features):
         if isinstance(ev, Block):
             yield ev
         elif on_draft is not None:
@@ -480,6 +486,8 @@ def stream_generate(
     draft_steps: Optional[int] = None,
     temperature: float = 1.0,
     draft_fn=None,
+    images: Optional[Sequence[Any]] = None,
+    max_image_pixels: Optional[int] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text; yields one :class:`GenerationResponse` per committed block (and one
     per denoising step with ``show_drafts``).
@@ -507,6 +515,12 @@ def stream_generate(
     budget (default: ``steps``, else generation_config.json). ``draft_fn``: see
     :func:`mlx_dgemma.verify.decode_steps`. Canvas constraints apply to ``"diffusion"``
     only (the encoder's own choices cannot be pinned).
+
+    ``images``: image file paths, encoded bytes or PIL images (``decode="diffusion"``; a
+    model folder with a vision tower). With a string prompt they come before the text in
+    the user turn; chat messages place them with ``{"type": "image"}`` content parts, one
+    per image, in order. ``max_image_pixels``: larger images are refused before
+    decoding (default: ``image_processor.DEFAULT_MAX_PIXELS``).
     """
     from .chat import ThoughtParser, encode_prompt
 
@@ -522,7 +536,30 @@ def stream_generate(
     settings = make_settings(model, settings, max_denoising_steps=steps, entropy_bound=entropy_bound,
                              t_min=t_min, t_max=t_max, sc_top_k=sc_top_k, sampler=sampler, threshold=threshold)
     eos, pad = resolve_ids(model, generation_defaults(model))
-    ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system)
+    features, image_s = None, 0.0  # the images' soft tokens; seconds spent making them
+    if images:
+        from .chat import has_chat_template
+        from .chat_template import IMAGE_TOKEN
+        from .image_processor import ImageError
+        from .images import expand_image_tokens, prepare_images, with_image_parts
+
+        if decode != "diffusion":
+            raise GenerateInputError(f"images apply to decode='diffusion' only, not {decode!r}")
+        if isinstance(prompt, str) and not (chat_template and has_chat_template(tokenizer)):
+            prompt = f"\n\n{IMAGE_TOKEN}\n\n" * len(images) + prompt
+        else:
+            prompt = with_image_parts(prompt, len(images))
+        try:
+            t0 = time.perf_counter()
+            features, counts = prepare_images(model, list(images), max_pixels=max_image_pixels)
+            image_s = time.perf_counter() - t0  # part of the prompt's processing (its stats)
+            ids = expand_image_tokens(
+                encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system),
+                counts, model.args)
+        except ImageError as e:
+            raise GenerateInputError(str(e)) from None
+    else:
+        ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, thinking=thinking, system=system)
     if not ids:
         raise GenerateInputError("empty prompt")
     pinned: Optional[Dict[int, int]] = None
@@ -544,7 +581,7 @@ def stream_generate(
                                  sample_fn, decode, verify, temperature, draft_fn)
         return
     events = _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn,
-                     None if pinned is None else [pinned])
+                     None if pinned is None else [pinned], features)
     for ev in events:
         if isinstance(ev, Draft):
             if not show_drafts:
@@ -569,7 +606,8 @@ def stream_generate(
         parser.feed(new)
         last = ev.last or len(kept) >= max_tokens or hit_eos
         d = parser.deltas(final=last)
-        stats["prompt_tps"] = ev.prompt_tokens / ev.prompt_time if ev.prompt_time > 0 else 0.0
+        prompt_s = ev.prompt_time + image_s
+        stats["prompt_tps"] = ev.prompt_tokens / prompt_s if prompt_s > 0 else 0.0
         n_gen = sum(1 for t in kept if t != pad) if pad is not None else len(kept)
         stats["generation_tps"] = n_gen / ev.elapsed if ev.elapsed > 0 else 0.0
         stats["tpf"] = float(ev.tokens_per_forward[0])
@@ -786,6 +824,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuned adapters to apply (a folder written by python -m mlx_dgemma.lora)")
     p.add_argument("--prompt", required=True, help="the prompt (a user message unless --no-chat-template)")
     p.add_argument("--system", default=None, help="a system message (chat template only)")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image file to show the model before the prompt (repeatable; model folders "
+                        "with a vision tower)")
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse larger --image files before decoding them (default: 50,000,000)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps per block at most (default: generation_config, else 48)")
@@ -892,6 +935,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail("--hole is empty")
     if args.draft_steps is not None and args.draft_steps < 1:
         return _fail(f"--draft-steps must be >= 1, got {args.draft_steps}")
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        return _fail(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
+    if args.image and args.decode != "diffusion":
+        return _fail(f"--image works with --decode diffusion only, not {args.decode}")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         return _fail(f"--temperature must be a finite number > 0, got {args.temperature}")
 
@@ -922,6 +969,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             thinking=args.thinking, system=args.system, sc_top_k=args.sc_top_k,
             sampler=args.sampler, threshold=args.threshold, canvas_template=args.canvas_template, hole=args.hole,
             decode=args.decode, verify=args.verify, draft_steps=args.draft_steps, temperature=args.temperature,
+            images=args.image, max_image_pixels=args.max_image_pixels,
         )
         draft_cap = args.draft_steps if args.decode == "verified" else None
         steps_cap = draft_cap or args.steps or make_settings(

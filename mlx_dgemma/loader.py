@@ -147,6 +147,8 @@ def load_model(model_path: Union[str, Path], strict: bool = True) -> Tuple[Model
         raise ConfigError(f"{model_path / 'config.json'}: {e}") from None
     model = Model(args)
     weights = model.sanitize(load_weights(model_path))
+    if model.has_vision and not any(k.startswith("model.encoder.") for k in weights):
+        model.drop_vision()  # a vision_config without vision weights: text only
 
     quant = config.get("quantization") or config.get("quantization_config") or {}
     default_mode = quant.get("mode", "affine") if isinstance(quant, dict) else "affine"

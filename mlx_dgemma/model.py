@@ -45,6 +45,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, Switch
 from .cache import PrefixCache, make_prefix_cache
 from .config import ModelArgs
 from .kernels import cpu as cpu_kernels
+from .vision import VisionArgs, VisionParts
 
 # ``denoise``/``hidden`` take one PrefixCache (every canvas row shares it) or a list of
 # PrefixCache, one per canvas row, whose prompts may differ in length (ragged batch).
@@ -317,7 +318,9 @@ class Attention(nn.Module):
         k, v = self.kv(x, offset)
         if write:
             k, v = cache.append(k, v)
-            if self.cpu_attention and q.dtype == k.dtype == mx.float32:
+            if isinstance(mask, ImageMask):
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask.mask)
+            elif self.cpu_attention and q.dtype == k.dtype == mx.float32:
                 # the mask is causal (and windowed) over positions: the kernel builds it
                 out = cpu_kernels.attention(q, k, v, 1.0, causal=True, q_pos0=offset,
                                             k_pos0=offset + L - k.shape[2], window=self.window or 0)
@@ -411,6 +414,9 @@ class DiffusionGemmaModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.decoder = Decoder(args)
+        if args.vision_config is not None:
+            # the checkpoint's model.encoder.{vision_tower,embed_vision}
+            self.encoder = VisionParts(VisionArgs.from_dict(args.vision_config), args.hidden_size)
 
 
 def encoder_mask(n_new: int, offset: int, n_keys: int, window: Optional[int]):
@@ -426,6 +432,41 @@ def encoder_mask(n_new: int, offset: int, n_keys: int, window: Optional[int]):
     if window is not None:
         mask = mask & (k > q - window)
     return mask
+
+
+class ImageMask:
+    """An encoder mask that is more than causal (image tokens see their whole image): the
+    C attention kernel, which builds causal masks itself, must not take it."""
+
+    def __init__(self, mask: mx.array):
+        self.mask = mask
+
+
+def image_groups(tokens: np.ndarray, image_token_id: int) -> np.ndarray:
+    """Per position of ``tokens`` [T]: the index of the run of image tokens it is in
+    (0, 1, ... in order), -1 for text (the reference's block_sequence_ids)."""
+    is_image = tokens == image_token_id
+    starts = is_image & ~np.concatenate([[False], is_image[:-1]])
+    return np.where(is_image, np.cumsum(starts) - 1, -1)
+
+
+def image_runs_end(tokens: np.ndarray, image_token_id: int, at: int) -> int:
+    """``at`` moved forward past the end of an image run it falls inside: prefill chunks
+    never split an image (its tokens must see each other within one pass)."""
+    while 0 < at < len(tokens) and tokens[at] == image_token_id and tokens[at - 1] == image_token_id:
+        at += 1
+    return at
+
+
+def image_mask(causal, groups: np.ndarray, n_new: int, n_keys: int) -> ImageMask:
+    """``causal`` (an encoder_mask: "causal", None or [n_new, n_keys]) OR "the query and
+    the key are in the same image" (the reference's blockwise overlay, which also
+    overrides the sliding window). Keys before this chunk hold no image of it."""
+    if causal is None or isinstance(causal, str):
+        causal = mx.tril(mx.ones((n_new, n_keys), mx.bool_), k=n_keys - n_new)
+    key_groups = np.concatenate([np.full(n_keys - n_new, -1), groups])
+    same = (groups[:, None] == key_groups[None, :]) & (groups[:, None] >= 0)
+    return ImageMask(causal | mx.array(same))
 
 
 Prefix = Tuple[Optional[mx.array], Optional[mx.array], Optional[mx.array]]
@@ -555,7 +596,27 @@ class Model(nn.Module):
         h = self.decoder.embed_tokens(tokens)
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
-    def encode(self, tokens: mx.array, cache: PrefixCache, return_logits: bool = False) -> Optional[mx.array]:
+    @property
+    def has_vision(self) -> bool:
+        return "encoder" in self.model
+
+    def drop_vision(self) -> None:
+        """Text only: a folder whose config names a vision tower but holds no weights for it."""
+        if self.has_vision:
+            del self.model["encoder"]
+
+    def image_features(self, patches, positions) -> mx.array:
+        """One image's soft tokens in the text model's space [n, hidden]: ``patches``
+        [P, 3 * patch_size**2] in [0, 1] and ``positions`` [P, 2] from
+        :func:`mlx_dgemma.image_processor.process_image` (no padding)."""
+        if not self.has_vision:
+            raise ValueError("this model has no vision tower (a text-only folder): it cannot read images")
+        out = self.model.encoder(mx.array(patches)[None], mx.array(positions)[None])[0]
+        mx.eval(out)
+        return out
+
+    def encode(self, tokens: mx.array, cache: PrefixCache, return_logits: bool = False,
+               image_features: Optional[mx.array] = None) -> Optional[mx.array]:
         """Run the causal encoder over ``tokens`` [B, T] and append their K/V to ``cache``.
 
         Long inputs go through in chunks of ``prefill_chunk`` tokens (the same result:
@@ -568,19 +629,52 @@ class Model(nn.Module):
         the tied head, as its training computes the encoder's loss. Position t predicts
         token t + 1. Costs the last layer's attention and FFN and the head, which a plain
         encode skips.
+
+        ``image_features``: the soft tokens [n, hidden] of every image in ``tokens`` (one
+        row; :meth:`image_features` per image, concatenated in prompt order); they replace
+        the embeddings at the ``image_token_id`` positions, in order.
         """
         if tokens.ndim == 1:
             tokens = tokens[None]
+        if image_features is not None:
+            return self._encode_with_images(tokens, cache, return_logits, image_features)
         T, chunk = tokens.shape[1], self.prefill_chunk
         if chunk and T > chunk:
             out = [self._encode(tokens[:, s : s + chunk], cache, return_logits) for s in range(0, T, chunk)]
             return mx.concatenate(out, axis=1) if return_logits else None
         return self._encode(tokens, cache, return_logits)
 
-    def _encode(self, tokens: mx.array, cache: PrefixCache, return_logits: bool = False) -> Optional[mx.array]:
+    def _encode_with_images(self, tokens, cache, return_logits, features) -> Optional[mx.array]:
+        """encode() with images: chunks end outside images, and each takes its images' rows."""
+        ids = np.array(tokens)
+        if ids.shape[0] != 1:
+            raise ValueError(f"encode: images go with one prompt row, got {ids.shape[0]} rows")
+        ids = ids[0]
+        image_id = self.args.image_token_id
+        n_image = int((ids == image_id).sum())
+        if n_image != features.shape[0]:
+            raise ValueError(f"encode: {n_image} image tokens in the prompt but {features.shape[0]} image features")
+        T, chunk = len(ids), self.prefill_chunk or len(ids)
+        out, start, used = [], 0, 0
+        while start < T:
+            end = image_runs_end(ids, image_id, min(T, start + chunk))
+            n = int((ids[start:end] == image_id).sum())
+            out.append(self._encode(tokens[:, start:end], cache, return_logits, features[used:used + n]))
+            start, used = end, used + n
+        return mx.concatenate(out, axis=1) if return_logits else None
+
+    def _encode(self, tokens: mx.array, cache: PrefixCache, return_logits: bool = False,
+                image_features: Optional[mx.array] = None) -> Optional[mx.array]:
         T = tokens.shape[1]
         offset = cache.offset
         h = self._embed(tokens)
+        groups = None
+        if image_features is not None and image_features.shape[0]:
+            ids = np.array(tokens)[0]
+            where = mx.array(np.flatnonzero(ids == self.args.image_token_id))
+            h[:, where] = image_features.astype(h.dtype)[None]
+            if self.args.use_bidirectional_attention == "vision":
+                groups = image_groups(ids, self.args.image_token_id)
         masks = {}
         last = len(self.layers) - 1
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
@@ -594,6 +688,8 @@ class Model(nn.Module):
             key = (full, n_keys)
             if key not in masks:
                 masks[key] = encoder_mask(T, offset, n_keys, None if full else self.args.sliding_window)
+                if groups is not None:
+                    masks[key] = image_mask(masks[key], groups, T, n_keys)
             h = layer(h, c, offset, masks[key], write=True)
         if not return_logits:
             mx.eval([c.state for c in cache])
@@ -643,6 +739,9 @@ class Model(nn.Module):
             raise ValueError("cpu_attention needs the built CPU kernel and a CBLAS sgemm (OpenBLAS) on the CPU")
         for layer in self.layers:
             layer.self_attn.cpu_attention = bool(on)
+        if self.has_vision:
+            for layer in self.model.encoder.vision_tower.encoder.layers:
+                layer.self_attn.cpu_attention = bool(on)
 
     @property
     def encoder_expert_dispatch(self) -> Optional[str]:
@@ -788,14 +887,16 @@ class Model(nn.Module):
         """Checkpoint keys (HF or mlx-community layout) -> this module tree.
 
         Shared weights may sit under the decoder prefix, the encoder prefix or both;
-        the decoder copy wins. The vision tower, the tied LM head and rotary buffers
-        are not part of the text model.
+        the decoder copy wins. The vision tower is kept when the model has one (its
+        keys need no renaming); the tied LM head and rotary buffers are dropped.
         """
         enc, dec = "model.encoder.language_model.", "model.decoder."
         out: Dict[str, mx.array] = {}
         from_encoder: Dict[str, mx.array] = {}
         for k, v in weights.items():
             if k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")):
+                if self.has_vision and "rotary_emb" not in k:
+                    out[k] = v
                 continue
             if k == "lm_head.weight" or "rotary_emb" in k:
                 continue
@@ -833,10 +934,11 @@ class Model(nn.Module):
 
     @property
     def quant_predicate(self):
-        """Keep what is sensitive at 8 bits: router, embeddings/LM head, attention, dense MLP."""
+        """Keep what is sensitive at 8 bits: router, embeddings/LM head, attention, dense MLP;
+        the vision tower stays in float, as the converter keeps it."""
 
         def predicate(path: str, module: nn.Module):
-            if not hasattr(module, "to_quantized"):
+            if not hasattr(module, "to_quantized") or path.startswith("model.encoder."):
                 return False
             if "router" in path or "embed_tokens" in path or ".self_attn." in path:
                 return {"group_size": 64, "bits": 8}

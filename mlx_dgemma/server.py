@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import dataclasses
 import hashlib
 import json
@@ -33,6 +35,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 from .chat import has_chat_template
 from .drafter import DenoiseSettings, SettingsError, load_generation_config
 from .generate import GenerateInputError, check_constraints, template_constraints
+from .image_processor import DEFAULT_MAX_PIXELS
 from .logits_processors import LogitsProcessors
 from .serving import responses
 from .serving.errors import APIError
@@ -75,6 +78,8 @@ class ServerState:
         strict_sampling: bool = False,
         aliases: Sequence[str] = (),
         api_key: Optional[str] = None,
+        allow_local_images: bool = False,
+        max_image_pixels: Optional[int] = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -104,6 +109,9 @@ class ServerState:
         self.store = PromptCacheStore(int(cache_size_gb * (1 << 30)))
         self.scheduler = Scheduler(model, self.store, max_batch=max_batch, prefill_chunk=prefill_chunk)
         self.started = int(time.time())
+        # Images: data: URLs always; local file paths (file:// or a path) only when allowed
+        self.allow_local_images = allow_local_images
+        self.max_image_pixels = max_image_pixels
 
     def start(self) -> "ServerState":
         self.scheduler.start()
@@ -126,9 +134,70 @@ class ServerState:
         return ok and scheme.lower() == "bearer"
 
     # ---- tokenization (HTTP threads; no MLX here) -----------------------------------
-    def chat_tokens(self, p: Parsed) -> Tuple[List[int], List[int]]:
+    def image_inputs(self, p: Parsed) -> list:
+        """The request's images, decoded and processed (NumPy; one-line 400s)."""
+        if not p.images:
+            return []
+        from .image_processor import ImageError, process_image
+        from .images import check_vision, max_soft_tokens_of
+
+        try:
+            check_vision(self.model)
+        except ImageError as e:
+            raise APIError(str(e), param="messages") from None
+        vision = self.model.model.encoder.vision_tower.args
+        budget = max_soft_tokens_of(self.model)
+        out = []
+        for i, url in enumerate(p.images):
+            source, name = self._image_source(url, i)
+            try:
+                out.append(process_image(source, vision.patch_size, vision.pooling_kernel_size, budget,
+                                         self.max_image_pixels or DEFAULT_MAX_PIXELS))
+            except ImageError as e:
+                msg = str(e)
+                if isinstance(source, bytes):  # name the request's image, not "image (N bytes)"
+                    msg = f"{name}{msg[msg.index(':'):]}" if ":" in msg else f"{name}: {msg}"
+                raise APIError(msg, param="messages") from None
+        return out
+
+    def _image_source(self, url: str, i: int):
+        """(bytes or a local path, a name for errors) of the i-th image URL."""
+        name = f"image {i + 1}"
+        if url.startswith("data:"):
+            head, sep, data = url.partition(",")
+            if not sep or ";base64" not in head:
+                raise APIError(f"{name}: a data: URL must be base64 (data:image/png;base64,...)", param="messages")
+            try:
+                return base64.b64decode(data, validate=True), name
+            except (binascii.Error, ValueError):
+                raise APIError(f"{name}: the data: URL is not valid base64", param="messages") from None
+        if url.startswith(("http://", "https://")):
+            raise APIError(f"{name}: remote image URLs are not fetched (this server makes no network requests): "
+                           "send the image as a data: URL", param="messages")
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if not self.allow_local_images:
+            raise APIError(f"{name}: local image paths are off (start the server with --allow-local-images): "
+                           "send the image as a data: URL", param="messages")
+        return path, name
+
+    def chat_tokens(self, p: Parsed, image_counts: Sequence[int] = ()) -> Tuple[List[int], List[int]]:
         """(prompt ids, snapshot positions): the end of the rendered history (before the
-        generation prompt) is where the next turn of this conversation will branch off."""
+        generation prompt) is where the next turn of this conversation will branch off.
+        ``image_counts``: soft tokens per image; each image placeholder is expanded."""
+        if p.images:
+            from .image_processor import ImageError
+            from .images import expand_image_tokens
+
+            if not has_chat_template(self.tokenizer):
+                raise APIError("images need a model folder with a chat template", param="messages")
+            full, _ = self._chat_tokens(p)
+            try:
+                return expand_image_tokens(full, image_counts, self.model.args), []
+            except ImageError as e:
+                raise APIError(str(e), param="messages") from None
+        return self._chat_tokens(p)
+
+    def _chat_tokens(self, p: Parsed) -> Tuple[List[int], List[int]]:
         tok = self.tokenizer
         if p.tools and not self.tools.supported:
             raise APIError("tools were sent, but this model's chat template has no tool calling", param="tools")
@@ -217,12 +286,14 @@ class ServerState:
             opening = {k: v for k, v in self.tools.pins(p.tool_choice, p.tool_name, p.tools).items() if k < max_tokens}
             if opening:
                 constraints = {**opening, **(constraints or {})}
+        images = [(im.patches, im.positions) for im in p.processed_images] if p.images else None
         return GenerationParams(
+            images=images, snapshot_reply=not images,
             prompt=prompt, max_tokens=max_tokens, settings=settings, seed=seed, constraints=constraints,
             eos_token_ids=self.eos_token_ids, snapshot_at=snapshot_at, decode=p.decode, rule=EncoderRule(p.verify),
             # For chat, the history snapshot serves both the next turn and a re-sent
             # prompt (the generation prompt is a few tokens); do not store both.
-            snapshot_prompt=not (chat and snapshot_at),
+            snapshot_prompt=not (chat and snapshot_at) and not images,
             processors=processors if processors.active else None,
         )
 
@@ -490,7 +561,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def _start(p: Parsed, chat: bool) -> Generation:
         if chat:
-            prompt, snaps = await asyncio.to_thread(state.chat_tokens, p)
+            p.processed_images = await asyncio.to_thread(state.image_inputs, p)
+            counts = [im.num_soft_tokens for im in p.processed_images]
+            prompt, snaps = await asyncio.to_thread(state.chat_tokens, p, counts)
             text = ReplyParser(state.tokenizer, state.tools if p.tools and p.tool_choice != "none" else None,
                                thinking=p.thinking, prompt_tokens=prompt, stop_tokens=state.eos_token_ids,
                                tools=p.tools)
@@ -621,6 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key", default=None,
                     help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV}, "
                          "else no key)")
+    ap.add_argument("--allow-local-images", action="store_true",
+                    help="accept image parts that name a file on this machine (file:// or a path); "
+                         "off by default: clients send data: URLs")
+    ap.add_argument("--max-image-pixels", type=int, default=None,
+                    help="refuse larger images before decoding them (default: 50,000,000)")
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -651,6 +729,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             strict_sampling=args.strict_sampling,
             aliases=[args.model, Path(args.model).name, _model_id(args.model)],
             api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+            allow_local_images=args.allow_local_images, max_image_pixels=args.max_image_pixels,
         )
     except (ValueError, SettingsError) as e:
         raise SystemExit(f"error: {e}") from None

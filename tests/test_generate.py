@@ -92,10 +92,12 @@ class SharedNoise:
         monkeypatch.setattr(torch, "multinomial", multinomial)
 
 
-def run_reference(ref, monkeypatch, prompt, V, s: DenoiseSettings, n_blocks, eos, seeds=SEEDS):
+def run_reference(ref, monkeypatch, prompt, V, s: DenoiseSettings, n_blocks, eos, seeds=SEEDS, **inputs):
+    """``inputs``: more model inputs for the reference's generate (pixel_values, ...)."""
     noise = SharedNoise(monkeypatch, seeds, V)
     out = ref.generate(
         torch.as_tensor(prompt).long(),
+        **inputs,
         max_new_tokens=n_blocks * L,
         max_denoising_steps=s.max_denoising_steps,
         sampler_config=G.EntropyBoundSamplerConfig(entropy_bound=float(s.entropy_bound)),

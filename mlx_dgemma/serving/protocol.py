@@ -160,6 +160,8 @@ class Parsed:
     decode: str = "diffusion"  # our extension: "diffusion", "verified" or "ar"
     verify: str = "greedy"
     draft_steps: Optional[int] = None
+    images: List[str] = field(default_factory=list)  # image URLs of the messages, in prompt order
+    processed_images: List[Any] = field(default_factory=list)  # image_processor.ProcessedImage, by the server
 
 
 def _is_neutral(value: Any, neutral: Tuple[Any, ...]) -> bool:
@@ -296,6 +298,9 @@ def parse_request(body: Any, chat: bool, strict_sampling: bool = False, log=None
         raise APIError(f"canvas constraints apply to decode 'diffusion' only, not {decode!r}", param="decode")
     if chat:
         parsed.messages = _messages(body.get("messages"))
+        parsed.images = image_urls(parsed.messages)
+        if parsed.images and parsed.decode != "diffusion":
+            raise APIError(f"images apply to decode 'diffusion' only, not {parsed.decode!r}", param="decode")
         parsed.tools = check_tools(body.get("tools"))
         parsed.tool_choice, parsed.tool_name = check_tool_choice(body.get("tool_choice"), parsed.tools)
         ptc = body.get("parallel_tool_calls")
@@ -363,25 +368,49 @@ def _constraints(body: dict) -> Tuple[Optional[Dict[int, int]], Optional[str], s
     return pins, template, hole
 
 
-def _text_content(content: Any, i: int) -> str:
+def image_url_of(part: Dict[str, Any], where: str) -> str:
+    """The URL of an ``image_url`` part ({"url": ...} or a string) or of the Responses
+    API's ``input_image`` part (``image_url``: a string)."""
+    url = part.get("image_url")
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url:
+        raise APIError(f"{where}.image_url must be a URL string (a data: URL) or an object with one",
+                       param=where)
+    return url
+
+
+def _text_content(content: Any, i: int):
+    """A message's content: its text, or, when it holds images, a list of text parts and
+    ``{"type": "image", "url": ...}`` parts in their order (the chat template places them)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
+        parts, images = [], False
         for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
             if not isinstance(part, dict) or "type" not in part:
-                raise APIError(f"messages[{i}].content[{j}] must be an object with a type", param=f"messages[{i}].content")
+                raise APIError(f"{where} must be an object with a type", param=f"messages[{i}].content")
             if part["type"] in ("text", "input_text"):
                 if not isinstance(part.get("text"), str):
-                    raise APIError(f"messages[{i}].content[{j}].text must be a string", param=f"messages[{i}].content")
-                parts.append(part["text"])
+                    raise APIError(f"{where}.text must be a string", param=f"messages[{i}].content")
+                parts.append({"type": "text", "text": part["text"]})
+            elif part["type"] in ("image_url", "input_image"):
+                parts.append({"type": "image", "url": image_url_of(part, where)})
+                images = True
             else:
-                raise APIError(f"messages[{i}].content[{j}]: {part['type']!r} input is not supported (text only)",
+                raise APIError(f"{where}: {part['type']!r} input is not supported (text and images only)",
                                param=f"messages[{i}].content")
-        return "".join(parts)
+        return parts if images else "".join(p["text"] for p in parts)
     raise APIError(f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content")
+
+
+def image_urls(messages: List[Dict[str, Any]]) -> List[str]:
+    """The image URLs of parsed messages, in prompt order."""
+    return [part["url"] for m in messages if isinstance(m.get("content"), list)
+            for part in m["content"] if part.get("type") == "image"]
 
 
 def _messages(messages: Any) -> List[Dict[str, Any]]:

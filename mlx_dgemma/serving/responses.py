@@ -25,6 +25,7 @@ import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import APIError
+from .protocol import image_url_of
 
 # Accepted Responses fields that do not change what is generated.
 BENIGN = {"store", "metadata", "user", "service_tier", "safety_identifier", "prompt_cache_key",
@@ -38,24 +39,33 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def _text(content: Any, where: str) -> str:
+def _text(content: Any, where: str):
+    """The text of a content list, or, when it holds ``input_image`` parts, chat parts
+    (text and ``image_url``) in their order."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise APIError(f"{where}.content must be a string or a list of parts", param=where)
-    parts = []
+    parts, images = [], False
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text"):
             text = part.get("text", part.get("refusal"))
             if not isinstance(text, str):
                 raise APIError(f"{where}.content[{j}] has no text", param=where)
-            parts.append(text)
+            parts.append({"type": "text", "text": text})
+        elif kind == "input_image":
+            if part.get("file_id") and not part.get("image_url"):
+                raise APIError(f"{where}.content[{j}]: file_id images are not supported (no file store): "
+                               "send image_url as a data: URL", param=where)
+            parts.append({"type": "image_url", "image_url": {"url": image_url_of(part, f"{where}.content[{j}]")}})
+            images = True
         else:
-            raise APIError(f"{where}.content[{j}]: {kind!r} input is not supported (text only)", param=where)
-    return "".join(parts)
+            raise APIError(f"{where}.content[{j}]: {kind!r} input is not supported (text and images only)",
+                           param=where)
+    return parts if images else "".join(p["text"] for p in parts)
 
 
 def _messages(body: Dict[str, Any]) -> List[Dict[str, Any]]:

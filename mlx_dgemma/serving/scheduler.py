@@ -35,7 +35,7 @@ import time
 import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -45,6 +45,7 @@ from .. import rng
 from ..drafter import CanvasPins, DenoiseSettings, block_constraints, initial_canvas
 from ..logits_processors import LogitsProcessors
 from ..sampling import temperature
+from ..model import image_runs_end
 from ..verify import EncoderRule, advance, encoder_choice, verify_draft
 from .prompt_cache import PromptCacheStore
 
@@ -70,6 +71,11 @@ class GenerationParams:
     processors: Optional[LogitsProcessors] = None  # applied to the raw logits of every step
     decode: str = "diffusion"  # or "verified" / "ar" (mlx_dgemma.verify)
     rule: EncoderRule = field(default_factory=EncoderRule)  # the encoder's rule for verified / ar
+    # Images of the prompt, in order: (patches, positions) from image_processor. Their
+    # soft tokens are computed in one step, then the prompt is encoded in chunks that
+    # never split an image; such a row neither reads nor writes the prompt cache (its
+    # keys are tokens, which do not tell images apart).
+    images: Optional[List[Tuple[np.ndarray, np.ndarray]]] = None
 
 
 @dataclass
@@ -117,6 +123,8 @@ class Row:
         self.generated: List[int] = []
         self.decode, self.rule = p.decode, p.rule
         self.pending = None  # verified / ar: the encoder's logits for the next position
+        self.image_features = None  # the prompt's images' soft tokens while it is prefilled
+        self.images_used = 0  # how many of them are encoded
         self.verifications = self.accepted = 0
         self.block = 0
         self.passes = 0
@@ -293,7 +301,10 @@ class Scheduler:
     def _admit(self, req: GenerationRequest) -> None:
         p = req.params
         # verified / ar need the encoder's logits after the prompt: encode at least its last token
-        n, cache = self.store.lookup(p.prompt if p.decode == "diffusion" else p.prompt[:-1])
+        if p.images:
+            n, cache = 0, None
+        else:
+            n, cache = self.store.lookup(p.prompt if p.decode == "diffusion" else p.prompt[:-1])
         if cache is None:
             cache = self.model.make_cache()
         row = Row(req, cache, n)
@@ -303,6 +314,10 @@ class Scheduler:
 
     def _prefill_chunk(self, row: Row) -> None:
         t0 = time.perf_counter()
+        images = row.req.params.images
+        if images:
+            self._prefill_images_chunk(row, images, t0)
+            return
         end = min(row.pos + self.prefill_chunk, len(row.prompt))
         while row.snapshots and row.snapshots[0] <= row.pos:
             row.snapshots.pop(0)
@@ -322,6 +337,25 @@ class Scheduler:
             self.store.insert(row.prompt[:end], row.cache)
         row.prefill_s += time.perf_counter() - t0
         if not row.prefilling:
+            self._prefilled(row)
+
+    def _prefill_images_chunk(self, row: Row, images, t0: float) -> None:
+        """A prompt with images: the vision tower in one step (all images), then chunks
+        of the prompt that never end inside an image, each with its images' soft tokens."""
+        if row.image_features is None:
+            row.image_features = mx.concatenate([self.model.image_features(p, pos) for p, pos in images])
+            row.prefill_s += time.perf_counter() - t0
+            return
+        image_id = self.model.args.image_token_id
+        end = image_runs_end(row.prompt, image_id, min(row.pos + self.prefill_chunk, len(row.prompt)))
+        n = int((row.prompt[row.pos:end] == image_id).sum())
+        self.model.encode(mx.array(row.prompt[None, row.pos:end]), row.cache,
+                          image_features=row.image_features[row.images_used:row.images_used + n])
+        self.prefill_tokens += end - row.pos
+        row.pos, row.images_used = end, row.images_used + n
+        row.prefill_s += time.perf_counter() - t0
+        if not row.prefilling:
+            row.image_features = None
             self._prefilled(row)
 
     def _prefilled(self, row: Row) -> None:

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..chat_template import CONTROL_TOKENS, GEMMA4_CHAT_TEMPLATE, TOOL_RESPONSE_OPEN
+from ..chat_template import CONTROL_TOKENS, GEMMA4_CHAT_TEMPLATE, IMAGE_TOKENS, TOOL_RESPONSE_OPEN
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", *CONTROL_TOKENS]
 PAD, EOS, BOS = 0, 1, 2
@@ -38,6 +38,13 @@ def byte_vocab_size() -> int:
     return len(SPECIALS) + 256
 
 
+def image_token_ids() -> Dict[str, int]:
+    """config.json's image token ids for a byte tokenizer with room for them (the three
+    ids right after the bytes: existing ids do not move)."""
+    n = byte_vocab_size()
+    return dict(boi_token_id=n, image_token_id=n + 1, eoi_token_id=n + 2)
+
+
 def write_byte_tokenizer(path, vocab_size: Optional[int] = None, chat_template: str = CHAT_TEMPLATE) -> int:
     """Write tokenizer.json and tokenizer_config.json into ``path``; returns the
     vocabulary size (ids past the ``byte_vocab_size()`` used ones are ``<unusedN>``
@@ -52,13 +59,16 @@ def write_byte_tokenizer(path, vocab_size: Optional[int] = None, chat_template: 
     vocab: Dict[str, int] = {s: i for i, s in enumerate(SPECIALS)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
+    images = IMAGE_TOKENS if vocab_size >= len(vocab) + len(IMAGE_TOKENS) else []
+    for s in images:  # image_token_ids()
+        vocab[s] = len(vocab)
     unused = [f"<unused{i}>" for i in range(len(vocab), vocab_size)]
     for s in unused:
         vocab[s] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS + unused])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS + images + unused])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
@@ -74,11 +84,14 @@ def write_generation_config(path, **values: Any) -> None:
 
 def write_random_model(path, text_config: Dict[str, Any], canvas_length: int = 256, seed: int = 0,
                        dtype: str = "float32", tokenizer: bool = False,
-                       generation: Optional[Dict[str, Any]] = None) -> Path:
+                       generation: Optional[Dict[str, Any]] = None,
+                       vision_config: Optional[Dict[str, Any]] = None) -> Path:
     """A DiffusionGemma folder with random MLX weights (HF key names), loadable by
     ``mlx_dgemma.load``. ``text_config``: the text config (hidden_size, layers ...).
     ``tokenizer``: add the byte-level tokenizer (``vocab_size`` must cover it);
-    ``generation``: generation_config.json values on top of the token ids."""
+    ``generation``: generation_config.json values on top of the token ids.
+    ``vision_config``: add a vision tower (``config.small_vision_config``) and the byte
+    tokenizer's image token ids."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -88,6 +101,8 @@ def write_random_model(path, text_config: Dict[str, Any], canvas_length: int = 2
 
     config = {"model_type": "diffusion_gemma", "canvas_length": canvas_length,
               "text_config": {"model_type": "diffusion_gemma_text", **TOKEN_IDS, **text_config}}
+    if vision_config is not None:
+        config.update(vision_config=vision_config, **image_token_ids())
     mx.random.seed(seed)
     model = Model(ModelArgs.from_config(config))
     weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}

@@ -43,9 +43,17 @@ TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, nu
                    num_key_value_heads=2, head_dim=16)
 
 
-def tiny_config(canvas_length: int = 16, **text_overrides) -> DiffusionGemmaConfig:
+# Image tokens inside the tiny vocabulary (the released ids are past 258,000).
+TINY_IMAGE_TOKENS = dict(boi_token_id=150, image_token_id=151, eoi_token_id=152)
+
+
+def tiny_config(canvas_length: int = 16, vision: Optional[dict] = None, top_level: Optional[dict] = None,
+                **text_overrides) -> DiffusionGemmaConfig:
+    """``vision``: overrides of TINY_VISION; ``top_level``: keys beside text_config (image
+    token ids: TINY_IMAGE_TOKENS)."""
     text = {**TINY_TEXT, **text_overrides}
-    return DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION), canvas_length=canvas_length)
+    return DiffusionGemmaConfig(text_config=text, vision_config={**TINY_VISION, **(vision or {})},
+                                canvas_length=canvas_length, **(top_level or {}))
 
 
 def build_reference(config: DiffusionGemmaConfig, seed: int = 0,
@@ -67,6 +75,15 @@ def build_reference(config: DiffusionGemmaConfig, seed: int = 0,
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
             elif p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5))
+        vision = model.model.encoder.vision_tower
+        if getattr(vision.config, "standardize", False):  # buffers, left uninitialised by torch
+            vision.std_bias.copy_(0.1 * torch.randn(vision.std_bias.shape, generator=g))
+            vision.std_scale.copy_(1.0 + 0.2 * torch.randn(vision.std_scale.shape, generator=g))
+        for name, b in vision.named_buffers():
+            if name.endswith(("input_min", "output_min")):  # clipped linears: finite bounds
+                b.fill_(-1.5)
+            elif name.endswith(("input_max", "output_max")):
+                b.fill_(1.5)
         enc_layers = model.model.encoder.language_model.layers
         for enc, dec in zip(enc_layers, model.model.decoder.layers):
             dec.layer_scalar.copy_(0.5 + torch.rand(dec.layer_scalar.shape, generator=g))
