@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_dgemma import Model, ModelArgs, kernels, rng  # noqa: E402
+from mlx_dgemma import Model, ModelArgs, backend, kernels, rng  # noqa: E402
 from mlx_dgemma.sampling import probabilities, sample_step_mlx, temperature  # noqa: E402
 
 
@@ -127,7 +127,7 @@ def random_model(vocab: int, hidden: int, layers: int, canvas: int, sharpen: flo
     # rows are far more peaked than either), so we report both.
     model.decoder.norm.weight = model.decoder.norm.weight * sharpen
     mx.eval(model.parameters())
-    return model
+    return backend.defaults(model)
 
 
 def kl_rows(p_logits: mx.array, q_logits: mx.array, t: float) -> np.ndarray:

@@ -325,7 +325,7 @@ class CanvasPins:
         """[B, L, H]: the self-conditioning signal of a one-hot row (the token's embedding
         times the embedding scale; ``onehot @ E`` is exactly that row)."""
         if self._embeddings is None:
-            self._embeddings = model._embed(self.tokens)
+            self._embeddings = model.embed(self.tokens)
         return self._embeddings
 
     def canvas(self, canvas: mx.array) -> mx.array:

@@ -233,7 +233,8 @@ def _events(
             if b == 0 and image_features is not None:
                 model.encode(pending, cache, image_features=image_features)
             else:
-                model.encode(pending, cache)  # evaluates the cache
+                model.encode(pending, cache)
+            mx.eval([c.state for c in cache])
             if b == 0:
                 prompt_time = time.perf_counter() - t0
                 t_start = time.perf_counter()

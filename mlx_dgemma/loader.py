@@ -18,7 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelArgs, read_config
-from .model import Model
+from . import backend
+from .model import Model, build_model
 
 
 class WeightsError(ValueError):
@@ -143,9 +144,9 @@ def load_model(model_path: Union[str, Path], strict: bool = True) -> Tuple[Model
     config = read_config(model_path)
     try:
         args = ModelArgs.from_config(config)
-    except ConfigError as e:
+        model = build_model(args)
+    except ValueError as e:  # ConfigError, or the model file's own checks
         raise ConfigError(f"{model_path / 'config.json'}: {e}") from None
-    model = Model(args)
     weights = model.sanitize(load_weights(model_path))
     if model.has_vision and not any(k.startswith("model.encoder.") for k in weights):
         model.drop_vision()  # a vision_config without vision weights: text only
@@ -175,6 +176,7 @@ def load_model(model_path: Union[str, Path], strict: bool = True) -> Tuple[Model
     model.load_weights(list(weights.items()), strict=strict)
     model.eval()
     mx.eval(model.parameters())
+    backend.defaults(model)
     return model, config
 
 

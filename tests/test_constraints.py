@@ -95,7 +95,7 @@ def test_free_positions_follow_the_reference_rule_and_sc_is_one_hot(tiny, monkey
     s = DenoiseSettings(max_denoising_steps=6, entropy_bound=0.5, stability_threshold=None)
     drafts = []
     denoise_block(model, cache, s, [4, 5], block=1, on_draft=drafts.append, constraints=PINS)
-    onehot = np.array(model._embed(mx.array([[7, 9, 2], [63, 1, 1]])))
+    onehot = np.array(model.embed(mx.array([[7, 9, 2], [63, 1, 1]])))
     for k, ((canvas, sc, logits), d) in enumerate(zip(spy.calls, drafts)):
         if k == 0:
             assert sc is None  # the first step takes the reference's no-self-conditioning path

@@ -440,11 +440,14 @@ def test_long_prompt_is_prefilled_in_chunks_with_bounded_memory(server):
 
         # MLX's SDPA materialises a pass's scores, which chunking bounds; the CPU attention
         # kernel bounds them by itself (outside MLX's allocator), so compare without it
-        saved_attn, st.model.cpu_attention = st.model.cpu_attention, False
+        from mlx_dgemma import backend
+
+        saved_attn = backend.settings(st.model)["attention"]
+        backend.configure(st.model, attention=False)
         try:
             return _check()
         finally:
-            st.model.cpu_attention = saved_attn
+            backend.configure(st.model, attention=saved_attn)
 
     def _check():
         from mlx_dgemma.serving.scheduler import prefill

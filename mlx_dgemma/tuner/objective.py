@@ -40,6 +40,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import backend
 from ..model import Model, encoder_mask
 
 # A batch: ``tokens`` [B, T] int32, the clean sequences right-padded; ``prompt_lengths``
@@ -58,11 +59,11 @@ class Loss(NamedTuple):
 
 
 def prepare_for_training(model: Model) -> Model:
-    """Switch the model to its traceable paths (``Model.use_traceable_paths``): the CPU
+    """Switch the model to its traceable paths (``backend.plain``): the CPU
     inference defaults go through the host or C kernels and cannot be differentiated or
     compiled. Both give the same numbers within float rounding. A model set to the
     (traceable) "dense" expert dispatch keeps it: small models train faster with it here."""
-    model.use_traceable_paths()
+    backend.plain(model)
     return model
 
 
@@ -93,7 +94,7 @@ def encoder_pass(model: Model, tokens: mx.array, checkpoint: bool = False):
     prepare_for_training(model)
     args = model.args
     T = tokens.shape[1]
-    h = model._embed(tokens)
+    h = model.embed(tokens)
     kv: List[Tuple[mx.array, mx.array]] = []
     for i, layer in enumerate(model.layers):
         full = args.is_full(i)
@@ -128,7 +129,7 @@ def decoder_pass(model: Model, canvas: mx.array, signal: Optional[mx.array], kv,
                  checkpoint: bool = False) -> mx.array:
     """Decoder logits [B, L, V] for ``canvas`` over the given per-layer K/V and key masks."""
     prepare_for_training(model)
-    h = model.decoder.self_conditioning(model._embed(canvas), signal)
+    h = model.decoder.self_conditioning(model.embed(canvas), signal)
     for i, (layer, (k, v)) in enumerate(zip(model.layers, kv)):
         mask = masks[0] if model.args.is_full(i) else masks[1]
 

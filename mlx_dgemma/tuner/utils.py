@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .. import backend
 from ..loader import WeightsError
 from ..model import Model
 
@@ -80,7 +81,7 @@ def setup_fine_tuning(model: Model, fine_tune_type: str = "lora", num_layers: in
         params = {**DEFAULT_LORA, **(lora_parameters or {})}
         linear_to_lora_layers(model, num_layers, params, use_dora=fine_tune_type == "dora")
         if any(k.startswith("experts.") for k in params["keys"]):
-            model.expert_dispatch = "gather"  # the CPU's grouped experts read base weights directly
+            backend.configure(model, experts="gather")  # the CPU's grouped experts read base weights directly
     else:
         raise ValueError(f"--fine-tune-type must be lora, dora or full, got {fine_tune_type!r}")
     return model
