@@ -97,14 +97,14 @@ def write_random_model(path, text_config: Dict[str, Any], canvas_length: int = 2
 
     from ..config import ModelArgs
     from ..folder import hf_weights, write_model_folder
-    from ..model import Model
+    from ..model import build_model
 
     config = {"model_type": "diffusion_gemma", "canvas_length": canvas_length,
               "text_config": {"model_type": "diffusion_gemma_text", **TOKEN_IDS, **text_config}}
     if vision_config is not None:
         config.update(vision_config=vision_config, **image_token_ids())
     mx.random.seed(seed)
-    model = Model(ModelArgs.from_config(config))
+    model = build_model(ModelArgs.from_config(config))
     weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     vocab = config["text_config"]["vocab_size"]
     gen = None if generation is None else {"eos_token_id": TOKEN_IDS["eos_token_id"], "pad_token_id": PAD,
