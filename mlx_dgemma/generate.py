@@ -992,6 +992,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising steps per draft for --decode verified (default: --steps)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="the encoder's sampling temperature for --verify sample (default: 1.0)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="structured output: the reply is JSON matching this JSON schema file (any --decode)")
+    g.add_argument("--grammar", default=None, metavar="FILE",
+                   help="structured output: the reply matches this grammar file: a .lark file is a Lark grammar "
+                        "(llguidance's dialect), a .json file a JSON schema, any other file ONE regular "
+                        "expression (its text without the final newline)")
     return p
 
 
@@ -1065,6 +1072,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         return _fail(f"--temperature must be a finite number > 0, got {args.temperature}")
 
+    spec = None
+    if args.json_schema is not None or args.grammar is not None:
+        from .grammar import GrammarError, from_file
+
+        try:  # checked before the model loads
+            spec = from_file(args.json_schema, "json_schema") if args.json_schema else from_file(args.grammar)
+        except GrammarError as e:
+            return _fail(str(e))
+        if args.canvas_template is not None:
+            return _fail("--canvas-template and a grammar cannot be combined (the grammar decides every token)")
+        if args.thinking:
+            return _fail("a grammar constrains the whole reply: leave --thinking off")
+
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
@@ -1092,6 +1112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             thinking=args.thinking, system=args.system, sc_top_k=args.sc_top_k,
             sampler=args.sampler, threshold=args.threshold, canvas_template=args.canvas_template, hole=args.hole,
             decode=args.decode, verify=args.verify, draft_steps=args.draft_steps, temperature=args.temperature,
+            grammar=spec,
         )
         draft_cap = args.draft_steps if args.decode == "verified" else None
         steps_cap = draft_cap or args.steps or make_settings(

@@ -1,0 +1,288 @@
+"""Structured output (mlx_dgemma.grammar, llguidance) in every decode mode.
+
+The model has RANDOM weights (the demo recipe: a local BPE tokenizer, peaked random
+predictions), so a reply that parses is the grammar's doing alone. For each of the
+schemas below, in each decode mode, streamed: every committed block is a valid prefix of
+the grammar, the reply finishes (the schemas bound every string and array, and
+max_tokens leaves room), and the finished text validates with ``jsonschema``; not
+streamed (``generate``): the same text. Then: a reply cut by max_tokens is a valid prefix
+with finish_reason "length"; verified writes exactly what ar writes under a grammar,
+whatever the drafts; forced tokens cost no forward; bad schemas and grammars are one-line
+errors before any model work; regex and Lark grammars; the CLI flags.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema", reason="pip install -e '.[test]'")
+
+import mlx_dgemma  # noqa: E402,F401  (first: it picks the BLAS)
+from mlx_dgemma import grammar as G  # noqa: E402
+from mlx_dgemma.demo import STOP_IDS, build_demo  # noqa: E402
+from mlx_dgemma.drafter import DenoiseSettings  # noqa: E402
+from mlx_dgemma.generate import GenerateInputError, generate, generate_steps, stream_generate  # noqa: E402
+from mlx_dgemma.loader import load  # noqa: E402
+
+S = {"type": "string", "maxLength": 6}
+SCHEMAS = [
+    {"type": "object", "properties": {"name": S}, "required": ["name"], "additionalProperties": False},
+    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 99}},
+     "required": ["age"], "additionalProperties": False},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "null"}}, "required": ["ok", "n"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": S, "minItems": 1, "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"xy": {"type": "array", "items": {"type": "integer", "minimum": -5,
+                                                                        "maximum": 5},
+                                             "minItems": 2, "maxItems": 2}},
+     "required": ["xy"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {"id": {"type": "integer",
+                                                                                      "minimum": 0,
+                                                                                      "maximum": 1000},
+                                                                                "nick": S},
+                                               "required": ["id", "nick"], "additionalProperties": False}},
+     "required": ["user"], "additionalProperties": False},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
+     "required": ["code"], "additionalProperties": False},
+    {"type": "object", "properties": {"word": {"type": "string", "minLength": 2, "maxLength": 4}},
+     "required": ["word"], "additionalProperties": False},
+    {"type": "object", "properties": {"name": S, "note": S}, "required": ["name"], "additionalProperties": False},
+    {"type": "object", "properties": {"v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9}, S]}},
+     "required": ["v"], "additionalProperties": False},
+    {"type": "object", "properties": {"price": {"type": "number", "minimum": 0, "maximum": 100,
+                                                                   "multipleOf": 0.25}},
+     "required": ["price"], "additionalProperties": False},
+    {"type": "object", "properties": {"items": {"type": "array", "maxItems": 2, "items": {
+        "type": "object", "properties": {"sku": S, "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["sku", "qty"], "additionalProperties": False}}}, "required": ["items"],
+     "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 50}, "minItems": 1, "maxItems": 4},
+    {"enum": ["yes", "no", "maybe"]},
+    {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "object", "properties": {
+        "c": {"enum": [1, 2, 3]}}, "required": ["c"], "additionalProperties": False}}, "required": ["b"],
+        "additionalProperties": False}}, "required": ["a"], "additionalProperties": False},
+    {"type": "object", "properties": {"kind": {"const": "point"}, "x": {"type": "integer", "minimum": 0,
+                                                                        "maximum": 9}},
+     "required": ["kind", "x"], "additionalProperties": False},
+    {"type": "object", "properties": {"when": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+                                      "ok": {"type": "boolean"}},
+     "required": ["when", "ok"], "additionalProperties": False},
+    {"type": "object", "properties": {"pet": {"anyOf": [
+        {"type": "object", "properties": {"cat": S}, "required": ["cat"], "additionalProperties": False},
+        {"type": "object", "properties": {"dog": {"type": "integer", "minimum": 0, "maximum": 20}},
+         "required": ["dog"], "additionalProperties": False}]}}, "required": ["pet"], "additionalProperties": False},
+    {"type": "object", "properties": {"m": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+        "type": "array", "minItems": 1, "maxItems": 2, "items": {"enum": ["x", "o"]}}}}, "required": ["m"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"t": {"type": "number", "minimum": -1, "maximum": 1, "multipleOf": 0.1},
+                                      "label": {"type": "string", "maxLength": 3, "pattern": "^[a-z]*$"}},
+     "required": ["t", "label"], "additionalProperties": False},
+]
+MODES = ("ar", "verified", "diffusion")
+MAX_TOKENS = 120
+# Numbers get a multipleOf: a plain "number" lets a model write digits forever (random
+# weights do), and these replies must finish.
+FAST = dict(steps=4)  # denoising steps per canvas / per draft: random weights never settle anyway
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("structured-demo"), canvas_length=16)
+
+
+@pytest.fixture(scope="module")
+def demo(demo_dir):
+    return load(demo_dir)
+
+
+def rf(schema):
+    return {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+
+
+def valid_prefix(tok, model, spec, tokens) -> bool:
+    m = G.Grammar(spec, tok, model.args.vocab_size, STOP_IDS).matcher()
+    return m.valid_prefix(tokens) == len(tokens)
+
+
+def test_schemas_are_many_and_varied():
+    assert len(SCHEMAS) >= 20
+    text = json.dumps(SCHEMAS)
+    for feature in ('"anyOf"', '"enum"', '"minItems"', '"maxItems"', '"maximum"', '"maxLength"', '"pattern"',
+                    '"properties": {"user"', '"const"'):
+        assert feature in text, feature
+    assert any(set(s.get("properties", {})) - set(s.get("required", [])) for s in SCHEMAS)  # optional fields
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_finished_reply_validates_streamed_and_not(demo, mode):
+    model, tok = demo
+    finished = 0
+    for i, schema in enumerate(SCHEMAS):
+        spec = G.from_response_format(rf(schema))
+        seen, rs = [], []
+        for r in stream_generate(model, tok, f"Fill in form {i}", max_tokens=MAX_TOKENS, seed=i, decode=mode,
+                                 response_format=rf(schema), **FAST):
+            seen += r.tokens
+            rs.append(r)
+            assert valid_prefix(tok, model, spec, seen), (i, mode, tok.decode(seen))
+        last = rs[-1]
+        text = "".join(r.text for r in rs)
+        assert last.finish_reason == "stop", (i, mode, text)  # bounded schemas: every reply finishes
+        jsonschema.validate(json.loads(text), schema)
+        finished += 1
+        if mode == "ar" or i % 4 == 0:  # not streamed (the same path, joined): a sample of the grid
+            assert generate(model, tok, f"Fill in form {i}", max_tokens=MAX_TOKENS, seed=i, decode=mode,
+                            response_format=rf(schema), **FAST) == text
+    assert finished == len(SCHEMAS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_reply_cut_by_max_tokens_is_a_valid_prefix(demo, mode):
+    model, tok = demo
+    schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}}},
+              "required": ["items"]}  # unbounded: it will not finish in 9 tokens
+    spec = G.from_response_format(rf(schema))
+    rs = list(stream_generate(model, tok, "List things", max_tokens=9, decode=mode, response_format=rf(schema),
+                              **FAST))
+    toks = [t for r in rs for t in r.tokens]
+    assert rs[-1].finish_reason == "length" and len(toks) == 9
+    assert valid_prefix(tok, model, spec, toks)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads("".join(r.text for r in rs))
+
+
+def test_verified_equals_ar_under_a_grammar_whatever_the_drafts(demo):
+    model, tok = demo
+    L = model.args.canvas_length
+    schema = SCHEMAS[12]
+    g = G.Grammar(G.from_response_format(rf(schema)), tok, model.args.vocab_size, STOP_IDS)
+    prompt = tok.encode("Order form")
+    for seed, kw in ((0, {}), (5, dict(verify="sample", temperature=0.7))):
+        ar = list(generate_steps(model, [prompt], decode="ar", max_tokens=80, seeds=[seed], eos_token_ids=STOP_IDS,
+                                 matchers=[g.matcher()], **kw))
+        want = [t for s in ar for t in s.tokens[0]]
+        assert ar[-1].finish_reason == ["stop"] and ar[-1].forced[0] > 0
+        jsonschema.validate(json.loads(tok.decode(want[:-1])), schema)
+
+        def oracle(corrupt):  # drafts that continue the ar reply, some corrupted at a position
+            def draft(inp):
+                done = len(inp.generated[0])
+                d = (want[done:] + [3] * L)[:L]
+                if corrupt is not None and inp.cycle % 2:
+                    d[corrupt] = (d[corrupt] + 1) % model.args.vocab_size
+                return np.array([d])
+            return draft
+
+        for name, draft_fn in (("exact", oracle(None)), ("first wrong", oracle(0)), ("mid wrong", oracle(L // 2)),
+                               ("decoder", None)):
+            steps = list(generate_steps(model, [prompt], decode="verified", max_tokens=80, seeds=[seed],
+                                        eos_token_ids=STOP_IDS, matchers=[g.matcher()], draft_fn=draft_fn,
+                                        draft_settings=DenoiseSettings(max_denoising_steps=2), **kw))
+            assert [t for s in steps for t in s.tokens[0]] == want, name
+            if name == "exact":  # several tokens per verification
+                assert len(steps) <= len(want) // 4 and steps[-1].accepted_total[0] > len(steps)
+
+
+def test_forced_tokens_are_committed_without_a_forward(demo):
+    model, tok = demo
+    schema = {"type": "object", "properties": {"alpha_beta_gamma": {"enum": ["first_choice_here", "second"]}},
+              "required": ["alpha_beta_gamma"], "additionalProperties": False}
+    rs = list(stream_generate(model, tok, "x", max_tokens=60, decode="ar", response_format=rf(schema)))
+    last = rs[-1]
+    text = "".join(r.text for r in rs)
+    jsonschema.validate(json.loads(text), schema)
+    # every token is either forced or chosen by one encoder forward (plus one forward for
+    # the forced opening, encoded with the prompt's continuation in one pass)
+    assert last.forced_tokens >= len(tok.encode('{"alpha_beta_gamma": "', add_special_tokens=False)) - 1
+    assert last.model_forwards <= last.generation_tokens - last.forced_tokens + 1
+    assert last.masks > 0 and last.mask_seconds > 0
+
+
+def test_regex_and_lark_grammars(demo):
+    model, tok = demo
+    for mode in MODES:
+        out = generate(model, tok, "Phone", max_tokens=40, decode=mode, grammar={"type": "regex",
+                                                                                 "regex": r"\+1-[0-9]{3}-[0-9]{4}"},
+                       **FAST)
+        assert __import__("re").fullmatch(r"\+1-[0-9]{3}-[0-9]{4}", out), (mode, out)
+        lark = 'start: "The answer is " ANSWER "."\nANSWER: "yes" | "no"\n'
+        out = generate(model, tok, "Answer", max_tokens=40, decode=mode, grammar=lark, **FAST)
+        assert out in ("The answer is yes.", "The answer is no."), (mode, out)
+
+
+def test_json_object(demo):
+    model, tok = demo
+    rs = list(stream_generate(model, tok, "any JSON", max_tokens=40, decode="ar",
+                              response_format={"type": "json_object"}))
+    text = "".join(r.text for r in rs)
+    if rs[-1].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert text.startswith("{")
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}, "invalid JSON schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "schema must be a JSON schema object"),
+    ({"type": "xml"}, "type must be text, json_object or json_schema"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}, "strict": "yes"}}, "strict must be"),
+])
+def test_bad_response_format_is_a_one_line_error_before_any_work(demo, monkeypatch, bad, needle):
+    model, tok = demo
+    monkeypatch.setattr(type(model), "encode", lambda *a, **k: pytest.fail("model work before the check"))
+    with pytest.raises(GenerateInputError) as e:
+        list(stream_generate(model, tok, "x", response_format=bad))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_grammars(demo):
+    model, tok = demo
+    for g in ('start: "a" undefined_rule', {"type": "regex", "regex": "(unclosed"}, {"type": "lark"}, ""):
+        with pytest.raises(GenerateInputError) as e:
+            generate(model, tok, "x", grammar=g)
+        assert "\n" not in str(e.value)
+    with pytest.raises(GenerateInputError, match="not both"):
+        generate(model, tok, "x", grammar="start: \"a\"", response_format={"type": "json_object"})
+    with pytest.raises(GenerateInputError, match="cannot be combined"):
+        generate(model, tok, "x", canvas_template="a_", response_format={"type": "json_object"})
+
+
+def test_unconstrained_decoding_is_unchanged(demo):
+    model, tok = demo
+    for mode in MODES:
+        plain = generate(model, tok, "hello", max_tokens=20, decode=mode, **FAST)
+        text = generate(model, tok, "hello", max_tokens=20, decode=mode, response_format={"type": "text"}, **FAST)
+        assert plain == text
+
+
+def test_cli_json_schema_and_grammar(tmp_path, demo_dir):
+    model_dir = demo_dir
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(SCHEMAS[3]))
+    run = [sys.executable, "-m", "mlx_dgemma.generate", "--model", str(model_dir), "--prompt", "colour?",
+           "--max-tokens", "40", "--steps", "4"]
+    cwd = Path(__file__).resolve().parents[1]
+    r = subprocess.run(run + ["--json-schema", str(schema), "--decode", "verified"], capture_output=True,
+                       text=True, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    jsonschema.validate(json.loads(r.stdout), SCHEMAS[3])
+    regex = tmp_path / "g.regex"
+    regex.write_text("[0-9]{3}\n")
+    r = subprocess.run(run + ["--grammar", str(regex)], capture_output=True, text=True, cwd=cwd)
+    assert r.returncode == 0 and len(r.stdout.strip()) == 3 and r.stdout.strip().isdigit(), r.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "nonsense"}')
+    r = subprocess.run(run + ["--json-schema", str(bad)], capture_output=True, text=True, cwd=cwd)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.json" in r.stderr and "error:" in r.stderr
+    r = subprocess.run(run + ["--json-schema", str(tmp_path / "missing.json")], capture_output=True, text=True,
+                       cwd=cwd)
+    assert r.returncode == 2 and "missing.json" in r.stderr
