@@ -272,9 +272,11 @@ def grammar_blocks(
     seed: int = 0,
     eos_token_ids: Sequence[int] = (),
     sample_fn=None,
+    cache: Optional[PrefixCache] = None,
 ) -> Iterator[Union[Draft, Block]]:
-    """Block diffusion under a grammar, for one prompt (token ids, a fresh cache):
-    yields each denoising step's :class:`Draft` and one :class:`Block` per canvas.
+    """Block diffusion under a grammar, for one prompt: yields each denoising step's
+    :class:`Draft` and one :class:`Block` per canvas. ``prompt_tokens``: the tokens not
+    yet in ``cache`` (None: a fresh cache; else one holding a prefix, continued in place).
 
     Each canvas continues the committed reply and is denoised as usual, except that
     (1) the run of tokens the grammar forces at the canvas's start is pinned
@@ -299,12 +301,13 @@ def grammar_blocks(
         raise GenerateInputError("grammar_blocks takes one non-empty prompt")
     settings = settings or DenoiseSettings()
     L, ctx, V = model.args.canvas_length, model.args.max_position_embeddings, model.args.vocab_size
-    if len(ids[0]) + L > ctx:
-        raise GenerateInputError(f"prompt of {len(ids[0])} tokens leaves no room for a {L}-token canvas in the "
+    cache = model.make_cache() if cache is None else cache
+    used = cache.offset + len(ids[0])
+    if used + L > ctx:
+        raise GenerateInputError(f"prompt of {used} tokens leaves no room for a {L}-token canvas in the "
                                  f"model's context of {ctx} tokens (max_position_embeddings)")
     eos = [int(e) for e in eos_token_ids]
     greedy = EncoderRule("greedy")
-    cache = model.make_cache()
     t0 = time.perf_counter()
     logits = prefill(model, cache, ids[0][None])[0]
     prompt_time, t_start = time.perf_counter() - t0, time.perf_counter()

@@ -206,6 +206,7 @@ def tool_call_spec(tools: Sequence[Mapping[str, Any]], name: Optional[str], open
         if not schema.get("properties") and "additionalProperties" not in schema:
             schema["additionalProperties"] = False  # nothing to choose: {}
         schema.setdefault("type", "object")
+        schema["x-guidance"] = JSON_OPTIONS  # compact, as response_format's JSON
         alts.append(f"{_lark_literal('call:' + fn['name'])} %json {json.dumps(schema)}")
     if not alts:
         raise GrammarError(f"tool_choice: no tool is named {name!r}")
