@@ -278,16 +278,15 @@ def grammar_blocks(
     :class:`Draft` and one :class:`Block` per canvas. ``prompt_tokens``: the tokens not
     yet in ``cache`` (None: a fresh cache; else one holding a prefix, continued in place).
 
-    Each canvas continues the committed reply and is denoised as usual, except that
-    (1) the run of tokens the grammar forces at the canvas's start is pinned
-    (:class:`~mlx_dgemma.drafter.CanvasPins`), and (2) at every step the decoder's logits
-    are masked by the grammar at each position up to and including the first position
-    where the previous step's draft stops being valid (``Matcher.canvas_process``).
-    The canvas is then committed from the left as far as the grammar accepts it. Where a
-    token is invalid, the committed part is encoded and the encoder's greedy choice among
-    the allowed tokens replaces it (one encoder forward), followed by the run the grammar
-    then forces; the next canvas starts right after. A stop token is allowed only where
-    the reply is complete.
+    The run of tokens the grammar forces is committed as it stands (no denoising is spent
+    on it). Each canvas then continues the committed reply and is denoised as usual,
+    except that at every step the decoder's logits are masked by the grammar at each
+    position up to and including the first position where the previous step's draft
+    stops being valid (``Matcher.canvas_process``). The canvas is committed from the left
+    as far as the grammar accepts it. Where a token is invalid, the committed part is
+    encoded and the encoder's greedy choice among the allowed tokens replaces it (one
+    encoder forward); the next canvas starts right after. A stop token is allowed only
+    where the reply is complete.
 
     So every committed block is a valid prefix of the grammar, and a finished reply (a
     stop token, or a grammar that admits nothing more) is a complete match. The cost: a
@@ -314,59 +313,52 @@ def grammar_blocks(
     generated: List[int] = []
     unencoded: List[int] = []  # committed, not yet in the cache
     passes = enc = forced = 0
-    lead = matcher.forced()[:max_tokens]
-    if lead:
-        matcher.consume(lead)
-        generated, unencoded, forced = list(lead), list(lead), len(lead)
     b = 0
     while True:
-        room = max_tokens - len(generated)
         res = None
+        # The run the grammar forces here is committed as it stands: no denoising is spent
+        # on it, and the next canvas is encoded after it (one forward with the rest).
+        new = matcher.forced()[: max_tokens - len(generated)]
+        matcher.consume(new)
+        forced += len(new)
+        unencoded += new
+        room = max_tokens - len(generated) - len(new)
         if (matcher.done and not eos) or room <= 0 or cache.offset + len(unencoded) + L > ctx:
-            new: List[int] = []  # nothing more to write (complete without a stop token, no room)
-            reason_stop = matcher.done
+            pass  # nothing more to write (complete without a stop token, no room)
         elif matcher.done:  # complete: only a stop token may follow, the encoder picks which
             if unencoded:
                 logits = advance_tokens(model, cache, unencoded)
                 enc += 1
-            new = [constrained_choice(logits, cache.offset, seed, greedy, matcher)]
-            matcher.consume(new)
-            unencoded, reason_stop = list(new), True
+            c = constrained_choice(logits, cache.offset, seed, greedy, matcher)
+            matcher.consume([c])
+            new.append(c)
+            unencoded = [c]
         else:
             if unencoded:
                 logits = advance_tokens(model, cache, unencoded)
                 enc += 1
                 unencoded = []
-            run = matcher.forced()[: min(L, room)]
-            pins = [dict(enumerate(run))] if run else None
             res = yield from denoise_steps(model, cache, settings, [seed], b, sample_fn=sample_fn,
-                                           constraints=pins, process=matcher.canvas_process(room))
+                                           process=matcher.canvas_process(room))
             passes += int(res.passes[0])
             toks = [int(t) for t in np.array(res.tokens)[0][:room]]
             k = matcher.valid_prefix(toks)
-            new = toks[:k]
-            matcher.consume(new)
-            forced += min(len(run), k)
-            if (new and new[-1] in eos) or k == len(toks) or matcher.done:
-                unencoded = list(new)  # the whole canvas (as far as the room goes) stands
+            canvas = toks[:k]
+            matcher.consume(canvas)
+            if (canvas and canvas[-1] in eos) or k == len(toks) or matcher.done:
+                unencoded = list(canvas)  # the whole canvas (as far as the room goes) stands
             else:  # repair the first invalid token through the encoder
-                if new:
-                    logits = advance_tokens(model, cache, new)
+                if canvas:
+                    logits = advance_tokens(model, cache, canvas)
                     enc += 1
                 c = constrained_choice(logits, cache.offset, seed, greedy, matcher)
                 matcher.consume([c])
-                new.append(c)
+                canvas.append(c)
                 unencoded = [c]
-                if c not in eos and not matcher.done:
-                    tail = matcher.forced()[: room - len(new)]
-                    matcher.consume(tail)
-                    forced += len(tail)
-                    new += tail
-                    unencoded += tail
-            reason_stop = bool(new and new[-1] in eos) or (matcher.done and not eos)
+            new += canvas
+        reason_stop = bool(new and new[-1] in eos) or (matcher.done and not eos)
         generated += new
         last = reason_stop or len(generated) >= max_tokens or not new or cache.offset + len(unencoded) + L > ctx
-        new, lead = lead + new, []  # the forced opening goes out with the first block
         gen = np.asarray(generated, np.int64)
         yield Block(
             index=b, tokens=np.asarray([new], np.int32).reshape(1, len(new)), steps=res.steps if res else 0,

@@ -153,21 +153,25 @@ def verify_constrained(model, cache: PrefixCache, draft: Sequence[int], pending:
     at each position either the run of tokens the grammar forces (committed as a whole,
     as ``ar`` commits it) or the encoder's choice among the allowed tokens; a draft token
     is accepted only where it equals that token. ``matcher`` is at the committed state
-    (not forcing: forced runs are taken at the end of each round) and advances over the
-    committed tokens. On return the cache holds ``tokens[:in_cache]`` (never the last)."""
+    (forcing only at the reply's start: later forced runs are taken at the end of each
+    round) and advances over the committed tokens. On return the cache holds ``tokens[:in_cache]`` (never the last)."""
     draft = [int(t) for t in draft]
     L, P = len(draft), cache.offset
     stop = set(int(e) for e in eos)
-    out = [constrained_choice(pending, P, seed, rule, matcher)]
+    forced = 0
+    out = matcher.forced()[:room]  # the reply's forced opening (the drafter pins it), as ar commits it
+    if out:
+        forced = len(out)
+    else:
+        out = [constrained_choice(pending, P, seed, rule, matcher)]
     matcher.consume(out)
-    encoded = draft[0] == out[0] and out[0] not in stop and room > 1 and not matcher.done
+    a = next((i for i in range(min(len(out), L)) if draft[i] != out[i]), min(len(out), L))
+    encoded = a == len(out) and out[-1] not in stop and len(out) < room and not matcher.done
     logits = None
     if encoded:
         cache.reserve_trim(L)
         logits = model.encode(mx.array([draft], dtype=mx.int32), cache, return_logits=True)[0]
-    a = 1 if draft[0] == out[0] else 0  # leading committed tokens equal to the draft's
-    forced = 0
-    while encoded and a == len(out) and len(out) < room and not matcher.done:
+    while encoded and a == len(out) and len(out) < room and not matcher.ended and not (matcher.done and not stop):
         k = len(out)
         run = matcher.forced()[: room - k]
         if run:  # ar commits the run whole; the draft survives while it agrees
@@ -194,27 +198,40 @@ def verify_constrained(model, cache: PrefixCache, draft: Sequence[int], pending:
     return ConstrainedVerdict(out, min(a, len(out)), encoded, in_cache, forced)
 
 
+def _no_draft(matcher, L: int) -> bool:
+    """A grammar row needs no draft this round: the reply is complete (only a stop token
+    can follow, the encoder picks it from the logits it has), or the grammar forces at
+    least a canvas of tokens."""
+    return matcher is not None and (matcher.done or len(matcher.forced()) >= L)
+
+
 def _constrained_round(model, cache, decode, draft, pending, seed, rule, room, matcher, eos):
     """One round of a grammar row: ``(tokens, accepted, encoder passes run, tokens of
-    them already in the cache, forced tokens)``. (nothing else that round), else it is one
+    them already in the cache, forced tokens, whether a draft was verified)``. (nothing else that round), else it is one
     constrained choice (ar) or one constrained verification, and it closes with the run
     forced after its tokens: forced tokens are committed without a forward of their own
     (the next advance encodes them together with the round's last token)."""
     if (matcher.done and not eos) or room <= 0:  # complete with no stop token to write, or no room
-        return [], 0, 0, 0, 0
-    if decode == "ar":
+        return [], 0, 0, 0, 0, False
+    lead = matcher.forced()[:room] if decode == "ar" or draft is None else []
+    if lead:  # the forced opening (e.g. '{"' of a JSON object): no choice to make
+        matcher.consume(lead)
+        return lead, 0, 0, 0, len(lead), False
+    checked = False  # a draft was verified
+    if decode == "ar" or draft is None:  # (verified, no draft: only a stop token can follow)
         toks = [constrained_choice(pending, cache.offset, seed, rule, matcher)]
         matcher.consume(toks)
         accepted, ran, in_cache, nf = 0, 0, 0, 0
     else:
         v = verify_constrained(model, cache, draft, pending, seed, rule, room, matcher, eos)
         toks, accepted, ran, in_cache, nf = list(v.tokens), v.accepted, int(v.encoded), v.in_cache, v.forced
+        checked = True
     if toks[-1] not in set(eos) and len(toks) < room and not matcher.done:
         tail = matcher.forced()[: room - len(toks)]
         matcher.consume(tail)
         toks += tail
         nf += len(tail)
-    return toks, accepted, ran, in_cache, nf
+    return toks, accepted, ran, in_cache, nf, checked
 
 
 class DraftInput(NamedTuple):
@@ -329,20 +346,13 @@ def decode_steps(
     dec, enc, ver, acc_total, forced = (np.zeros(B, np.int64) for _ in range(5))
     matchers = list(matchers) if matchers is not None else [None] * B
     need = L if decode == "verified" else 1  # positions the next round needs after the last token
-    carry: List[List[int]] = [[] for _ in range(B)]  # a grammar's forced opening, sent with round 0
-    for b, m in enumerate(matchers):
-        lead = m.forced()[:max_tokens] if m is not None else []
-        if lead:  # e.g. '{"' of a JSON object: committed, and encoded in one forward
-            m.consume(lead)
-            forced[b] += len(lead)
-            carry[b] = lead
-            pending[b] = advance_tokens(model, caches[b], lead)
-            enc[b] += 1
     index = 0
     while live.any():
         idx = [int(b) for b in np.flatnonzero(live)]
         drafts = None
-        if decode == "verified":
+        if decode == "verified" and all(_no_draft(matchers[b], L) for b in idx):
+            pass  # grammar rows with nothing to draft this round (below: a forced run, or the stop token)
+        elif decode == "verified":
             if draft_fn is not None:
                 inp = DraftInput(idx, [caches[b] for b in idx], [seeds[b] for b in idx], index,
                                  [list(generated[b]) for b in idx])
@@ -351,8 +361,11 @@ def decode_steps(
                 drafts = np.asarray(drafts).reshape(len(idx), L)
             else:
                 cs = [caches[b] for b in idx]
+                # a grammar's forced opening (only ever at the reply's start) is pinned in the draft
+                pins = [dict(enumerate(matchers[b].forced()[:L])) if matchers[b] is not None else None for b in idx]
                 res = yield from denoise_steps(model, cs[0] if len(cs) == 1 else cs, settings,
-                                               [seeds[b] for b in idx], index, sample_fn=sample_fn)
+                                               [seeds[b] for b in idx], index, sample_fn=sample_fn,
+                                               constraints=pins if any(pins) else None)
                 drafts = np.array(res.tokens)
                 dec[idx] += res.passes
         else:  # ar: every live row's next token at once (grammar rows choose in _constrained_round)
@@ -367,18 +380,12 @@ def decode_steps(
         for j, b in enumerate(idx):
             room = max_tokens - len(generated[b])
             if matchers[b] is not None:
-                lead, carry[b] = carry[b], []
-                room -= len(lead)
-                toks, accepted[b], ran, in_cache, nf = _constrained_round(
+                toks, accepted[b], ran, in_cache, nf, checked = _constrained_round(
                     model, caches[b], decode, drafts[j] if drafts is not None else None, pending[b], seeds[b],
                     rule, room, matchers[b], eos)
                 enc[b] += ran
-                ver[b] += decode == "verified" and len(toks) > 0
+                ver[b] += checked
                 forced[b] += nf
-                in_cache += len(lead) if toks else 0
-                toks = lead + toks
-                if not toks[in_cache:]:
-                    in_cache = 0  # nothing chosen after the lead (no room): nothing to encode anyway
                 generated[b] += toks
                 new[b] = toks
                 m = matchers[b]

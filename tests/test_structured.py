@@ -83,14 +83,15 @@ SCHEMAS = [
     {"type": "object", "properties": {"m": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
         "type": "array", "minItems": 1, "maxItems": 2, "items": {"enum": ["x", "o"]}}}}, "required": ["m"],
      "additionalProperties": False},
-    {"type": "object", "properties": {"t": {"type": "number", "minimum": -1, "maximum": 1, "multipleOf": 0.1},
+    {"type": "object", "properties": {"t": {"type": "number", "minimum": -1, "maximum": 1, "multipleOf": 0.25},
                                       "label": {"type": "string", "maxLength": 3, "pattern": "^[a-z]*$"}},
      "required": ["t", "label"], "additionalProperties": False},
 ]
 MODES = ("ar", "verified", "diffusion")
 MAX_TOKENS = 120
 # Numbers get a multipleOf: a plain "number" lets a model write digits forever (random
-# weights do), and these replies must finish.
+# weights do), and these replies must finish. (0.25, not 0.1: jsonschema checks multipleOf
+# in binary floating point, where -0.6 is "not a multiple of 0.1".)
 FAST = dict(steps=4)  # denoising steps per canvas / per draft: random weights never settle anyway
 
 
