@@ -824,6 +824,8 @@ def format_stats(r: GenerationResponse) -> str:
         f"prompt {r.prompt_tokens} tok @ {r.prompt_tps:.1f} tok/s | "
         f"generated {r.generation_tokens} tok @ {r.generation_tps:.1f} tok/s | "
     )
+    if r.masks:  # structured output
+        head += f"grammar: {r.forced_tokens} tok forced, masks {1e3 * r.mask_seconds:.1f} ms | "
     peak = f"peak {r.peak_memory:.2f} GB"
     per_forward = f"{r.tokens_per_model_forward:.2f} tok/model forward ({r.model_forwards} forwards)"
     if r.decode == "verified":
