@@ -243,9 +243,6 @@ class ServerState:
                                "a tool call", param="response_format")
         if spec is None and not forced_call:
             return None
-        if p.thinking:
-            raise APIError("structured output constrains the whole reply: switch thinking off "
-                           "(enable_thinking / reasoning_effort)", param="response_format" if spec else "tool_choice")
         try:
             if forced_call:
                 spec = G.tool_call_spec(p.tools, p.tool_name, self.tools.open_id, self.tools.close_id)

@@ -14,10 +14,6 @@ errors before any model work; regex and Lark grammars; the CLI flags.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -265,25 +261,31 @@ def test_unconstrained_decoding_is_unchanged(demo):
         assert plain == text
 
 
-def test_cli_json_schema_and_grammar(tmp_path, demo_dir):
-    model_dir = demo_dir
+def test_cli_json_schema_and_grammar(tmp_path, demo_dir, capsys):
+    from mlx_dgemma.generate import main
+
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps(SCHEMAS[3]))
-    run = [sys.executable, "-m", "mlx_dgemma.generate", "--model", str(model_dir), "--prompt", "colour?",
-           "--max-tokens", "40", "--steps", "4"]
-    cwd = Path(__file__).resolve().parents[1]
-    r = subprocess.run(run + ["--json-schema", str(schema), "--decode", "verified"], capture_output=True,
-                       text=True, cwd=cwd)
-    assert r.returncode == 0, r.stderr
-    jsonschema.validate(json.loads(r.stdout), SCHEMAS[3])
+    run = ["--model", str(demo_dir), "--prompt", "colour?", "--max-tokens", "40", "--steps", "4"]
+    capsys.readouterr()
+    assert main(run + ["--json-schema", str(schema), "--decode", "verified"]) == 0
+    out = capsys.readouterr()
+    jsonschema.validate(json.loads(out.out), SCHEMAS[3])
+    assert "grammar: " in out.err and "forced" in out.err  # the stats line
     regex = tmp_path / "g.regex"
     regex.write_text("[0-9]{3}\n")
-    r = subprocess.run(run + ["--grammar", str(regex)], capture_output=True, text=True, cwd=cwd)
-    assert r.returncode == 0 and len(r.stdout.strip()) == 3 and r.stdout.strip().isdigit(), r.stdout
+    assert main(run + ["--grammar", str(regex)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out) == 3 and out.isdigit(), out
+    lark = tmp_path / "g.lark"
+    lark.write_text('start: "A" | "B"\n')
+    assert main(run + ["--grammar", str(lark), "--decode", "ar"]) == 0
+    assert capsys.readouterr().out.strip() in ("A", "B")
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "nonsense"}')
-    r = subprocess.run(run + ["--json-schema", str(bad)], capture_output=True, text=True, cwd=cwd)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.json" in r.stderr and "error:" in r.stderr
-    r = subprocess.run(run + ["--json-schema", str(tmp_path / "missing.json")], capture_output=True, text=True,
-                       cwd=cwd)
-    assert r.returncode == 2 and "missing.json" in r.stderr
+    for args, needle in (([ "--json-schema", str(bad)], "bad.json: invalid JSON schema"),
+                         (["--json-schema", str(tmp_path / "missing.json")], "missing.json: cannot read"),
+                         (["--grammar", str(regex), "--canvas-template", "a_"], "cannot be combined")):
+        assert main(run + args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err

@@ -312,6 +312,12 @@ def parse_request(body: Any, chat: bool, strict_sampling: bool = False, log=None
         parsed.parallel_tool_calls = ptc is not False
     else:
         parsed.prompt = _prompt(body.get("prompt"))
+    forced_call = parsed.tools and parsed.tool_choice in ("required", "function")
+    if parsed.thinking and (parsed.response_format is not None or forced_call):
+        # a grammar holds the whole reply from its first token: no thought channel before it
+        parsed.thinking = False
+        asked = [k for k in ("enable_thinking", "reasoning_effort", "chat_template_kwargs") if body.get(k) is not None]
+        parsed.ignored = sorted(set(parsed.ignored) | set(asked[:1]))
     return parsed
 
 
