@@ -154,7 +154,8 @@ def verify_constrained(model, cache: PrefixCache, draft: Sequence[int], pending:
     as ``ar`` commits it) or the encoder's choice among the allowed tokens; a draft token
     is accepted only where it equals that token. ``matcher`` is at the committed state
     (forcing only at the reply's start: later forced runs are taken at the end of each
-    round) and advances over the committed tokens. On return the cache holds ``tokens[:in_cache]`` (never the last)."""
+    round) and advances over the committed tokens. On return the cache holds
+    ``tokens[:in_cache]`` (never the last token)."""
     draft = [int(t) for t in draft]
     L, P = len(draft), cache.offset
     stop = set(int(e) for e in eos)
@@ -183,8 +184,6 @@ def verify_constrained(model, cache: PrefixCache, draft: Sequence[int], pending:
                 j += 1
             a = k + j
             continue
-        if k > L:
-            break
         c = constrained_choice(logits[k - 1], P + k, seed, rule, matcher)  # logits[k-1]: position P+k
         out.append(c)
         matcher.consume([c])
@@ -207,10 +206,13 @@ def _no_draft(matcher, L: int) -> bool:
 
 def _constrained_round(model, cache, decode, draft, pending, seed, rule, room, matcher, eos):
     """One round of a grammar row: ``(tokens, accepted, encoder passes run, tokens of
-    them already in the cache, forced tokens, whether a draft was verified)``. (nothing else that round), else it is one
-    constrained choice (ar) or one constrained verification, and it closes with the run
-    forced after its tokens: forced tokens are committed without a forward of their own
-    (the next advance encodes them together with the round's last token)."""
+    them already in the cache, forced tokens, whether a draft was verified)``.
+
+    A round is the run the grammar forces at the reply's start (ar, or verified when the
+    run fills a canvas), or one constrained choice (ar; verified when only a stop token
+    can follow), or one constrained verification; it closes with the run forced after its
+    tokens. Forced tokens are committed without a forward of their own: the next advance
+    encodes them together with the round's last token."""
     if (matcher.done and not eos) or room <= 0:  # complete with no stop token to write, or no room
         return [], 0, 0, 0, 0, False
     lead = matcher.forced()[:room] if decode == "ar" or draft is None else []
