@@ -26,6 +26,7 @@ pad a reply with blanks forever, and every token carries content.
 from __future__ import annotations
 
 import json
+import re
 import time
 import weakref
 from dataclasses import dataclass
@@ -192,26 +193,150 @@ def _lark_literal(text: str) -> str:
     return json.dumps(text)
 
 
-def tool_call_spec(tools: Sequence[Mapping[str, Any]], name: Optional[str], open_id: int, close_id: int) -> GrammarSpec:
+class _Unsupported(Exception):
+    """A schema feature the Gemma-syntax translation does not cover (JSON is used then)."""
+
+
+class GemmaArgs:
+    """Lark rules for a tool call's arguments in Gemma 4's own syntax, from the tool's
+    parameter schema: ``{city:<|"|>Paris<|"|>,days:3}``: bare keys, no spaces, strings
+    between ``<|"|>`` tokens (raw text inside), numbers, booleans and null as in JSON
+    (compiled by llguidance's ``%json``, ranges included). Covers objects (properties in
+    the declared order, required or optional; no extra keys), strings (length limits,
+    an anchored pattern, enum, const), numbers, integers, booleans, null, arrays (item
+    schema, minItems / maxItems) and anyOf / oneOf / type lists; anything else raises
+    :class:`_Unsupported`."""
+
+    MAX_ITEMS = 64  # longer bounds are written as an open repetition
+
+    def __init__(self, quote_id: int, prefix: str = "a"):
+        self.q = f"<[{int(quote_id)}]>"
+        self.prefix = prefix  # rule names: prefix0, prefix1 ...
+        self.rules: List[str] = []
+
+    def rule(self, body: str) -> str:
+        name = f"{self.prefix}{len(self.rules)}"
+        self.rules.append(f"{name}: {body}")
+        return name
+
+    def value(self, schema: Any) -> str:
+        if schema is True or schema == {}:
+            raise _Unsupported("any value")
+        if not isinstance(schema, Mapping):
+            raise _Unsupported("schema")
+        for alt in ("anyOf", "oneOf"):
+            if alt in schema:
+                rest = {k: v for k, v in schema.items() if k not in (alt, "description", "title")}
+                return self.rule(" | ".join(self.value({**rest, **sub}) for sub in schema[alt]))
+        if "$ref" in schema or "allOf" in schema or "not" in schema:
+            raise _Unsupported("$ref / allOf / not")
+        if "const" in schema:
+            return self.literal(schema["const"])
+        if "enum" in schema:
+            return self.rule(" | ".join(self.literal(v) for v in schema["enum"]))
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            return self.rule(" | ".join(self.value({**schema, "type": k}) for k in kind))
+        if kind == "object":
+            return self.obj(schema)
+        if kind == "array":
+            return self.array(schema)
+        if kind == "string":
+            return self.string(schema)
+        if kind in ("integer", "number", "boolean", "null"):
+            keep = {k: v for k, v in schema.items() if k in ("type", "minimum", "maximum", "exclusiveMinimum",
+                                                               "exclusiveMaximum", "multipleOf")}
+            return self.rule(f"%json {json.dumps(keep)}")
+        raise _Unsupported(f"type {kind!r}")
+
+    def literal(self, v: Any) -> str:
+        if isinstance(v, str):
+            return f"{self.q} {_lark_literal(v)} {self.q}" if v else f"{self.q} {self.q}"
+        return _lark_literal(json.dumps(v, separators=(",", ":")))
+
+    def string(self, schema: Mapping[str, Any]) -> str:
+        pattern = schema.get("pattern")
+        lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
+        if pattern is not None:
+            if not (pattern.startswith("^") and pattern.endswith("$")) or lo or hi is not None:
+                raise _Unsupported("unanchored pattern, or a pattern with length limits")
+            body = f"/{pattern[1:-1]}/"
+        elif lo or hi is not None:  # no "<" at all: the text "<|\"|>" would end the string for the parser
+            body = f"/[^<]{{{lo},{'' if hi is None else int(hi)}}}/"
+        else:  # a "<" is never followed by "|"
+            body = "/([^<]|<[^|<])*/"
+        return self.rule(f"{self.q} {body} {self.q}")
+
+    def array(self, schema: Mapping[str, Any]) -> str:
+        item = self.value(schema.get("items", {}))
+        lo, hi = int(schema.get("minItems", 0)), schema.get("maxItems")
+        if hi is not None and int(hi) > self.MAX_ITEMS:
+            hi = None
+        more = f'("," {item})*' if hi is None else f'("," {item}){{{max(lo - 1, 0)},{int(hi) - 1}}}'
+        if hi is None and lo > 1:
+            more = f'("," {item}){{{lo - 1},}}'
+        if hi is not None and int(hi) == 0:
+            return self.rule('"[]"')
+        inner = f"{item} {more}"
+        return self.rule(f'"[" {inner} "]"' if lo >= 1 else f'"[" ({inner})? "]"')
+
+    def obj(self, schema: Mapping[str, Any]) -> str:
+        props = schema.get("properties") or {}
+        required = set(schema.get("required") or [])
+        if required - set(props) or "patternProperties" in schema:
+            raise _Unsupported("required keys without a schema, patternProperties")
+        names = list(props)
+        for n in names:
+            if not re.fullmatch(r"\w+", n):
+                raise _Unsupported(f"key {n!r}")  # Gemma 4 writes keys bare
+        pairs = [f'"{n}:" {self.value(props[n])}' for n in names]
+        if not names:
+            return self.rule('"{}"')
+        # first: the keys from i on, at least one written; after: the keys from i on after
+        # a written one (maybe none). Optional keys may be skipped, the order is kept.
+        first = after = None
+        for i in range(len(names) - 1, -1, -1):
+            tail = f" {after}" if after else ""
+            if names[i] in required:
+                first, after = self.rule(f"{pairs[i]}{tail}"), self.rule(f'"," {pairs[i]}{tail}')
+            else:
+                alt = f" | {first}" if first else ""
+                first, after = self.rule(f"{pairs[i]}{tail}{alt}"), self.rule(f'("," {pairs[i]})?{tail}')
+        return self.rule(f'"{{" {first} "}}"' if required else f'"{{" {first}? "}}"')
+
+
+def tool_call_spec(tools: Sequence[Mapping[str, Any]], name: Optional[str], open_id: int, close_id: int,
+                   quote_id: Optional[int] = None) -> GrammarSpec:
     """One Gemma 4 tool call, ``<|tool_call>call:NAME{...}<tool_call|>``, of the named
     function (or of any of ``tools`` when ``name`` is None: ``tool_choice: "required"``),
-    its arguments constrained to the function's parameter schema. The arguments are
-    written as JSON (which Gemma 4's call parser reads as it reads its own syntax)."""
-    alts = []
+    its arguments constrained to the function's parameter schema: in Gemma 4's own syntax
+    (:class:`GemmaArgs`, strings between ``quote_id`` tokens, ``<|"|>``) where the schema
+    allows, else as JSON (which Gemma 4's call parser reads too)."""
+    alts, rules = [], []
     for t in tools:
         fn = t["function"]
         if name is not None and fn["name"] != name:
             continue
         schema = dict(fn.get("parameters") or {"type": "object", "properties": {}})
+        schema.setdefault("type", "object")
+        head = _lark_literal("call:" + fn["name"])
+        if quote_id is not None:
+            g = GemmaArgs(quote_id, prefix=f"t{len(alts)}_")
+            try:
+                alts.append(f"{head} {g.value(schema)}")
+                rules += g.rules
+                continue
+            except _Unsupported:
+                pass
         if not schema.get("properties") and "additionalProperties" not in schema:
             schema["additionalProperties"] = False  # nothing to choose: {}
-        schema.setdefault("type", "object")
         schema["x-guidance"] = JSON_OPTIONS  # compact, as response_format's JSON
-        alts.append(f"{_lark_literal('call:' + fn['name'])} %json {json.dumps(schema)}")
+        alts.append(f"{head} %json {json.dumps(schema)}")
     if not alts:
         raise GrammarError(f"tool_choice: no tool is named {name!r}")
     body = "\n    | ".join(alts)
     lark = f"%llguidance {{}}\nstart: <[{int(open_id)}]> call <[{int(close_id)}]>\ncall: {body}\n"
+    lark += "".join(r + "\n" for r in rules)
     return GrammarSpec("lark", lark, f"tool call {name}" if name else "tool call").check()
 
 

@@ -245,7 +245,8 @@ class ServerState:
             return None
         try:
             if forced_call:
-                spec = G.tool_call_spec(p.tools, p.tool_name, self.tools.open_id, self.tools.close_id)
+                spec = G.tool_call_spec(p.tools, p.tool_name, self.tools.open_id, self.tools.close_id,
+                                        self.tools.quote_id)
             return G.Grammar(spec, self.tokenizer, self.model.args.vocab_size, self.eos_token_ids)
         except G.GrammarError as e:
             raise APIError(str(e), param="tool_choice" if forced_call else "response_format",

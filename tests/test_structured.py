@@ -216,6 +216,65 @@ def test_regex_and_lark_grammars(demo):
         assert out in ("The answer is yes.", "The answer is no."), (mode, out)
 
 
+TOOL_SCHEMAS = [
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                      "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                                      "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"]},
+    {"type": "object", "properties": {"a": {"type": "boolean"},
+                                      "b": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 5,
+                                                                       "multipleOf": 0.5}, "minItems": 1,
+                                            "maxItems": 3},
+                                      "n": {"type": "object", "properties": {"x": {"type": ["string", "null"],
+                                                                                   "maxLength": 3}},
+                                            "required": ["x"]}}},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                                      "v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
+                                                      {"const": "none"}]}, "note": {"type": "string"}},
+     "required": ["code", "v"]},
+    {"type": "object", "properties": {}},
+]
+
+
+def test_tool_call_grammar_writes_gemma_syntax_that_gemmas_parser_reads(demo):
+    """Random walks through the tool-call grammar (any allowed token, forced runs taken):
+    every complete call is in Gemma 4's syntax, parses with mlx-lm's Gemma 4 parser, and
+    its arguments validate; a schema the translation does not cover falls back to JSON."""
+    from mlx_lm.tool_parsers.gemma4 import parse_tool_call
+
+    model, tok = demo
+    vocab = tok._tokenizer.get_vocab()
+    ids = [vocab[t] for t in ("<|tool_call>", "<tool_call|>", '<|"|>')]
+    rs = np.random.RandomState(0)
+    shapes = set()
+    for schema in TOOL_SCHEMAS:
+        tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+        g = G.Grammar(G.tool_call_spec(tools, "f", *ids), tok, model.args.vocab_size, STOP_IDS)
+        for _ in range(15):
+            m, toks = g.matcher(), []
+            while not m.done and len(toks) < 300:
+                run = m.forced()
+                if not run:
+                    allowed = np.flatnonzero(m.allowed())
+                    allowed = allowed[~np.isin(allowed, STOP_IDS)]
+                    ends = allowed[np.isin(allowed, [ids[2], vocab["}"], vocab[","]])]
+                    pick = ends if len(ends) and rs.rand() < 0.3 else allowed  # let strings end
+                    run = [int(rs.choice(pick))]
+                m.consume(run)
+                toks += run
+            assert m.done
+            text = tok.decode(toks, skip_special_tokens=False)
+            assert text.startswith("<|tool_call>call:f{") and text.endswith("}<tool_call|>"), text
+            call = parse_tool_call(text[len("<|tool_call>"):-len("<tool_call|>")])
+            jsonschema.validate(call["arguments"], schema)
+            shapes.add(tuple(sorted(call["arguments"])))
+            if "city" in call["arguments"]:
+                assert 'city:<|"|>' in text  # Gemma's string syntax, bare keys
+    assert len(shapes) >= 6  # optional keys taken and skipped
+    fallback = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"any": {}}, "required": ["any"]}}}]
+    assert "%json" in G.tool_call_spec(fallback, "f", *ids).source
+
+
 def test_json_object(demo):
     model, tok = demo
     rs = list(stream_generate(model, tok, "any JSON", max_tokens=40, decode="ar",

@@ -10,8 +10,9 @@ objects for the template) and ``tool`` results. ``tool_choice``:
   so the model writes text;
 - ``required`` / a named function: the reply IS one call, in any decode mode: a grammar
   (:func:`mlx_dgemma.grammar.tool_call_spec`) holds it to ``<|tool_call>call:NAME{...}
-  <tool_call|>`` with NAME one of the tools (or the named one) and the arguments, written
-  as JSON, valid under that tool's parameter schema. (:meth:`ToolFormat.pins`, the older
+  <tool_call|>`` with NAME one of the tools (or the named one) and the arguments valid
+  under that tool's parameter schema, in Gemma 4's syntax (``{city:<|"|>Paris<|"|>}``;
+  as JSON for schemas that syntax's translation does not cover). (:meth:`ToolFormat.pins`, the older
   canvas pinning of the call's opening, is kept for callers of the library.)
 
 Replies: :class:`ReplyParser` splits the generated tokens into thought, text and calls.
@@ -131,6 +132,7 @@ class ToolFormat:
         self.open_id, self.close_id = vocab.get(start or TOOL_CALL_OPEN), vocab.get(end or TOOL_CALL_CLOSE)
         self.open_text, self.close_text = start or TOOL_CALL_OPEN, end or TOOL_CALL_CLOSE
         self.response_id = vocab.get(TOOL_RESPONSE_OPEN)  # what a model writes after its calls
+        self.quote_id = vocab.get('<|"|>')  # Gemma 4's string delimiter in call arguments
 
     @property
     def supported(self) -> bool:
