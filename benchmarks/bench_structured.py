@@ -1,7 +1,7 @@
 """Structured output, measured: constrained vs unconstrained decoding per mode.
 
     python benchmarks/bench_structured.py [--out benchmarks/results/structured] [--max-tokens 96]
-        [--draft-steps 2] [--seeds 0] [--quick]
+        [--draft-steps 2] [--seeds 0] [--workloads agent,demo] [--quick]
 
 Two workloads:
 
@@ -9,9 +9,10 @@ Two workloads:
   schemas of ``tests/test_structured.py``, one prompt each, as ``response_format``
   json_schema. Only the grammar can make these replies valid;
 - ``agent`` (``tests/fixtures/agent-model``, fine-tuned to call ``get_weather``): the six
-  conversations of ``benchmarks/verify/agent_prompts.jsonl`` with a grammar that admits
-  what the model was trained to write: a Gemma 4 call ``<|tool_call>call:get_weather{city:
-  <|"|>NAME<|"|>}<tool_call|>`` (Lark) or ``It is (sunny|rainy|snowy).`` (regex).
+  conversations of ``benchmarks/verify/agent_prompts.jsonl``, the three that call the tool
+  under the grammar of ``tool_choice`` naming it (``grammar.tool_call_spec``: the call in
+  Gemma 4's syntax, its arguments under the tool's schema; checked with mlx-lm's Gemma 4
+  parser), the three that answer under the regex ``It is (sunny|rainy|snowy).``.
 
 Per workload and mode (diffusion, ar, verified with ``--draft-steps``), each prompt is
 run unconstrained and constrained (same seed). Reported: the share of finished
@@ -55,7 +56,7 @@ def demo_workload(quick: bool):
     for i, schema in enumerate(schemas):
         rf = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
 
-        def check(text, schema=schema):
+        def check(text, toks, schema=schema):
             import jsonschema
 
             try:
@@ -69,26 +70,36 @@ def demo_workload(quick: bool):
 
 
 def agent_workload(quick: bool):
+    from mlx_lm.tool_parsers.gemma4 import parse_tool_call
+
+    from mlx_dgemma.grammar import GrammarSpec, tool_call_spec
     from mlx_dgemma.loader import load
 
     path = ROOT / "tests" / "fixtures" / "agent-model"
     model, tok = load(path)
-    vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else tok._tokenizer.get_vocab()
-    ids = {t: vocab[t] for t in ("<|tool_call>", "<tool_call|>", '<|"|>')}
-    call = (f'start: <[{ids["<|tool_call>"]}]> "call:get_weather{{city:" <[{ids[chr(60) + "|" + chr(34) + "|>"]}]> '
-            f'CITY <[{ids[chr(60) + "|" + chr(34) + "|>"]}]> "}}" <[{ids["<tool_call|>"]}]>\nCITY: /[A-Z][a-z]{{1,11}}/\n')
+    vocab = tok._tokenizer.get_vocab()
+    tools = [{"type": "function", "function": {  # the tool the fixture was trained with
+        "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                              "required": ["city"]}}}]
+    call = tool_call_spec(tools, "get_weather", vocab["<|tool_call>"], vocab["<tool_call|>"], vocab['<|"|>'])
     said = r"It is (sunny|rainy|snowy)\."
+
+    def called(text, toks):
+        raw = tok.decode(toks, skip_special_tokens=False)
+        if not (raw.startswith("<|tool_call>") and "<tool_call|>" in raw):
+            return False
+        args = parse_tool_call(raw[len("<|tool_call>"):raw.index("<tool_call|>")])["arguments"]
+        return isinstance(args.get("city"), str) and set(args) == {"city"}
+
     items = []
     lines = (ROOT / "benchmarks" / "verify" / "agent_prompts.jsonl").read_text().splitlines()
     for line in lines[:2] if quick else lines:
         rec = json.loads(line)
         if rec["answer"].startswith("call:"):
-            items.append(dict(prompt=rec["prompt"], kwargs=dict(grammar={"type": "lark", "lark": call}),
-                              check=lambda text: re.fullmatch(r"call:get_weather\{city:[A-Z][a-z]{1,11}\}", text)
-                              is not None))
+            items.append(dict(prompt=rec["prompt"], kwargs=dict(grammar=call), check=called))
         else:
-            items.append(dict(prompt=rec["prompt"], kwargs=dict(grammar={"type": "regex", "regex": said}),
-                              check=lambda text: re.fullmatch(said, text) is not None))
+            items.append(dict(prompt=rec["prompt"], kwargs=dict(grammar=GrammarSpec("regex", said)),
+                              check=lambda text, toks: re.fullmatch(said, text) is not None))
     return "agent fixture (tests/fixtures/agent-model, fine-tuned, 6 conversations)", str(path.relative_to(ROOT)), \
         model, tok, items
 
@@ -105,7 +116,7 @@ def run(model, tok, prompt, mode: str, seed: int, max_tokens: int, draft_steps: 
         last = r
     n = last.generation_tokens
     wall = n / last.generation_tps if last.generation_tps else 0.0
-    return dict(text="".join(text), tokens=len(toks), wall_s=wall, finish=last.finish_reason,
+    return dict(text="".join(text), toks=toks, tokens=len(toks), wall_s=wall, finish=last.finish_reason,
                 forced=last.forced_tokens, mask_s=last.mask_seconds, masks=last.masks,
                 forwards=last.model_forwards)
 
@@ -127,10 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--draft-steps", type=int, default=2)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--quick", action="store_true", help="a few prompts per workload (a smoke run)")
+    ap.add_argument("--workloads", default="agent,demo", help="comma-separated: agent, demo (default: both)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = []
-    for build in (agent_workload, demo_workload):
+    builders = {"agent": agent_workload, "demo": demo_workload}
+    for build in [builders[w] for w in args.workloads.split(",")]:
         label, model_name, model, tok, items = build(args.quick)
         for mode in MODES:
             it = items[0]  # warm-up (first-call compilation, caches), not counted
@@ -142,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for it in items:
                     free.append(run(model, tok, it["prompt"], mode, seed, args.max_tokens, args.draft_steps))
                     r = run(model, tok, it["prompt"], mode, seed, args.max_tokens, args.draft_steps, **it["kwargs"])
-                    r["valid"] = r["finish"] == "stop" and bool(it["check"](r["text"]))
+                    r["valid"] = r["finish"] == "stop" and bool(it["check"](r["text"], r["toks"]))
                     valid += r["valid"]
                     bound.append(r)
             u, c = summarise(free), summarise(bound)

@@ -278,9 +278,10 @@ def grammar_blocks(
     :class:`Draft` and one :class:`Block` per canvas. ``prompt_tokens``: the tokens not
     yet in ``cache`` (None: a fresh cache; else one holding a prefix, continued in place).
 
-    The run of tokens the grammar forces is committed as it stands (no denoising is spent
-    on it). Each canvas then continues the committed reply and is denoised as usual,
-    except that at every step the decoder's logits are masked by the grammar at each
+    The run of tokens the grammar forces is committed as it stands where it fills whole
+    canvases (no denoising is spent on those), and pinned at the start of the next canvas
+    (:class:`~mlx_dgemma.drafter.CanvasPins`) for the rest. Each canvas continues the
+    committed reply and is denoised as usual, except that at every step the decoder's logits are masked by the grammar at each
     position up to and including the first position where the previous step's draft
     stops being valid (``Matcher.canvas_process``). The canvas is committed from the left
     as far as the grammar accepts it. Where a token is invalid, the committed part is
@@ -316,12 +317,16 @@ def grammar_blocks(
     b = 0
     while True:
         res = None
-        # The run the grammar forces here is committed as it stands: no denoising is spent
-        # on it, and the next canvas is encoded after it (one forward with the rest).
-        new = matcher.forced()[: max_tokens - len(generated)]
+        # The run the grammar forces here: whole canvases of it are committed as they stand
+        # (no denoising is spent on them; the next canvas is encoded after them, in one
+        # forward), the rest is pinned at the start of the next canvas, which so keeps the
+        # block alignment the model was trained with.
+        run = matcher.forced()[: max_tokens - len(generated)]
+        new = run[: len(run) // L * L]
         matcher.consume(new)
         forced += len(new)
         unencoded += new
+        pins = dict(enumerate(run[len(new):]))
         room = max_tokens - len(generated) - len(new)
         if (matcher.done and not eos) or room <= 0 or cache.offset + len(unencoded) + L > ctx:
             pass  # nothing more to write (complete without a stop token, no room)
@@ -339,12 +344,14 @@ def grammar_blocks(
                 enc += 1
                 unencoded = []
             res = yield from denoise_steps(model, cache, settings, [seed], b, sample_fn=sample_fn,
+                                           constraints=[pins] if pins else None,
                                            process=matcher.canvas_process(room))
             passes += int(res.passes[0])
             toks = [int(t) for t in np.array(res.tokens)[0][:room]]
             k = matcher.valid_prefix(toks)
             canvas = toks[:k]
             matcher.consume(canvas)
+            forced += min(len(pins), k)
             if (canvas and canvas[-1] in eos) or k == len(toks) or matcher.done:
                 unencoded = list(canvas)  # the whole canvas (as far as the room goes) stands
             else:  # repair the first invalid token through the encoder

@@ -190,7 +190,7 @@ def from_file(path: Union[str, Path], kind: Optional[str] = None) -> GrammarSpec
 
 
 def _lark_literal(text: str) -> str:
-    return json.dumps(text)
+    return json.dumps(text, ensure_ascii=False)
 
 
 class _Unsupported(Exception):
