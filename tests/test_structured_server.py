@@ -88,6 +88,16 @@ def test_json_object_and_a_reply_cut_by_max_tokens(server):
             assert m.valid_prefix(toks) == len(toks), (mode, text)
 
 
+def test_completions_endpoint_and_stats(server):
+    schema = SCHEMAS[1]
+    r = server.client.completions.create(model="tiny", prompt="Age:", max_tokens=48,  # (vLLM's extension)
+                                         extra_body={"steps": 4, "response_format": rf(schema)})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].text), schema)
+    stats = r.model_extra["x_stats"]
+    assert stats["forced_tokens"] > 0 and stats["masks"] > 0 and stats["completion_tokens"] == r.usage.completion_tokens
+
+
 def test_responses_api_text_format(server):
     schema = SCHEMAS[3]
     fmt = {"type": "json_schema", "name": "colour", "schema": schema, "strict": True}
