@@ -31,7 +31,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -479,16 +479,24 @@ class Matcher:
                 raise ValueError(f"grammar: token {t} is not allowed here ({_one_line(self.m.get_error())})")
             self.tokens.append(t)
 
-    def canvas_mask(self, canvas: Sequence[int], limit: int) -> np.ndarray:
-        """bool [k + 1, V] for a diffusion canvas that continues the reply: row ``j`` holds
-        the tokens allowed after the canvas's first ``j`` tokens, for ``j = 0 .. k``, where
-        ``k`` is the canvas's valid prefix (capped at ``limit - 1``); the positions after
-        ``k`` are unconstrained. The matcher is left where it was."""
+    # Canvas positions masked per denoising step, at most: the first invalid one and those
+    # just before it (a mask is O(vocabulary): 32 rows of Gemma's 262K are ~8M booleans).
+    CANVAS_ROWS = 32
+
+    def canvas_mask(self, canvas: Sequence[int], limit: int) -> Tuple[int, np.ndarray]:
+        """``(start, allowed)`` for a diffusion canvas that continues the reply:
+        ``allowed[j - start]`` (bool [V]) holds the tokens allowed after the canvas's first
+        ``j`` tokens, for ``j = start .. k``, where ``k`` is the canvas's valid prefix
+        (capped at ``limit - 1``) and ``start = max(0, k + 1 - CANVAS_ROWS)``; the other
+        positions are unconstrained. The matcher is left where it was."""
         toks = [int(t) for t in canvas]
         k = min(self.valid_prefix(toks), limit - 1, len(toks) - 1)
+        start = max(0, k + 1 - self.CANVAS_ROWS)
         stop = set(self.g.stop_ids)
-        rows, consumed = [], 0
-        for j in range(k + 1):
+        if start and not self.m.consume_tokens(toks[:start]):  # pragma: no cover - validated above
+            raise RuntimeError(self.m.get_error())
+        rows, consumed = [], start
+        for j in range(start, k + 1):
             rows.append(self.allowed())
             if j == k or toks[j] in stop or self.m.is_stopped():
                 break
@@ -496,17 +504,17 @@ class Matcher:
             consumed += 1
         if consumed:
             self.m.rollback(consumed)
-        return np.stack(rows)
+        return start, np.stack(rows)
 
     def canvas_process(self, limit: int):
         """The drafter's ``process`` hook (one row): each step's logits masked at the
         canvas positions the grammar decides (see :meth:`canvas_mask`)."""
 
         def process(logits: mx.array, draft: mx.array) -> mx.array:
-            rows = self.canvas_mask(np.array(draft)[0].tolist(), limit)
-            k = len(rows)
-            head = mx.where(mx.array(rows)[None], logits[:, :k], MASKED)
-            return mx.concatenate([head, logits[:, k:]], axis=1) if k < logits.shape[1] else head
+            start, rows = self.canvas_mask(np.array(draft)[0].tolist(), limit)
+            end = start + len(rows)
+            head = mx.where(mx.array(rows)[None], logits[:, start:end], MASKED)
+            return mx.concatenate([logits[:, :start], head, logits[:, end:]], axis=1)
 
         return process
 

@@ -275,6 +275,21 @@ def test_tool_call_grammar_writes_gemma_syntax_that_gemmas_parser_reads(demo):
     assert "%json" in G.tool_call_spec(fallback, "f", *ids).source
 
 
+def test_canvas_mask_covers_the_first_invalid_position_and_those_before_it(demo):
+    model, tok = demo
+    a, b = (tok.encode(c, add_special_tokens=False) for c in "ab")
+    assert len(a) == len(b) == 1
+    g = G.Grammar(G.GrammarSpec("regex", "a{0,200}c"), tok, model.args.vocab_size, STOP_IDS)
+    m = g.matcher()
+    canvas = a * 40 + b + a * 7
+    start, rows = m.canvas_mask(canvas, limit=len(canvas))
+    assert start == 41 - m.CANVAS_ROWS and len(rows) == m.CANVAS_ROWS  # rows start .. 40 (k = 40)
+    assert rows[:, a[0]].all() and not rows[:, b[0]].any()
+    start, rows = m.canvas_mask(canvas, limit=10)  # no further than the room
+    assert (start, len(rows)) == (0, 10)
+    assert m.tokens == [] and m.valid_prefix(canvas) == 40  # the matcher did not move
+
+
 def test_json_object(demo):
     model, tok = demo
     rs = list(stream_generate(model, tok, "any JSON", max_tokens=40, decode="ar",
