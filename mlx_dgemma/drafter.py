@@ -389,6 +389,7 @@ def denoise_steps(
     sample_fn: Optional[SampleFn] = None,
     active: Optional[Sequence[bool]] = None,
     constraints: Optional[Sequence[Optional[Mapping[int, int]]]] = None,
+    process: Optional[Callable[[mx.array, mx.array], mx.array]] = None,
 ) -> Iterator[Draft]:
     """Generator form of :func:`denoise_block`: yields a :class:`Draft` after every step
     and returns the :class:`BlockResult` (``result = yield from denoise_steps(...)``).
@@ -398,6 +399,9 @@ def denoise_steps(
     tokens are the initial canvas (the caller pads them anyway).
     ``constraints``: one ``{canvas position: token id}`` per row (or ``None``), pinned
     through every step (:class:`CanvasPins`).
+    ``process(logits, draft)``: rewrites each step's decoder logits [B, L, V] given the
+    previous step's argmax canvas (the initial canvas at the first step) before anything
+    reads them (a grammar's masks: :mod:`mlx_dgemma.grammar`); None leaves them as they are.
     """
     sample_fn = sample_fn or _sample_step
     seeds = [int(s) for s in seeds]
@@ -426,6 +430,8 @@ def denoise_steps(
         steps += 1
         t = temperature(n, N, settings.t_min, settings.t_max)
         logits = model.denoise(canvas, cache, self_conditioning_embeddings=sc)
+        if process is not None:
+            logits = process(logits, argmax)
         s = sample_fn(logits, t, rng.position_keys(seeds, rng.SAMPLE, block, n, L))
         renoise = rng.random_tokens(rng.position_keys(seeds, rng.RENOISE, block, n, L), V)
         u = update(model, logits, t, s, renoise, settings, pins)

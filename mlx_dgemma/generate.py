@@ -164,6 +164,8 @@ class Block:
     prompt_time: float  # seconds to encode them
     elapsed: float  # seconds since the prompt was encoded
     last: bool  # no further block will follow
+    encoder_passes: Optional[int] = None  # constrained diffusion: encoder forwards so far (commits, repairs)
+    forced: int = 0  # constrained diffusion: tokens the grammar forced so far
 
 
 def _as_batch(prompt_tokens) -> mx.array:
@@ -266,6 +268,123 @@ def _events(
         assert pending.shape == (B, L)
 
 
+def grammar_blocks(
+    model,
+    prompt_tokens,
+    matcher,
+    settings: Optional[DenoiseSettings] = None,
+    max_tokens: int = 256,
+    seed: int = 0,
+    eos_token_ids: Sequence[int] = (),
+    sample_fn=None,
+    cache: Optional[PrefixCache] = None,
+) -> Iterator[Union[Draft, Block]]:
+    """Block diffusion under a grammar, for one prompt: yields each denoising step's
+    :class:`Draft` and one :class:`Block` per canvas. ``prompt_tokens``: the tokens not
+    yet in ``cache`` (None: a fresh cache; else one holding a prefix, continued in place).
+
+    The run of tokens the grammar forces is committed as it stands where it fills whole
+    canvases (no denoising is spent on those), and pinned at the start of the next canvas
+    (:class:`~mlx_dgemma.drafter.CanvasPins`) for the rest. Each canvas continues the
+    committed reply and is denoised as usual, except that at every step the decoder's logits are masked by the grammar at each
+    position up to and including the first position where the previous step's draft
+    stops being valid (``Matcher.canvas_process``). The canvas is committed from the left
+    as far as the grammar accepts it. Where a token is invalid, the committed part is
+    encoded and the encoder's greedy choice among the allowed tokens replaces it (one
+    encoder forward); the next canvas starts right after. A stop token is allowed only
+    where the reply is complete.
+
+    So every committed block is a valid prefix of the grammar, and a finished reply (a
+    stop token, or a grammar that admits nothing more) is a complete match. The cost: a
+    canvas commits its valid prefix plus one repaired token, so a canvas that goes wrong
+    early commits few tokens (on random weights, about one per masked step).
+    """
+    from .verify import EncoderRule, advance_tokens, constrained_choice, prefill
+
+    ids = _as_rows(prompt_tokens)
+    if len(ids) != 1 or len(ids[0]) == 0:
+        raise GenerateInputError("grammar_blocks takes one non-empty prompt")
+    settings = settings or DenoiseSettings()
+    L, ctx, V = model.args.canvas_length, model.args.max_position_embeddings, model.args.vocab_size
+    cache = model.make_cache() if cache is None else cache
+    used = cache.offset + len(ids[0])
+    if used + L > ctx:
+        raise GenerateInputError(f"prompt of {used} tokens leaves no room for a {L}-token canvas in the "
+                                 f"model's context of {ctx} tokens (max_position_embeddings)")
+    eos = [int(e) for e in eos_token_ids]
+    greedy = EncoderRule("greedy")
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, ids[0][None])[0]
+    prompt_time, t_start = time.perf_counter() - t0, time.perf_counter()
+    generated: List[int] = []
+    unencoded: List[int] = []  # committed, not yet in the cache
+    passes = enc = forced = 0
+    b = 0
+    while True:
+        res = None
+        # The run the grammar forces here: whole canvases of it are committed as they stand
+        # (no denoising is spent on them; the next canvas is encoded after them, in one
+        # forward), the rest is pinned at the start of the next canvas, which so keeps the
+        # block alignment the model was trained with.
+        run = matcher.forced()[: max_tokens - len(generated)]
+        new = run[: len(run) // L * L]
+        matcher.consume(new)
+        forced += len(new)
+        unencoded += new
+        pins = dict(enumerate(run[len(new):]))
+        room = max_tokens - len(generated) - len(new)
+        if (matcher.done and not eos) or room <= 0 or cache.offset + len(unencoded) + L > ctx:
+            pass  # nothing more to write (complete without a stop token, no room)
+        elif matcher.done:  # complete: only a stop token may follow, the encoder picks which
+            if unencoded:
+                logits = advance_tokens(model, cache, unencoded)
+                enc += 1
+            c = constrained_choice(logits, cache.offset, seed, greedy, matcher)
+            matcher.consume([c])
+            new.append(c)
+            unencoded = [c]
+        else:
+            if unencoded:
+                logits = advance_tokens(model, cache, unencoded)
+                enc += 1
+                unencoded = []
+            res = yield from denoise_steps(model, cache, settings, [seed], b, sample_fn=sample_fn,
+                                           constraints=[pins] if pins else None,
+                                           process=matcher.canvas_process(room))
+            passes += int(res.passes[0])
+            toks = [int(t) for t in np.array(res.tokens)[0][:room]]
+            k = matcher.valid_prefix(toks)
+            canvas = toks[:k]
+            matcher.consume(canvas)
+            forced += min(len(pins), k)
+            if (canvas and canvas[-1] in eos) or k == len(toks) or matcher.done:
+                unencoded = list(canvas)  # the whole canvas (as far as the room goes) stands
+            else:  # repair the first invalid token through the encoder
+                if canvas:
+                    logits = advance_tokens(model, cache, canvas)
+                    enc += 1
+                c = constrained_choice(logits, cache.offset, seed, greedy, matcher)
+                matcher.consume([c])
+                canvas.append(c)
+                unencoded = [c]
+            new += canvas
+        reason_stop = bool(new and new[-1] in eos) or (matcher.done and not eos)
+        generated += new
+        last = reason_stop or len(generated) >= max_tokens or not new or cache.offset + len(unencoded) + L > ctx
+        gen = np.asarray(generated, np.int64)
+        yield Block(
+            index=b, tokens=np.asarray([new], np.int32).reshape(1, len(new)), steps=res.steps if res else 0,
+            passes=np.array([int(res.passes[0]) if res else 0]), total_passes=np.array([passes]),
+            stopped_early=np.array([bool(res.stopped[0]) if res else False]), finished=np.array([reason_stop]),
+            tokens_per_forward=np.array([len(gen) / passes if passes else 0.0]),
+            prompt_tokens=len(ids[0]), prompt_time=prompt_time, elapsed=time.perf_counter() - t_start, last=last,
+            encoder_passes=enc, forced=forced,
+        )
+        if last:
+            return
+        b += 1
+
+
 def generate_blocks(
     model,
     prompt_tokens,
@@ -336,6 +455,7 @@ def generate_steps(
     on_draft: Optional[Callable[[Draft], None]] = None,
     draft_fn=None,
     sample_fn=None,
+    matchers=None,
 ) -> Iterator[Step]:
     """``decode="ar"`` or ``"verified"`` from token ids; yields one
     :class:`~mlx_dgemma.verify.Step` per round (a token per row, or a verification).
@@ -346,9 +466,11 @@ def generate_steps(
     (at ``temperature``, noise keyed by seed and absolute position). ``draft_settings``:
     the drafter's settings for ``"verified"`` (its ``max_denoising_steps`` is the draft's
     step budget). On return each cache holds every committed token but the last.
+    ``matchers``: one :class:`mlx_dgemma.grammar.Matcher` (or None) per row, whose
+    tokens then follow its grammar (see :func:`mlx_dgemma.verify.decode_steps`).
     """
     for ev in _step_events(model, prompt_tokens, decode, verify, temperature, cache, draft_settings, max_tokens,
-                           seeds, eos_token_ids, draft_fn, sample_fn):
+                           seeds, eos_token_ids, draft_fn, sample_fn, matchers):
         if isinstance(ev, Step):
             yield ev
         elif on_draft is not None:
@@ -356,7 +478,7 @@ def generate_steps(
 
 
 def _step_events(model, prompt_tokens, decode, verify, temperature, cache, draft_settings, max_tokens, seeds,
-                 eos_token_ids, draft_fn, sample_fn) -> Iterator[Union[Draft, Step]]:
+                 eos_token_ids, draft_fn, sample_fn, matchers=None) -> Iterator[Union[Draft, Step]]:
     if decode not in ("ar", "verified"):
         raise GenerateInputError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     try:
@@ -372,6 +494,8 @@ def _step_events(model, prompt_tokens, decode, verify, temperature, cache, draft
     seeds = [int(seeds)] * B if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
     if len(seeds) != B:
         raise GenerateInputError(f"{len(seeds)} seeds for a batch of {B} prompts")
+    if matchers is not None and len(matchers) != B:
+        raise GenerateInputError(f"{len(matchers)} grammar matchers for a batch of {B} prompts")
     caches = [cache] if isinstance(cache, PrefixCache) else (None if cache is None else list(cache))
     if caches is not None and len(caches) != B:
         raise GenerateInputError(f"{len(caches)} caches for a batch of {B} prompts (expected one per row)")
@@ -384,7 +508,8 @@ def _step_events(model, prompt_tokens, decode, verify, temperature, cache, draft
             raise GenerateInputError(f"prompt of {used} tokens leaves no room for {what} in the model's context "
                                      f"of {ctx} tokens (max_position_embeddings)")
     return (yield from decode_steps(model, rows, decode, rule, cache, draft_settings or DenoiseSettings(), max_tokens,
-                                    seeds, eos_token_ids, draft_fn=draft_fn, sample_fn=sample_fn))
+                                    seeds, eos_token_ids, draft_fn=draft_fn, sample_fn=sample_fn,
+                                    matchers=matchers))
 
 
 # ---------------------------------------------------------------------------------------
@@ -426,6 +551,9 @@ class GenerationResponse:
     tokens_per_model_forward: float = 0.0
     verifications: int = 0  # drafts verified (decode="verified")
     accepted_per_verification: float = 0.0  # draft tokens accepted per verification
+    forced_tokens: int = 0  # structured output: tokens the grammar forced (no forward of their own)
+    mask_seconds: float = 0.0  # structured output: time spent computing the grammar's token masks
+    masks: int = 0  # structured output: token masks computed
 
 
 def generation_defaults(model) -> Dict[str, Any]:
@@ -489,6 +617,8 @@ def stream_generate(
     draft_fn=None,
     images: Optional[Sequence[Any]] = None,
     max_image_pixels: Optional[int] = None,
+    response_format: Optional[Mapping[str, Any]] = None,
+    grammar: Any = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text; yields one :class:`GenerationResponse` per committed block (and one
     per denoising step with ``show_drafts``).
@@ -522,6 +652,16 @@ def stream_generate(
     the user turn; chat messages place them with ``{"type": "image"}`` content parts, one
     per image, in order. ``max_image_pixels``: larger images are refused before
     decoding (default: ``image_processor.DEFAULT_MAX_PIXELS``).
+
+    Structured output, in every decode mode: ``response_format`` (OpenAI's shape:
+    ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema":
+    ...}}``) or ``grammar`` (a Lark grammar as text, or ``{"type": "regex", "regex": ...}``,
+    ``{"type": "lark", "lark": ...}``, a :class:`mlx_dgemma.grammar.GrammarSpec`). The
+    reply then matches it: every committed block is a valid prefix, a reply that ends
+    with ``finish_reason="stop"`` is a complete match, one cut by ``max_tokens`` ends with
+    ``"length"`` (a valid prefix). ``ar``/``verified`` mask the encoder's logits (verified
+    still writes exactly what ar writes); ``diffusion``: :func:`grammar_blocks`. A bad
+    schema or grammar raises :class:`GenerateInputError` before any model work.
     """
     from .chat import ThoughtParser, encode_prompt
 
@@ -532,6 +672,22 @@ def stream_generate(
     if decode != "diffusion" and (canvas_template is not None or constraints):
         raise GenerateInputError(f"canvas constraints apply to decode='diffusion' only, not {decode!r} "
                                  "(the encoder writes its own tokens)")
+    spec = None
+    if response_format is not None or grammar is not None:
+        from .grammar import GrammarError, as_spec
+
+        try:
+            spec = as_spec(response_format, grammar)
+        except GrammarError as e:
+            raise GenerateInputError(str(e)) from None
+        if spec is not None and (canvas_template is not None or constraints):
+            raise GenerateInputError("canvas constraints and a grammar cannot be combined (the grammar decides "
+                                     "every token)")
+        if spec is not None and thinking:
+            raise GenerateInputError("a grammar constrains the whole reply: switch thinking off")
+        if spec is not None and images:
+            raise GenerateInputError("images and a grammar cannot be combined yet (the constrained loops take no "
+                                     "image soft tokens)")
     if decode == "verified" and draft_steps is not None:
         steps = draft_steps
     settings = make_settings(model, settings, max_denoising_steps=steps, entropy_bound=entropy_bound,
@@ -568,6 +724,14 @@ def stream_generate(
         pinned = template_constraints(tokenizer, canvas_template, hole) if canvas_template is not None else {}
         pinned.update(constraints or {})
         pinned = check_constraints(pinned, max_tokens, model.args.vocab_size)
+    matcher = None
+    if spec is not None:
+        from .grammar import Grammar, GrammarError
+
+        try:
+            matcher = Grammar(spec, tokenizer, model.args.vocab_size, eos).matcher()
+        except GrammarError as e:
+            raise GenerateInputError(str(e)) from None
     parser = ThoughtParser(tokenizer, thinking=thinking, prompt_tokens=ids, stop_tokens=eos)
     kept: List[int] = []
     total_steps = 0
@@ -579,10 +743,13 @@ def stream_generate(
 
     if decode != "diffusion":
         yield from _stream_steps(model, tokenizer, ids, parser, settings, max_tokens, seed, eos, show_drafts,
-                                 sample_fn, decode, verify, temperature, draft_fn)
+                                 sample_fn, decode, verify, temperature, draft_fn, matcher)
         return
-    events = _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn,
-                     None if pinned is None else [pinned], features)
+    if matcher is not None:
+        events = grammar_blocks(model, ids, matcher, settings, max_tokens, seed, eos, sample_fn)
+    else:
+        events = _events(model, [ids], None, settings, max_tokens, seed, eos, pad, sample_fn,
+                         None if pinned is None else [pinned], features)
     for ev in events:
         if isinstance(ev, Draft):
             if not show_drafts:
@@ -606,6 +773,7 @@ def stream_generate(
         kept.extend(new)
         parser.feed(new)
         last = ev.last or len(kept) >= max_tokens or hit_eos
+        grammar_done = bool(matcher is not None and ev.finished[0])  # complete (a stop token, or none needed)
         d = parser.deltas(final=last)
         prompt_s = ev.prompt_time + image_s
         stats["prompt_tps"] = ev.prompt_tokens / prompt_s if prompt_s > 0 else 0.0
@@ -614,21 +782,25 @@ def stream_generate(
         stats["tpf"] = float(ev.tokens_per_forward[0])
         reason = None
         if last:
-            reason = "stop" if hit_eos else "length"
-        forwards = int(ev.total_passes[0]) + ev.index  # decoder passes + the commits of earlier blocks
+            reason = "stop" if hit_eos or grammar_done else "length"
+        # decoder passes + the commits of earlier blocks (and a grammar's repairs)
+        forwards = int(ev.total_passes[0]) + (ev.index if ev.encoder_passes is None else ev.encoder_passes)
+        extra = {}
+        if matcher is not None:
+            extra = dict(forced_tokens=ev.forced, mask_seconds=matcher.mask_seconds, masks=matcher.masks)
         yield GenerationResponse(
             kind="block", text=d["answer"], thought=d["thought"], tokens=new, block=ev.index,
             step=ev.steps, steps=ev.steps, tokens_per_forward=stats["tpf"], prompt_tokens=len(ids),
             prompt_tps=stats["prompt_tps"], generation_tokens=n_gen, generation_tps=stats["generation_tps"],
             peak_memory=_peak_gb(), finish_reason=reason, total_steps=total_steps,
-            model_forwards=forwards, tokens_per_model_forward=n_gen / forwards if forwards else 0.0,
+            model_forwards=forwards, tokens_per_model_forward=n_gen / forwards if forwards else 0.0, **extra,
         )
         if last:
             return
 
 
 def _stream_steps(model, tokenizer, ids, parser, settings, max_tokens, seed, eos, show_drafts, sample_fn,
-                  decode, verify, temperature, draft_fn) -> Iterator[GenerationResponse]:
+                  decode, verify, temperature, draft_fn, matcher=None) -> Iterator[GenerationResponse]:
     """stream_generate for decode="ar" / "verified": one response per round."""
     n_gen, total_steps, round_steps = 0, 0, 0
     stats = dict(prompt_tps=0.0, generation_tps=0.0, tpf=0.0, tpmf=0.0)
@@ -638,6 +810,9 @@ def _stream_steps(model, tokenizer, ids, parser, settings, max_tokens, seed, eos
         if ev is not None:
             extra = dict(model_forwards=int(ev.model_forwards[0]), verifications=int(ev.verifications[0]),
                          accepted_per_verification=float(ev.accepted_per_verification[0]))
+            if matcher is not None:
+                extra.update(forced_tokens=int(ev.forced[0]), mask_seconds=matcher.mask_seconds,
+                             masks=matcher.masks)
         return GenerationResponse(
             kind=kind, text=text, thought=thought, tokens=tokens, block=block, step=step, steps=step,
             tokens_per_forward=stats["tpf"], prompt_tokens=len(ids), prompt_tps=stats["prompt_tps"],
@@ -647,7 +822,7 @@ def _stream_steps(model, tokenizer, ids, parser, settings, max_tokens, seed, eos
         )
 
     events = _step_events(model, [ids], decode, verify, temperature, None, settings, max_tokens, seed, eos,
-                          draft_fn, sample_fn)
+                          draft_fn, sample_fn, None if matcher is None else [matcher])
     for ev in events:
         if isinstance(ev, Draft):
             round_steps = ev.step
@@ -698,6 +873,8 @@ def format_stats(r: GenerationResponse) -> str:
         f"prompt {r.prompt_tokens} tok @ {r.prompt_tps:.1f} tok/s | "
         f"generated {r.generation_tokens} tok @ {r.generation_tps:.1f} tok/s | "
     )
+    if r.masks:  # structured output
+        head += f"grammar: {r.forced_tokens} tok forced, masks {1e3 * r.mask_seconds:.1f} ms | "
     peak = f"peak {r.peak_memory:.2f} GB"
     per_forward = f"{r.tokens_per_model_forward:.2f} tok/model forward ({r.model_forwards} forwards)"
     if r.decode == "verified":
@@ -866,6 +1043,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising steps per draft for --decode verified (default: --steps)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="the encoder's sampling temperature for --verify sample (default: 1.0)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="structured output: the reply is JSON matching this JSON schema file (any --decode)")
+    g.add_argument("--grammar", default=None, metavar="FILE",
+                   help="structured output: the reply matches this grammar file: a .lark file is a Lark grammar "
+                        "(llguidance's dialect), a .json file a JSON schema, any other file ONE regular "
+                        "expression (its text without the final newline)")
     return p
 
 
@@ -943,6 +1127,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         return _fail(f"--temperature must be a finite number > 0, got {args.temperature}")
 
+    spec = None
+    if args.json_schema is not None or args.grammar is not None:
+        from .grammar import GrammarError, from_file
+
+        try:  # checked before the model loads
+            spec = from_file(args.json_schema, "json_schema") if args.json_schema else from_file(args.grammar)
+        except GrammarError as e:
+            return _fail(str(e))
+        if args.canvas_template is not None:
+            return _fail("--canvas-template and a grammar cannot be combined (the grammar decides every token)")
+        if args.thinking:
+            return _fail("a grammar constrains the whole reply: leave --thinking off")
+
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
@@ -970,7 +1167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             thinking=args.thinking, system=args.system, sc_top_k=args.sc_top_k,
             sampler=args.sampler, threshold=args.threshold, canvas_template=args.canvas_template, hole=args.hole,
             decode=args.decode, verify=args.verify, draft_steps=args.draft_steps, temperature=args.temperature,
-            images=args.image, max_image_pixels=args.max_image_pixels,
+            images=args.image, max_image_pixels=args.max_image_pixels, grammar=spec,
         )
         draft_cap = args.draft_steps if args.decode == "verified" else None
         steps_cap = draft_cap or args.steps or make_settings(

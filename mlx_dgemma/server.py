@@ -263,12 +263,14 @@ class ServerState:
             raise APIError(str(e)) from None
         seed = p.seed if p.seed is not None else secrets.randbits(32)
         T, processors = p.temperature, p.processors
-        if p.decode != "diffusion":  # the encoder's rule commits: nothing to apply the fields to
-            if p.tools and p.tool_choice in ("required", "function"):
-                raise APIError(f"tool_choice={p.tool_choice!r} pins the canvas: it needs decode 'diffusion'",
-                               param="tool_choice")
-            p.ignored = sorted(set(p.ignored) | set(p.sampling_fields))
-            T, processors = None, LogitsProcessors()
+        grammar = self.grammar(p, chat)
+        if p.decode != "diffusion" or grammar is not None:
+            # the encoder's rule commits, or a grammar's loop runs: nothing to apply the fields to
+            if p.decode != "diffusion":
+                p.ignored = sorted(set(p.ignored) | set(p.sampling_fields))
+            else:
+                p.ignored = sorted(set(p.ignored) | (set(p.sampling_fields) - {"temperature"}))
+            T, processors = (None if p.decode != "diffusion" else T), LogitsProcessors()
         if T == 0:
             # Deterministic: accepted positions take the argmax, and the only other
             # randomness (initial canvas, renoising) is drawn from a fixed seed.
@@ -282,7 +284,7 @@ class ServerState:
         except SettingsError as e:
             raise APIError(str(e), param="logit_bias") from None
         constraints = self.constraints(p, max_tokens)
-        if p.tools:  # tool_choice required / named: the call's opening is pinned (canvas constraints)
+        if p.tools and grammar is None:  # (tool_choice required / named: the call is a grammar)
             opening = {k: v for k, v in self.tools.pins(p.tool_choice, p.tool_name, p.tools).items() if k < max_tokens}
             if opening:
                 constraints = {**opening, **(constraints or {})}
@@ -294,8 +296,35 @@ class ServerState:
             # For chat, the history snapshot serves both the next turn and a re-sent
             # prompt (the generation prompt is a few tokens); do not store both.
             snapshot_prompt=not (chat and snapshot_at) and not images,
-            processors=processors if processors.active else None,
+            processors=processors if processors.active else None, grammar=grammar,
         )
+
+    def grammar(self, p: Parsed, chat: bool):
+        """The request's structured output compiled for this model (None when free text):
+        ``response_format``, or the tool call that ``tool_choice`` required / named demands."""
+        from . import grammar as G
+
+        spec = p.response_format
+        forced_call = chat and p.tools and p.tool_choice in ("required", "function")
+        if forced_call:
+            if not self.tools.supported:
+                raise APIError("tool_choice needs a chat template with tool calling", param="tool_choice")
+            if spec is not None:
+                raise APIError(f"tool_choice={p.tool_choice!r} and response_format cannot be combined: the reply is "
+                               "a tool call", param="response_format")
+        if spec is None and not forced_call:
+            return None
+        if p.images:
+            raise APIError("images and structured output (response_format, a required tool call) cannot be "
+                           "combined yet", param="tool_choice" if forced_call else "response_format")
+        try:
+            if forced_call:
+                spec = G.tool_call_spec(p.tools, p.tool_name, self.tools.open_id, self.tools.close_id,
+                                        self.tools.quote_id)
+            return G.Grammar(spec, self.tokenizer, self.model.args.vocab_size, self.eos_token_ids)
+        except G.GrammarError as e:
+            raise APIError(str(e), param="tool_choice" if forced_call else "response_format",
+                           code="invalid_response_format") from None
 
     def constraints(self, p: Parsed, max_tokens: int) -> Optional[Dict[int, int]]:
         """The request's canvas constraints as {offset: token id}, checked against the

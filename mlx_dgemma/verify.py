@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -127,6 +127,115 @@ def verify_draft(model, cache: PrefixCache, draft: Sequence[int], pending: mx.ar
     return Verdict(tokens, min(m, len(tokens)), encoded)
 
 
+def advance_tokens(model, cache: PrefixCache, tokens: Sequence[int]) -> mx.array:
+    """Encode committed tokens (one forward however many); return the logits [V] for
+    the position after them."""
+    return model.encode(mx.array([[int(t) for t in tokens]], dtype=mx.int32), cache, return_logits=True)[0, -1]
+
+
+def constrained_choice(logits: mx.array, position: int, seed: int, rule: EncoderRule, matcher) -> int:
+    """The encoder's choice among the tokens the grammar allows (its logits masked)."""
+    x = logits.astype(mx.float32) + matcher.mask()
+    return int(encoder_choice(x[None], [position], seed, rule)[0])
+
+
+class ConstrainedVerdict(NamedTuple):
+    tokens: List[int]  # committed this round
+    accepted: int  # draft tokens among them that the encoder checked
+    encoded: bool  # the commit pass ran
+    in_cache: int  # leading ``tokens`` already in the cache (the rest must be encoded)
+    forced: int  # tokens the grammar forced (no choice, no forward of their own)
+
+
+def verify_constrained(model, cache: PrefixCache, draft: Sequence[int], pending: mx.array, seed: int,
+                       rule: EncoderRule, room: int, matcher, eos: Sequence[int] = ()) -> ConstrainedVerdict:
+    """:func:`verify_draft` under a grammar. The tokens are exactly constrained ``ar``'s:
+    at each position either the run of tokens the grammar forces (committed as a whole,
+    as ``ar`` commits it) or the encoder's choice among the allowed tokens; a draft token
+    is accepted only where it equals that token. ``matcher`` is at the committed state
+    (forcing only at the reply's start: later forced runs are taken at the end of each
+    round) and advances over the committed tokens. On return the cache holds
+    ``tokens[:in_cache]`` (never the last token)."""
+    draft = [int(t) for t in draft]
+    L, P = len(draft), cache.offset
+    stop = set(int(e) for e in eos)
+    forced = 0
+    out = matcher.forced()[:room]  # the reply's forced opening (the drafter pins it), as ar commits it
+    if out:
+        forced = len(out)
+    else:
+        out = [constrained_choice(pending, P, seed, rule, matcher)]
+    matcher.consume(out)
+    a = next((i for i in range(min(len(out), L)) if draft[i] != out[i]), min(len(out), L))
+    encoded = a == len(out) and out[-1] not in stop and len(out) < room and not matcher.done
+    logits = None
+    if encoded:
+        cache.reserve_trim(L)
+        logits = model.encode(mx.array([draft], dtype=mx.int32), cache, return_logits=True)[0]
+    while encoded and a == len(out) and len(out) < room and not matcher.ended and not (matcher.done and not stop):
+        k = len(out)
+        run = matcher.forced()[: room - k]
+        if run:  # ar commits the run whole; the draft survives while it agrees
+            out += run
+            matcher.consume(run)
+            forced += len(run)
+            j = 0
+            while j < len(run) and k + j < L and draft[k + j] == run[j]:
+                j += 1
+            a = k + j
+            continue
+        c = constrained_choice(logits[k - 1], P + k, seed, rule, matcher)  # logits[k-1]: position P+k
+        out.append(c)
+        matcher.consume([c])
+        if k < L and draft[k] == c:
+            a = k + 1
+        if c in stop:
+            break
+    in_cache = min(a, len(out) - 1) if encoded else 0
+    if encoded:
+        cache.trim(L - in_cache)
+    return ConstrainedVerdict(out, min(a, len(out)), encoded, in_cache, forced)
+
+
+def _no_draft(matcher, L: int) -> bool:
+    """A grammar row needs no draft this round: the reply is complete (only a stop token
+    can follow, the encoder picks it from the logits it has), or the grammar forces at
+    least a canvas of tokens."""
+    return matcher is not None and (matcher.done or len(matcher.forced()) >= L)
+
+
+def _constrained_round(model, cache, decode, draft, pending, seed, rule, room, matcher, eos):
+    """One round of a grammar row: ``(tokens, accepted, encoder passes run, tokens of
+    them already in the cache, forced tokens, whether a draft was verified)``.
+
+    A round is the run the grammar forces at the reply's start (ar, or verified when the
+    run fills a canvas), or one constrained choice (ar; verified when only a stop token
+    can follow), or one constrained verification; it closes with the run forced after its
+    tokens. Forced tokens are committed without a forward of their own: the next advance
+    encodes them together with the round's last token."""
+    if (matcher.done and not eos) or room <= 0:  # complete with no stop token to write, or no room
+        return [], 0, 0, 0, 0, False
+    lead = matcher.forced()[:room] if decode == "ar" or draft is None else []
+    if lead:  # the forced opening (e.g. '{"' of a JSON object): no choice to make
+        matcher.consume(lead)
+        return lead, 0, 0, 0, len(lead), False
+    checked = False  # a draft was verified
+    if decode == "ar" or draft is None:  # (verified, no draft: only a stop token can follow)
+        toks = [constrained_choice(pending, cache.offset, seed, rule, matcher)]
+        matcher.consume(toks)
+        accepted, ran, in_cache, nf = 0, 0, 0, 0
+    else:
+        v = verify_constrained(model, cache, draft, pending, seed, rule, room, matcher, eos)
+        toks, accepted, ran, in_cache, nf = list(v.tokens), v.accepted, int(v.encoded), v.in_cache, v.forced
+        checked = True
+    if toks[-1] not in set(eos) and len(toks) < room and not matcher.done:
+        tail = matcher.forced()[: room - len(toks)]
+        matcher.consume(tail)
+        toks += tail
+        nf += len(tail)
+    return toks, accepted, ran, in_cache, nf, checked
+
+
 class DraftInput(NamedTuple):
     """What a draft function gets (``decode_steps(draft_fn=...)``): the rows to draft."""
 
@@ -157,6 +266,7 @@ class Step:
     prompt_time: float
     elapsed: float  # seconds since the prompts were encoded
     last: bool
+    forced: Optional[np.ndarray] = None  # [B] tokens a grammar forced (committed without a forward)
 
     @property
     def model_forwards(self) -> np.ndarray:
@@ -204,6 +314,7 @@ def decode_steps(
     eos_token_ids: Sequence[int] = (),
     draft_fn: Optional[Callable[[DraftInput], np.ndarray]] = None,
     sample_fn=None,
+    matchers: Optional[Sequence[Optional[Any]]] = None,
 ) -> Iterator[Union[Draft, Step]]:
     """Decode ``prompts`` (one token list per row, lengths may differ) with ``decode``
     "ar" or "verified"; yields each draft's denoising :class:`~mlx_dgemma.drafter.Draft`
@@ -214,6 +325,10 @@ def decode_steps(
     one per row. ``draft_fn`` replaces the decoder's draft (tests, other drafters): it
     gets a :class:`DraftInput` and returns tokens [rows, canvas_length] (its passes are
     not counted), or None to let the decoder draft this round.
+
+    ``matchers``: one :class:`mlx_dgemma.grammar.Matcher` (or None) per row: that row's
+    tokens follow the grammar (:func:`_constrained_round`); a row without one decodes
+    exactly as before.
     """
     if decode not in ("ar", "verified"):
         raise SettingsError(f"decode_steps: decode must be 'ar' or 'verified', got {decode!r}")
@@ -230,13 +345,16 @@ def decode_steps(
     live = np.ones(B, bool)
     reasons: List[Optional[str]] = [None] * B
     generated: List[List[int]] = [[] for _ in range(B)]
-    dec, enc, ver, acc_total = (np.zeros(B, np.int64) for _ in range(4))
+    dec, enc, ver, acc_total, forced = (np.zeros(B, np.int64) for _ in range(5))
+    matchers = list(matchers) if matchers is not None else [None] * B
     need = L if decode == "verified" else 1  # positions the next round needs after the last token
     index = 0
     while live.any():
         idx = [int(b) for b in np.flatnonzero(live)]
         drafts = None
-        if decode == "verified":
+        if decode == "verified" and all(_no_draft(matchers[b], L) for b in idx):
+            pass  # grammar rows with nothing to draft this round (below: a forced run, or the stop token)
+        elif decode == "verified":
             if draft_fn is not None:
                 inp = DraftInput(idx, [caches[b] for b in idx], [seeds[b] for b in idx], index,
                                  [list(generated[b]) for b in idx])
@@ -245,17 +363,44 @@ def decode_steps(
                 drafts = np.asarray(drafts).reshape(len(idx), L)
             else:
                 cs = [caches[b] for b in idx]
+                # a grammar's forced opening (only ever at the reply's start) is pinned in the draft
+                pins = [dict(enumerate(matchers[b].forced()[:L])) if matchers[b] is not None else None for b in idx]
                 res = yield from denoise_steps(model, cs[0] if len(cs) == 1 else cs, settings,
-                                               [seeds[b] for b in idx], index, sample_fn=sample_fn)
+                                               [seeds[b] for b in idx], index, sample_fn=sample_fn,
+                                               constraints=pins if any(pins) else None)
                 drafts = np.array(res.tokens)
                 dec[idx] += res.passes
-        else:  # ar: every live row's next token at once
-            choice = encoder_choice(mx.stack([pending[b] for b in idx]), [caches[b].offset for b in idx],
-                                    [seeds[b] for b in idx], rule)
+        else:  # ar: every live row's next token at once (grammar rows choose in _constrained_round)
+            free = [b for b in idx if matchers[b] is None]
+            choice = np.zeros(len(idx), np.int64)
+            if free:
+                picked = encoder_choice(mx.stack([pending[b] for b in free]), [caches[b].offset for b in free],
+                                        [seeds[b] for b in free], rule)
+                choice[[idx.index(b) for b in free]] = picked
         new: List[List[int]] = [[] for _ in range(B)]
         accepted = np.zeros(B, np.int64)
         for j, b in enumerate(idx):
             room = max_tokens - len(generated[b])
+            if matchers[b] is not None:
+                toks, accepted[b], ran, in_cache, nf, checked = _constrained_round(
+                    model, caches[b], decode, drafts[j] if drafts is not None else None, pending[b], seeds[b],
+                    rule, room, matchers[b], eos)
+                enc[b] += ran
+                ver[b] += checked
+                forced[b] += nf
+                generated[b] += toks
+                new[b] = toks
+                m = matchers[b]
+                if toks and toks[-1] in eos or m.done and not eos:
+                    reasons[b] = "stop"
+                elif len(generated[b]) >= max_tokens or caches[b].offset + len(toks) - in_cache + need > ctx:
+                    reasons[b] = "length"
+                if reasons[b] is not None:
+                    live[b] = False
+                    continue
+                pending[b] = advance_tokens(model, caches[b], toks[in_cache:])
+                enc[b] += 1
+                continue
             if decode == "ar":
                 toks = [int(choice[j])]
             else:
@@ -280,6 +425,6 @@ def decode_steps(
             generated=np.array([len(g) for g in generated]), decoder_passes=dec.copy(),
             encoder_passes=enc.copy(), verifications=ver.copy(), accepted_total=acc_total.copy(),
             prompt_tokens=[len(r) for r in rows], prompt_time=prompt_time,
-            elapsed=time.perf_counter() - t_start, last=not live.any(),
+            elapsed=time.perf_counter() - t_start, last=not live.any(), forced=forced.copy(),
         )
         index += 1

@@ -364,7 +364,9 @@ def test_bad_requests_get_4xx_and_server_keeps_answering(server):
         (dict(model="tiny", messages=msgs, presence_penalty=-3), 400, "presence_penalty"),
         (dict(model="tiny", messages=msgs, logit_bias={"99999": 5}), 400, "vocabulary"),
         (dict(model="tiny", messages=msgs, n=2), 400, "n=2"),
-        (dict(model="tiny", messages=msgs, response_format={"type": "json_object"}), 400, "response_format"),
+        (dict(model="tiny", messages=msgs, response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "nonsense"}}}), 400, "invalid JSON schema 'x'"),
+        (dict(model="tiny", messages=msgs, response_format={"type": "yaml"}), 400, "response_format.type"),
         (dict(model="tiny", messages=msgs, steps=0), 400, "max_denoising_steps"),
         (dict(model="tiny", messages=msgs, t_min=0.9, t_max=0.5), 400, "t_max"),
         (dict(model="tiny", messages=[{"role": "wizard", "content": "x"}]), 400, "role"),

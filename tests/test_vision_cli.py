@@ -96,6 +96,10 @@ def test_bad_images_in_the_library(vision_model, image_files):
                       (image_files / "missing.png", "no such image file")]:
         with pytest.raises(GenerateInputError, match=word):
             list(stream_generate(model, tok, "hi", max_tokens=16, images=[img]))
+    # a grammar with images is refused before any image is read
+    with pytest.raises(GenerateInputError, match="images and a grammar cannot be combined"):
+        list(stream_generate(model, tok, "hi", max_tokens=16, images=[image_files / "missing.png"],
+                             response_format={"type": "json_object"}))
 
 
 def test_cli_image_runs_and_bad_images_exit_2(vision_dir, image_files, capsys):

@@ -86,6 +86,8 @@ def test_bad_images_get_400_and_the_server_keeps_answering(server, image_files, 
     monkeypatch.setattr(server.state, "max_image_pixels", None)
     status, reply = ask(server, data_url(picture(200, 150)), decode="ar")
     assert status == 400 and "diffusion" in reply["error"]["message"]
+    status, reply = ask(server, data_url(picture(64, 64)), response_format={"type": "json_object"})
+    assert status == 400 and "images and structured output" in reply["error"]["message"]
     # local paths when allowed
     monkeypatch.setattr(server.state, "allow_local_images", True)
     assert ask(server, str(image_files / "a.png"))[0] == 200

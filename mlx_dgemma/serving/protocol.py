@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..drafter import DenoiseSettings, SettingsError
+from ..grammar import GrammarError, from_response_format
 from ..logits_processors import LogitsProcessors
 from .errors import APIError
 from .tools import check_tool_choice, check_tools, history_tool_calls
@@ -103,7 +104,6 @@ UNSUPPORTED: Dict[str, Tuple[Tuple[Any, ...], str]] = {
     "suffix": (("",), "suffix (insertion) is not supported"),
     "functions": (([],), "the legacy functions field is not supported: send tools"),
     "function_call": (("none",), "the legacy function_call field is not supported: send tool_choice"),
-    "response_format": (({"type": "text"},), "only response_format {\"type\": \"text\"} is supported (no JSON mode or schemas)"),
     "modalities": ((["text"],), "only text output is supported"),
     "audio": ((), "audio output is not supported"),
     "prediction": ((), "predicted outputs are not supported"),
@@ -124,7 +124,7 @@ CONSTRAINT_FIELDS = ("canvas_constraints", "canvas_template", "canvas_hole")
 COMMON = {"model", "stream", "max_tokens", "max_completion_tokens", "seed", "stop",
           "enable_thinking", "chat_template_kwargs", "reasoning_effort", "return_token_ids",
           *SAMPLER_FIELDS, *SAMPLING, *CONSTRAINT_FIELDS,
-          "decode", "verify", "draft_steps"}
+          "decode", "verify", "draft_steps", "response_format"}
 CHAT_FIELDS = COMMON | {"messages", "tools", "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 
@@ -162,6 +162,7 @@ class Parsed:
     draft_steps: Optional[int] = None
     images: List[str] = field(default_factory=list)  # image URLs of the messages, in prompt order
     processed_images: List[Any] = field(default_factory=list)  # image_processor.ProcessedImage, by the server
+    response_format: Any = None  # structured output: a checked mlx_dgemma.grammar.GrammarSpec, or None
 
 
 def _is_neutral(value: Any, neutral: Tuple[Any, ...]) -> bool:
@@ -296,6 +297,13 @@ def parse_request(body: Any, chat: bool, strict_sampling: bool = False, log=None
     parsed.constraints, parsed.canvas_template, parsed.canvas_hole = _constraints(body)
     if decode != "diffusion" and (parsed.constraints or parsed.canvas_template is not None):
         raise APIError(f"canvas constraints apply to decode 'diffusion' only, not {decode!r}", param="decode")
+    try:
+        parsed.response_format = from_response_format(body.get("response_format"))
+    except GrammarError as e:
+        raise APIError(str(e), param="response_format", code="invalid_response_format") from None
+    if parsed.response_format is not None and (parsed.constraints or parsed.canvas_template is not None):
+        raise APIError("response_format and canvas constraints cannot be combined (the grammar decides every token)",
+                       param="response_format")
     if chat:
         parsed.messages = _messages(body.get("messages"))
         parsed.images = image_urls(parsed.messages)
@@ -309,6 +317,12 @@ def parse_request(body: Any, chat: bool, strict_sampling: bool = False, log=None
         parsed.parallel_tool_calls = ptc is not False
     else:
         parsed.prompt = _prompt(body.get("prompt"))
+    forced_call = parsed.tools and parsed.tool_choice in ("required", "function")
+    if parsed.thinking and (parsed.response_format is not None or forced_call):
+        # a grammar holds the whole reply from its first token: no thought channel before it
+        parsed.thinking = False
+        asked = [k for k in ("enable_thinking", "reasoning_effort", "chat_template_kwargs") if body.get(k) is not None]
+        parsed.ignored = sorted(set(parsed.ignored) | set(asked[:1]))
     return parsed
 
 

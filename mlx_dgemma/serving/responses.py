@@ -10,7 +10,7 @@ run like any chat request; the reply is built back as a Response object
   (tool results), ``reasoning`` items (skipped: the template drops old thoughts);
 - ``instructions`` -> a system message first; ``tools`` (function tools, flat Responses
   shape or the chat shape) and ``tool_choice``; ``max_output_tokens`` -> ``max_tokens``;
-  ``reasoning.effort`` -> thinking; ``text.format`` must be text;
+  ``reasoning.effort`` -> thinking; ``text.format``: text, json_object or json_schema (structured output);
 - sampling and drafter fields pass through with the chat policy.
 
 There is no response store: ``previous_response_id``, ``conversation`` and
@@ -24,6 +24,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..grammar import GrammarError, from_response_format
 from .errors import APIError
 from .protocol import image_url_of
 
@@ -168,9 +169,11 @@ def to_chat(body: Any) -> Tuple[Dict[str, Any], List[str]]:
                 chat["reasoning_effort"] = value["effort"]
         elif name == "text":
             fmt = (value or {}).get("format") if isinstance(value, dict) else None
-            if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-                raise APIError("only text.format {\"type\": \"text\"} is supported (no JSON mode or schemas)",
-                               param="text.format")
+            try:  # json_object, or json_schema with name / schema / strict at the top level
+                if from_response_format(fmt, "text.format") is not None:
+                    chat["response_format"] = fmt
+            except GrammarError as e:
+                raise APIError(str(e), param="text.format", code="invalid_response_format") from None
         elif name == "include":
             if value:
                 ignored.append(name)
@@ -179,6 +182,12 @@ def to_chat(body: Any) -> Tuple[Dict[str, Any], List[str]]:
         else:
             chat[name] = value  # drafter fields, extensions; unknown ones are reported by the chat parser
     return chat, ignored
+
+
+def _text_format(body: Dict[str, Any]) -> Dict[str, Any]:
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    fmt = text.get("format")
+    return dict(fmt) if isinstance(fmt, dict) else {"type": "text"}
 
 
 class ResponseBuilder:
@@ -203,7 +212,7 @@ class ResponseBuilder:
             "error": None, "incomplete_details": None, "instructions": b.get("instructions"),
             "max_output_tokens": b.get("max_output_tokens"), "metadata": b.get("metadata") or {},
             "parallel_tool_calls": self.parallel, "previous_response_id": None, "reasoning": reasoning,
-            "store": False, "temperature": b.get("temperature"), "text": {"format": {"type": "text"}},
+            "store": False, "temperature": b.get("temperature"), "text": {"format": _text_format(b)},
             "tool_choice": b.get("tool_choice") or "auto", "tools": b.get("tools") or [],
             "top_p": b.get("top_p"), "truncation": "disabled", "usage": usage,
         }

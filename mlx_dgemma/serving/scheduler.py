@@ -76,6 +76,9 @@ class GenerationParams:
     # never split an image; such a row neither reads nor writes the prompt cache (its
     # keys are tokens, which do not tell images apart).
     images: Optional[List[Tuple[np.ndarray, np.ndarray]]] = None
+    # Structured output (mlx_dgemma.grammar.Grammar): the reply follows it, in any decode
+    # mode, through the library's constrained loops (the row runs on its own: not batched).
+    grammar: Optional[object] = None
 
 
 @dataclass
@@ -131,6 +134,8 @@ class Row:
         self.prefill_s = 0.0
         self.t_first_block: Optional[float] = None
         self.processors = p.processors if p.processors is not None and p.processors.active else None
+        self.gen = None  # a grammar row: the library's constrained event stream
+        self.matcher = None
         self._new_block_state()
 
     def _new_block_state(self) -> None:
@@ -291,15 +296,19 @@ class Scheduler:
                 log.error("prefill failed: %s", e)
                 self._rows.remove(row)
                 self._emit(row.req, Event("error", message=f"prefill failed: {type(e).__name__}: {e}"))
-        denoising = [r for r in self._rows if not r.prefilling and r.decode != "ar"]
+        denoising = [r for r in self._rows if not r.prefilling and r.decode != "ar" and r.gen is None]
         if denoising:
             self._denoise_step(denoising)
-        for r in [r for r in self._rows if not r.prefilling and r.decode == "ar"]:
+        for r in [r for r in self._rows if r.gen is not None]:
+            self._grammar_step(r)
+        for r in [r for r in self._rows if not r.prefilling and r.decode == "ar" and r.gen is None]:
             tok = encoder_choice(r.pending[None], [r.cache.offset], r.seed, r.rule)[0]
             self._commit(r, [int(tok)])
 
     def _admit(self, req: GenerationRequest) -> None:
         p = req.params
+        if p.grammar is not None:
+            return self._admit_grammar(req)
         # verified / ar need the encoder's logits after the prompt: encode at least its last token
         if p.images:
             n, cache = 0, None
@@ -311,6 +320,62 @@ class Scheduler:
         self._rows.append(row)
         if not row.prefilling:
             self._prefilled(row)
+
+    def _admit_grammar(self, req: GenerationRequest) -> None:
+        """A structured-output row: the library's constrained loop (``generate.grammar_blocks``
+        for diffusion, ``verify.decode_steps`` with a matcher for ar / verified) runs on the
+        row's cache, one event (a denoising step, a verification, a token) per iteration."""
+        from ..generate import _step_events, grammar_blocks
+
+        p = req.params
+        n, cache = self.store.lookup(p.prompt[:-1])  # the loops encode at least the last token
+        if cache is None:
+            cache = self.model.make_cache()
+        row = Row(req, cache, n)
+        row.pos = len(row.prompt)  # the loop prefills the rest itself
+        row.matcher = p.grammar.matcher()
+        new = row.prompt[n:]
+        eos = sorted(row.eos)
+        if row.decode == "diffusion":
+            row.gen = grammar_blocks(self.model, new, row.matcher, row.settings, p.max_tokens, row.seed, eos,
+                                     cache=cache)
+        else:
+            row.gen = _step_events(self.model, [new], row.decode, row.rule.verify, row.rule.temperature, cache,
+                                   row.settings, p.max_tokens, row.seed, eos, None, None, [row.matcher])
+        self._rows.append(row)
+        self._prefilled(row)
+
+    def _grammar_step(self, row: Row) -> None:
+        from ..drafter import Draft
+
+        ev = next(row.gen)
+        if isinstance(ev, Draft):
+            row.passes += 1
+            return
+        block = [int(t) for t in (ev.tokens[0] if row.decode != "diffusion" else np.asarray(ev.tokens)[0])]
+        if row.decode == "diffusion":
+            finished = bool(ev.finished[0])
+        else:
+            finished = ev.finish_reason[0] == "stop"
+            row.verifications = int(ev.verifications[0])
+            row.accepted = int(ev.accepted_total[0])
+        eos_at = next((i for i, t in enumerate(block) if t in row.eos), None)
+        out = block[:eos_at] if eos_at is not None else block
+        now = time.perf_counter()
+        if row.t_first_block is None:
+            row.t_first_block = now
+        row.generated.extend(out)
+        self.generated_tokens += len(out)
+        self._emit(row.req, Event("block", tokens=out, stats={"block": row.block, "passes": row.passes}))
+        if not ev.last:
+            row.block += 1
+        else:
+            self._rows.remove(row)
+            self.completed += 1
+            stats = self._final_stats(row, now)
+            stats.update(forced_tokens=int(getattr(ev, "forced", 0) if row.decode == "diffusion" else ev.forced[0]),
+                         mask_seconds=row.matcher.mask_seconds, masks=row.matcher.masks)
+            self._emit(row.req, Event("done", finish_reason="stop" if finished else "length", stats=stats))
 
     def _prefill_chunk(self, row: Row) -> None:
         t0 = time.perf_counter()

@@ -8,11 +8,12 @@ objects for the template) and ``tool`` results. ``tool_choice``:
 - ``none``: the tools stay in the prompt (the prompt, and so its cache, is the same as
   on the other turns) and the call marker ``<|tool_call>`` is suppressed in the canvas,
   so the model writes text;
-- ``required`` / a named function: the start of the reply is PINNED to the call's
-  opening (``<|tool_call>call:`` or ``<|tool_call>call:NAME{``) with canvas constraints
-  (``drafter.CanvasPins``), which a diffusion model can do: the rest of the canvas is
-  denoised around it. A named function without parameters has nothing left to choose,
-  so its whole call (and the hand-over token after it) is pinned.
+- ``required`` / a named function: the reply IS one call, in any decode mode: a grammar
+  (:func:`mlx_dgemma.grammar.tool_call_spec`) holds it to ``<|tool_call>call:NAME{...}
+  <tool_call|>`` with NAME one of the tools (or the named one) and the arguments valid
+  under that tool's parameter schema, in Gemma 4's syntax (``{city:<|"|>Paris<|"|>}``;
+  as JSON for schemas that syntax's translation does not cover). (:meth:`ToolFormat.pins`, the older
+  canvas pinning of the call's opening, is kept for callers of the library.)
 
 Replies: :class:`ReplyParser` splits the generated tokens into thought, text and calls.
 It works on the COMMITTED tokens, so a call that starts in one block and ends in the
@@ -131,6 +132,7 @@ class ToolFormat:
         self.open_id, self.close_id = vocab.get(start or TOOL_CALL_OPEN), vocab.get(end or TOOL_CALL_CLOSE)
         self.open_text, self.close_text = start or TOOL_CALL_OPEN, end or TOOL_CALL_CLOSE
         self.response_id = vocab.get(TOOL_RESPONSE_OPEN)  # what a model writes after its calls
+        self.quote_id = vocab.get('<|"|>')  # Gemma 4's string delimiter in call arguments
 
     @property
     def supported(self) -> bool:
@@ -217,9 +219,26 @@ class ReplyParser(ThoughtParser):
         return [c for seg in self._segments if seg[0] == "call" for c in (self._parse(seg) or [])]
 
 
+# A call whose arguments are JSON (what a tool_choice grammar writes: mlx_dgemma.grammar.tool_call_spec).
+_JSON_CALL = re.compile(r"\s*call:([\w-]+)(\{.*\})\s*", re.DOTALL)
+
+
+def _json_call(text: str) -> Optional[Dict[str, Any]]:
+    """``call:NAME{JSON}`` read as JSON (Gemma's own parser would misread JSON strings
+    holding braces, ``<`` or ``word:``)."""
+    m = _JSON_CALL.fullmatch(text)
+    if m is None:
+        return None
+    try:
+        args = json.loads(m.group(2))
+    except json.JSONDecodeError:
+        return None
+    return {"name": m.group(1), "arguments": args} if isinstance(args, dict) else None
+
+
 def _parse_calls(parser, text: str, tools) -> Optional[List[Dict[str, str]]]:
     try:
-        out = parser(text, tools)
+        out = _json_call(text) or parser(text, tools)
     except Exception:  # whatever the model wrote, a bad call is text, never an error
         return None
     out = out if isinstance(out, list) else [out]
