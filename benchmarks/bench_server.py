@@ -69,7 +69,7 @@ def env() -> Dict[str, str]:
 
 
 def build_model(path: Path, config: str, steps: int) -> Path:
-    from mlx_dgemma.serving import tiny
+    from tests.fixtures import tiny
 
     text, canvas = CONFIGS[config]
     if not (path / "config.json").exists():
@@ -303,6 +303,7 @@ def bench_passes(config: str, levels: List[int], repeats: int = 3) -> List[dict]
     for i in range(max(levels)):
         c = model.make_cache()
         model.encode(mx.array(np.random.default_rng(i).integers(3, V, (1, 200 + 100 * i)).astype(np.int32)), c)
+        mx.eval([x.state for x in c])
         caches.append(c)
     rows = []
     for B in levels:

@@ -53,10 +53,12 @@ def setup(args):
     model, _ = load_model(Path(args.work) / args.config)
     if args.bits:
         quantize(model, args.bits, 32 if args.config == "tiny" else 64)
+        backend.defaults(model)  # the backend's paths for the now quantized layers
     mx.eval(model.parameters())
     V, L = model.args.vocab_size, model.args.canvas_length
     cache = model.make_cache()
     model.encode(mx.array(prompt_tokens(args.prompt, V))[None], cache)
+    mx.eval([c.state for c in cache])
     canvas = mx.array(fixed_canvas(L, V))
     logits = model.denoise(canvas, cache)
     temp = temperature(10, 48)

@@ -11,12 +11,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Union
 
 from .models.diffusion_gemma import MODEL_TYPES, ModelArgs
+from .errors import ConfigError  # noqa: F401  (raised here; defined with the others)
 
 __all__ = ["ConfigError", "MODEL_TYPES", "ModelArgs", "read_config", "small_model_config", "small_vision_config"]
-
-class ConfigError(ValueError):
-    """A config.json that is missing, unreadable or not a DiffusionGemma config."""
-
 
 def small_model_config(
     *,

@@ -50,16 +50,13 @@ from .sampling import StepSample, probabilities, temperature
 # self-check, else sample_step_mlx (same semantics). Callers may also pass ``sample_fn=``.
 from .kernels import sample_step as _sample_step  # noqa: E402
 from .kernels import soft_embeddings as _soft_embeddings  # noqa: E402
+from .errors import ConstraintError, SettingsError  # noqa: F401  (raised here; defined with the others)
 # ---------------------------------------------------------------------------------------
 
 SampleFn = Callable[[mx.array, float, mx.array], StepSample]
 
 
 SAMPLERS = ("entropy-bound", "confidence")
-
-
-class SettingsError(ValueError):
-    """A sampler setting out of range (one-line message naming the setting)."""
 
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
@@ -277,10 +274,6 @@ def top_probability(logits: mx.array, temp: float, sample: StepSample) -> mx.arr
     """[B, L] max of softmax(logits / t), from the step's argmax and log-sum-exp."""
     top = mx.take_along_axis(logits, sample.argmax[..., None], axis=-1)[..., 0].astype(mx.float32) / temp
     return mx.exp(top - sample.lse)
-
-
-class ConstraintError(ValueError):
-    """A canvas constraint out of range (one-line message)."""
 
 
 @dataclass

@@ -20,27 +20,8 @@ import mlx.nn as nn
 from .config import ConfigError, ModelArgs, read_config
 from . import backend
 from .model import Model, build_model
-
-
-class WeightsError(ValueError):
-    """Missing, truncated or mismatched weight files."""
-
-
-BUILTIN_MODELS = ("demo", "sudoku")
-
-
-def builtin_model_path(name: str, log=None) -> Path:
-    """The folder of a model known by name: ``demo`` (random weights, built locally on first
-    use) or ``sudoku`` (the trained Sudoku model shipped inside the package)."""
-    if name == "demo":
-        from .demo import ensure_demo
-
-        return ensure_demo(log=log or (lambda msg: print(msg, file=sys.stderr)))
-    if name == "sudoku":
-        from .sudoku import model_path
-
-        return model_path()
-    raise ConfigError(f"{name}: not a built-in model (expected one of {', '.join(BUILTIN_MODELS)})")
+from .builtin import BUILTIN_MODELS, builtin_model_path  # noqa: F401  (re-exported)
+from .errors import WeightsError  # noqa: F401  (raised here; defined with the others)
 
 
 def resolve_model_path(path_or_id: Union[str, Path]) -> Path:

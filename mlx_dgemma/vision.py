@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 @dataclass

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from mlx_dgemma import ModelArgs, Model, kernels, rng
-from mlx_dgemma.kernels import cpu, cuda, emulate, metal, template
+from mlx_dgemma.kernels import cpu, cuda, metal, template
+from tests.fixtures import gpu_emulator as emulate
 from mlx_dgemma.sampling import StepSample, probabilities, sample_step_mlx
 
 # ---------------------------------------------------------------------------------------

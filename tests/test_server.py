@@ -28,7 +28,7 @@ import mlx_dgemma  # noqa: E402
 from mlx_dgemma.cache import PrefixCache  # noqa: E402
 from mlx_dgemma.drafter import DenoiseSettings  # noqa: E402
 from mlx_dgemma.server import ServerState, create_app  # noqa: E402
-from mlx_dgemma.serving import tiny  # noqa: E402
+from tests.fixtures import tiny  # noqa: E402
 
 CONTEXT = 262144  # the released checkpoint's max_position_embeddings
 L = 16  # canvas length of the test model

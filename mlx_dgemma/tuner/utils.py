@@ -20,8 +20,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .. import backend
-from ..loader import WeightsError
 from ..model import Model
+from ..errors import AdapterError, WeightsError  # noqa: F401  (AdapterError: raised here)
 
 # The recipe's LoRA targets (NeMo AutoModel diffusion_gemma_lora.yaml): attention and the
 # dense MLP. Full-attention layers have no v_proj (K = V) and are simply skipped for it.
@@ -38,11 +38,6 @@ ADAPTER_FILE, CONFIG_FILE = "adapters.safetensors", "adapter_config.json"
 _SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "num_key_value_heads",
                "full_head_dim", "full_kv_heads", "intermediate_size", "moe_intermediate_size", "num_experts",
                "vocab_size")
-
-
-class AdapterError(WeightsError):
-    """Adapters that do not fit the model (one line, naming the file). A ``WeightsError``,
-    so that every command that loads a model reports it the same way."""
 
 
 def base_model_shapes(model: Model) -> Dict[str, int]:
