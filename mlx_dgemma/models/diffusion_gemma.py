@@ -419,7 +419,7 @@ class SoftCap(nn.Module):
 
 
 class GeGLU(nn.Module):
-    """SwitchGLU's activation slot: gelu(tanh) on the gate, times up."""
+    """gelu(tanh) on the gate, times up (SwitchGLU's activation slot, and the MLPs')."""
 
     def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
         return geglu(gate, x)
@@ -431,9 +431,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.activation = GeGLU()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.activation(self.up_proj(x), self.gate_proj(x)))
 
 
 class Router(nn.Module):
@@ -589,13 +590,14 @@ class SelfConditioning(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.activation = GeGLU()
 
     def __call__(self, embeds: mx.array, signal: Optional[mx.array]) -> mx.array:
         if signal is None:
             # Zero signal: the MLP of zeros is zero (no biases), so only the norm remains.
             return self.post_norm(embeds)
         s = self.pre_norm(signal)
-        return self.post_norm(embeds + self.down_proj(geglu(self.gate_proj(s), self.up_proj(s))))
+        return self.post_norm(embeds + self.down_proj(self.activation(self.up_proj(s), self.gate_proj(s))))
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
