@@ -410,6 +410,12 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
                                                      "progress.json", "weights.safetensors"]
     assert json.loads((ck / "progress.json").read_text()) == {"iteration": 4}
     assert sum(f.stat().st_size for f in ck.iterdir()) < 20e6
+    # a checkpoint of another model is refused, in one line
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(dict(cfg, model=dict(cfg["model"], hidden_size=64))))
+    with pytest.raises(SystemExit, match=r"^error: --resume: .*config.json was trained with model"):
+        main(["-c", str(other), "--out", str(tmp_path / "x"), "--record", str(tmp_path / "rx"), "--checkpoint", str(ck),
+              "--resume"])
     # a fresh folder: everything comes from the checkpoint
     fresh = common + ["--out", str(tmp_path / "b"), "--record", str(tmp_path / "rb"), "--checkpoint", str(ck)]
     assert main(fresh + ["--resume", "--processes", "2"]) == 0

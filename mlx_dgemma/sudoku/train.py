@@ -265,6 +265,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if mine is None or (theirs is not None and theirs > mine):
                 # a fresh folder (or an older one): start from the committed checkpoint
                 ck = args.checkpoint
+                theirs_cfg = json.loads((ck / "config.json").read_text()) if (ck / "config.json").is_file() else {}
+                for key in ("model", "data"):  # other weights or other data: not a continuation
+                    if key in theirs_cfg and theirs_cfg[key] != cfg[key]:
+                        raise SystemExit(f"error: --resume: {ck / 'config.json'} was trained with {key} "
+                                         f"{theirs_cfg[key]}, {args.config} has {cfg[key]}")
                 adapters.mkdir(parents=True, exist_ok=True)
                 weights = mx.load(str(ck / "weights.safetensors"))
                 mx.save_safetensors(str(numbered_adapter_file(adapter_file, theirs)), weights)
