@@ -20,8 +20,8 @@ MB); ``--export-checkpoint`` writes that checkpoint from ``--out``'s last save. 
 optimizer state of that save the run continues exactly (Adam's moments and step, the
 schedule); without it, with fresh moments warmed up again. ``--processes 2`` (or
 ``processes`` in the config) trains data-parallel in two processes on MLX's ring backend,
-one BLAS thread each: MLX's CPU element-wise work is single-threaded, so one process leaves
-a core idle for most of a step.
+one BLAS thread each (MLX's CPU element-wise work is single-threaded, so one process leaves
+a core idle for much of a step; measured slower so far: benchmarks/sudoku/README.md).
 """
 
 from __future__ import annotations
