@@ -178,11 +178,13 @@ def train(
             tic = time.perf_counter()
             span = prefix_span(batch, args.pad_to)
             parts, grad_accum = step(batch, span, grad_accum, last or it == args.iters)
+            # from here ``state`` holds this iteration's update (lazily: a Ctrl-C during the
+            # eval below still saves it, since saving evaluates it)
+            done = it
             sums = sums + parts
             n_tokens = n_tokens + batch["lengths"].sum()
             steps += 1
             mx.eval(state, sums, n_tokens, grad_accum)
-            done = it
             train_time += time.perf_counter() - tic
 
             if it % args.steps_per_report == 0 or it == args.iters:
@@ -216,8 +218,8 @@ def train(
                 log(f"Iter {it}: Saved adapter weights to {adapter_file} and "
                     f"{numbered_adapter_file(adapter_file, it + args.start_iteration)}.", flush=True)
     except KeyboardInterrupt:
-        # the weights of the last COMPLETED iteration (a Ctrl-C inside a step leaves the
-        # step's update unapplied: ``state`` is only assigned when the step returns)
+        # the weights of the last iteration whose step returned (a Ctrl-C while a step is
+        # traced leaves its update unapplied: ``state`` is assigned when the step returns)
         save(done, numbered=True)
         log(f"\nInterrupted at iteration {done}: adapter weights saved to {adapter_file} and "
             f"{numbered_adapter_file(adapter_file, done + args.start_iteration)}.", flush=True)
