@@ -381,3 +381,18 @@ def test_a_stop_saves_the_last_completed_iteration_and_the_optimizer_state(tiny,
     assert int(fresh.state["step"]) == 3 == int(opt.state["step"])
     a, b = dict(tree_flatten(opt.state)), dict(tree_flatten(fresh.state))
     assert sorted(a) == sorted(b) and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+def test_a_resumed_run_reports_on_the_uninterrupted_runs_grid(tiny, tmp_path):
+    """Reports (and so sudoku.train's solve-rate evaluations) fall where the total iteration
+    is a multiple of steps_per_report, whatever iteration a run resumed at."""
+    import mlx.optimizers as optim
+
+    from mlx_dgemma.tuner import TrainingArgs, setup_fine_tuning, train
+
+    model, tok = mlx_dgemma.load(tiny)
+    setup_fine_tuning(model, "full")
+    hist = train(model, optim.AdamW(1e-3), examples(tok, 4), None,
+                 TrainingArgs(batch_size=2, iters=6, steps_per_report=4, start_iteration=3,
+                              adapter_file=str(tmp_path / "a.safetensors")), log=lambda *a, **k: None)
+    assert [h["iteration"] + 3 for h in hist if "train_loss" in h] == [4, 8, 9]  # 9: the last

@@ -173,7 +173,9 @@ def train(
                               accumulation_steps=accum)
     try:
         for it, (batch, last) in zip(range(1, args.iters + 1), batches):
-            if val_dataset and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
+            at = it + args.start_iteration  # reports, evaluations and saves fall on the total's grid,
+            # so a run resumed at any iteration reports where the uninterrupted one would
+            if val_dataset and (it == 1 or at % args.steps_per_eval == 0 or it == args.iters):
                 validate(it)
             tic = time.perf_counter()
             span = prefix_span(batch, args.pad_to)
@@ -187,7 +189,7 @@ def train(
             mx.eval(state, sums, n_tokens, grad_accum)
             train_time += time.perf_counter() - tic
 
-            if it % args.steps_per_report == 0 or it == args.iters:
+            if at % args.steps_per_report == 0 or it == args.iters:
                 total = mx.distributed.all_sum(mx.concatenate([sums, n_tokens[None].astype(mx.float32)]),
                                                stream=mx.cpu).tolist()
                 p = _parts(total[:4])
@@ -213,7 +215,7 @@ def train(
                     training_callback.on_train_loss_report(r)
                 sums, n_tokens, steps, train_time = mx.zeros((4,)), mx.array(0), 0, 0.0
 
-            if (it + args.start_iteration) % args.steps_per_save == 0:
+            if at % args.steps_per_save == 0:
                 save(it, numbered=True)
                 log(f"Iter {it}: Saved adapter weights to {adapter_file} and "
                     f"{numbered_adapter_file(adapter_file, it + args.start_iteration)}.", flush=True)
