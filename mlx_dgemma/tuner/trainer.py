@@ -217,14 +217,15 @@ def train(
 
             if at % args.steps_per_save == 0:
                 save(it, numbered=True)
-                log(f"Iter {it}: Saved adapter weights to {adapter_file} and "
-                    f"{numbered_adapter_file(adapter_file, it + args.start_iteration)}.", flush=True)
+                log(f"Iter {at}: Saved adapter weights to {adapter_file} and "
+                    f"{numbered_adapter_file(adapter_file, at)}.", flush=True)
     except KeyboardInterrupt:
         # the weights of the last iteration whose step returned (a Ctrl-C while a step is
         # traced leaves its update unapplied: ``state`` is assigned when the step returns)
         save(done, numbered=True)
-        log(f"\nInterrupted at iteration {done}: adapter weights saved to {adapter_file} and "
-            f"{numbered_adapter_file(adapter_file, done + args.start_iteration)}.", flush=True)
+        total = done + args.start_iteration
+        log(f"\nInterrupted at iteration {total}: adapter weights saved to {adapter_file} and "
+            f"{numbered_adapter_file(adapter_file, total)}.", flush=True)
         raise
     save(it, numbered=(it + args.start_iteration) % args.steps_per_save != 0)
     log(f"Saved final weights to {adapter_file}.", flush=True)
