@@ -352,7 +352,7 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     cfg = dict(TINY_RECIPE)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     args = ["-c", str(tmp_path / "train.yaml"), "--out", str(tmp_path / "work"), "--ship", str(tmp_path / "ship"),
-            "--record", str(tmp_path / "record")]
+            "--record", str(tmp_path / "record"), "--checkpoint", str(tmp_path / "no-checkpoint")]
     assert main(args) == 0
     curve = [json.loads(r) for r in (tmp_path / "record" / "curve.jsonl").read_text().splitlines()]
     evals = [r for r in curve if "val_solve_rate" in r]

@@ -205,7 +205,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="the committed checkpoint --resume falls back to and --export-checkpoint writes")
     ap.add_argument("--iters", type=int, default=None, help="override the config's iterations")
     ap.add_argument("--processes", type=int, default=None, help="data-parallel processes (default: the config's)")
-    ap.add_argument("--resume", action="store_true", help="continue from the last save (--out's, else --checkpoint)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the last save: --out's, or --checkpoint's when --out has none")
     ap.add_argument("--export-checkpoint", action="store_true",
                     help="copy --out's last save and the curve into --checkpoint, then stop")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --processes
@@ -262,8 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if mine is None and theirs is None:
                 raise SystemExit(f"error: --resume: neither {out / 'progress.json'} nor "
                                  f"{args.checkpoint / 'progress.json'} exists")
-            if mine is None or (theirs is not None and theirs > mine):
-                # a fresh folder (or an older one): start from the committed checkpoint
+            if mine is None:  # a fresh folder (a clone, another machine): start from the committed checkpoint
                 ck = args.checkpoint
                 theirs_cfg = json.loads((ck / "config.json").read_text()) if (ck / "config.json").is_file() else {}
                 for key in ("model", "data"):  # other weights or other data: not a continuation
