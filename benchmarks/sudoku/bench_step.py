@@ -36,7 +36,8 @@ PROMPT, CANVAS = 89, 88
 def flops_per_example(c: dict) -> float:
     """Matmul FLOPs of one training example (encoder + two decoder passes + backward)."""
     t = c["text_config"]
-    H, I, E, M, V = t["hidden_size"], t["intermediate_size"], t["num_experts"], t["moe_intermediate_size"], t["vocab_size"]
+    H, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
+    E, M = t["num_experts"], t["moe_intermediate_size"]
     heads, hd = t["num_attention_heads"], t["head_dim"]
     macs_tok = 0.0
     for kind in t["layer_types"]:
@@ -228,7 +229,8 @@ def main() -> int:
               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "step.json").write_text(json.dumps(result, indent=1))
-    lines = ["| framework | code | processes | batch | s/step (median) | examples/s | tokens/s | peak GB | GFLOP/s | MFU |",
+    lines = ["| framework | code | processes | batch | s/step (median) | examples/s | tokens/s | peak GB | GFLOP/s "
+             "| MFU |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "median_seconds" not in r:

@@ -187,7 +187,8 @@ def objective(
     signal = None
     if self_conditioning:
         first = mx.stop_gradient(decoder_pass(model, canvas, None, kv, masks, starts))  # no backward: no checkpoint
-        signal = model.soft_embeddings(fastmath.softmax(first) if fastmath.enabled(first) else mx.softmax(first, axis=-1))
+        probs = fastmath.softmax(first) if fastmath.enabled(first) else mx.softmax(first, axis=-1)
+        signal = model.soft_embeddings(probs)
         signal = signal * batch["self_condition"][:, None, None].astype(signal.dtype)  # tails: zero, the no-signal path
     logits = decoder_pass(model, canvas, signal, kv, masks, starts, checkpoint)
     scored = positions < lengths[:, None]  # always the whole block when the fill is complete
