@@ -42,6 +42,7 @@ import numpy as np
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
+from . import fastmath
 from .cache import PrefixCache, make_prefix_cache
 from .config import ModelArgs
 from .kernels import cpu as cpu_kernels
@@ -53,13 +54,30 @@ CacheArg = Union[PrefixCache, Sequence[PrefixCache]]
 
 
 @partial(mx.compile, shapeless=True)
-def geglu(gate: mx.array, x: mx.array) -> mx.array:
+def _geglu(gate: mx.array, x: mx.array) -> mx.array:
     return nn.gelu_approx(gate) * x
 
 
+def geglu(gate: mx.array, x: mx.array) -> mx.array:
+    return fastmath.geglu(gate, x) if fastmath.enabled(gate) else _geglu(gate, x)
+
+
 @partial(mx.compile, shapeless=True)
-def softcap(x: mx.array, cap: float) -> mx.array:
+def _softcap(x: mx.array, cap: float) -> mx.array:
     return mx.tanh(x / cap) * cap
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    return fastmath.softcap(x, cap) if fastmath.enabled(x) else _softcap(x, cap)
+
+
+def sdpa(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
+    """Attention at scale 1: MLX's SDPA, or on the CPU (float32) fastmath's, whose softmax
+    is 3x faster than the one SDPA's CPU fallback runs (and differentiable, unlike the
+    C kernel)."""
+    if fastmath.enabled(q) and k.dtype == mx.float32:
+        return fastmath.attention(q, k, v, 1.0, mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
 
 
 def numpy_softcap(x: mx.array, cap: float) -> mx.array:
@@ -325,7 +343,7 @@ class Attention(nn.Module):
                 out = cpu_kernels.attention(q, k, v, 1.0, causal=True, q_pos0=offset,
                                             k_pos0=offset + L - k.shape[2], window=self.window or 0)
             else:
-                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+                out = sdpa(q, k, v, mask)
         else:
             pk, pv = cache
             if pk is None:
@@ -345,7 +363,7 @@ class Attention(nn.Module):
         if self.cpu_attention and q.dtype == k.dtype == mx.float32:
             km = None if mask is None else mask.reshape(q.shape[0], -1)
             return cpu_kernels.attention(q, k, v, 1.0, key_mask=km)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return sdpa(q, k, v, mask)
 
 
 class DecoderLayer(nn.Module):
