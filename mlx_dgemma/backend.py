@@ -12,7 +12,9 @@ What each buys is measured in benchmarks/README.md. The defaults (``defaults``):
 
 - GPUs: the compiled decoder step with SwitchGLU's gather_mm experts (the plain model).
 - MLX's CPU backend, where compiling buys nothing measurable and costs seconds of C++
-  builds: experts through the C kernel (``experts="cpu"``; quantized or bfloat16 experts
+  builds: exp and tanh from multiplies and adds (``fastmath``: MLX's CPU backend runs
+  transcendentals one element at a time) in every GeGLU, and in attention and the
+  soft-cap where no C kernel takes them; experts through the C kernel (``experts="cpu"``; quantized or bfloat16 experts
   and machines without the kernel take ``"grouped"``: one GEMM per used expert, where
   gather_mm runs a mat-vec per (token, expert) pair), attention through the C kernel
   (MLX's CPU SDPA materialises every score and runs a scalar softmax over them), the
@@ -30,8 +32,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
+from . import fastmath
 from .kernels import cpu as cpu_kernels
-from .models.diffusion_gemma import Attention, DecoderStep, Experts, ImageMask, Model, QuantizedEmbedding, SoftCap
+from .models.diffusion_gemma import (
+    Attention,
+    DecoderStep,
+    Experts,
+    GeGLU,
+    ImageMask,
+    Model,
+    QuantizedEmbedding,
+    SoftCap,
+)
 from .vision import VisionAttention
 
 EXPERTS = ("gather", "grouped", "cpu", "dense")
@@ -101,6 +113,40 @@ class HostSoftCap(SoftCap):
         if not self.cap:
             return logits
         return cpu_kernels.softcap(logits, self.cap) if cpu_kernels.built() else numpy_softcap(logits, self.cap)
+
+
+# -- fastmath: exp/tanh/softmax from multiplies and adds (MLX's CPU backend, float32) -----
+
+
+class FastGeGLU(GeGLU):
+    """gelu(tanh) * up with fastmath's tanh (float32; other dtypes as before)."""
+
+    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
+        if gate.dtype != mx.float32:
+            return super().__call__(x, gate)
+        return fastmath.geglu(gate, x)
+
+
+class FastSoftCap(SoftCap):
+    def __call__(self, logits: mx.array) -> mx.array:
+        if not self.cap or logits.dtype != mx.float32:
+            return super().__call__(logits)
+        return fastmath.softcap(logits, self.cap)
+
+
+class FastAttention(Attention):
+    """Attention with fastmath's softmax: differentiable and traceable, unlike the C kernel,
+    and 3x faster than the softmax of MLX's CPU SDPA fallback."""
+
+    def encoder_attention(self, q, k, v, mask, offset: int) -> mx.array:
+        if not q.dtype == k.dtype == mx.float32:
+            return super().encoder_attention(q, k, v, mask, offset)
+        return fastmath.attention(q, k, v, 1.0, mask.mask if isinstance(mask, ImageMask) else mask)
+
+    def decoder_attention(self, q, k, v, mask) -> mx.array:
+        if not q.dtype == k.dtype == mx.float32:
+            return super().decoder_attention(q, k, v, mask)
+        return fastmath.attention(q, k, v, 1.0, mask)
 
 
 # -- attention through the C kernel (CPU) ----------------------------------------------
@@ -278,6 +324,13 @@ def _quantized_linears(model: Model):
             yield m
 
 
+def _geglus(model: Model):
+    """Every GeGLU activation: the MLPs', the self-conditioning MLP's and the experts'."""
+    for _, m in model.named_modules():
+        if isinstance(m, GeGLU):
+            yield m
+
+
 def _vision_attention(model: Model):
     if model.has_vision:
         for layer in model.model.encoder.vision_tower.encoder.layers:
@@ -286,7 +339,7 @@ def _vision_attention(model: Model):
 
 def configure(model: Model, *, experts: Optional[str] = None, attention: Optional[bool] = None,
               host_softcap: Optional[bool] = None, dequantize: Optional[bool] = None,
-              compile: Optional[bool] = None) -> Model:
+              compile: Optional[bool] = None, fastmath: Optional[bool] = None) -> Model:
     """Switch the given paths (None: leave as is).
 
     ``experts``: "gather" (SwitchGLU's gather_mm: GPUs), "grouped" (one GEMM per used
@@ -295,62 +348,73 @@ def configure(model: Model, *, experts: Optional[str] = None, attention: Optiona
     C attention kernel (the CPU). ``host_softcap``: the soft-cap's tanh on the host.
     ``dequantize``: quantized layers as float32 BLAS matmuls (the CPU). ``compile``: the
     decoder step through mx.compile (only with the traceable paths: gather or dense
-    experts, no C attention, no host soft-cap).
+    experts, no C attention, no host soft-cap, no per-call dequantizing). ``fastmath``:
+    exp/tanh from multiplies and adds for float32 (the CPU; traceable): every GeGLU, and
+    the attention and soft-cap that no C kernel or host path takes.
     """
-    if experts is not None:
-        if experts not in EXPERT_TYPES:
-            raise ValueError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
-        for layer in model.layers:
-            _swap(layer.experts, EXPERT_TYPES[experts])
-    if attention is not None:
-        if attention and not cpu_kernels.attention_available():
-            raise ValueError("the C attention needs the built CPU kernel and a CBLAS sgemm (OpenBLAS) on the CPU")
-        for layer in model.layers:
-            _swap(layer.self_attn, KernelAttention if attention else Attention)
-        for attn in _vision_attention(model):
-            _swap(attn, KernelVisionAttention if attention else VisionAttention)
-    if host_softcap is not None:
-        _swap(model.softcap, HostSoftCap if host_softcap else SoftCap)
-    if dequantize is not None:
-        for m in _quantized_linears(model):
-            if getattr(m, "global_scale", None) is None:
-                _swap(m, DequantizedLinear if dequantize else nn.QuantizedLinear)
-        for layer in model.layers:
-            if isinstance(layer.experts, GroupedExperts):
-                layer.experts.dequantize = bool(dequantize)
-        emb = model.decoder.embed_tokens
-        if isinstance(emb, QuantizedEmbedding):
-            _swap(emb, DequantizedEmbedding if dequantize else QuantizedEmbedding)
-    if compile is not None:
-        if compile and not traceable(model):
-            raise ValueError("compile needs the traceable paths (gather or dense experts, plain attention and soft-cap)")
-        model.decoder_step_type = CompiledDecoderStep if compile else DecoderStep
-        object.__setattr__(model, "_decoder_steps", {})
+    given = dict(experts=experts, attention=attention, host_softcap=host_softcap, dequantize=dequantize,
+                 compile=compile, fastmath=fastmath)
+    want = {**settings(model), **{k: v for k, v in given.items() if v is not None}}
+    if want["experts"] not in EXPERT_TYPES:
+        raise ValueError(f"experts must be one of {', '.join(EXPERTS)}, got {want['experts']!r}")
+    if attention and not cpu_kernels.attention_available():
+        raise ValueError("the C attention needs the built CPU kernel and a CBLAS sgemm (OpenBLAS) on the CPU")
+    if want["compile"] and not _traceable(want):
+        raise ValueError("compile needs the traceable paths (gather or dense experts, plain attention and soft-cap, "
+                         "no per-call dequantizing)")
+    fast = bool(want["fastmath"])
+    for layer in model.layers:
+        _swap(layer.experts, EXPERT_TYPES[want["experts"]])
+        _swap(layer.self_attn, KernelAttention if want["attention"] else FastAttention if fast else Attention)
+    for attn in _vision_attention(model):
+        _swap(attn, KernelVisionAttention if want["attention"] else VisionAttention)
+    _swap(model.softcap, HostSoftCap if want["host_softcap"] else FastSoftCap if fast else SoftCap)
+    for m in _geglus(model):
+        _swap(m, FastGeGLU if fast else GeGLU)
+    for m in _quantized_linears(model):
+        if getattr(m, "global_scale", None) is None:
+            _swap(m, DequantizedLinear if want["dequantize"] else nn.QuantizedLinear)
+    for layer in model.layers:
+        if isinstance(layer.experts, GroupedExperts):
+            layer.experts.dequantize = bool(want["dequantize"])
+    emb = model.decoder.embed_tokens
+    if isinstance(emb, QuantizedEmbedding):
+        _swap(emb, DequantizedEmbedding if want["dequantize"] else QuantizedEmbedding)
+    step_type = CompiledDecoderStep if want["compile"] else DecoderStep
+    if model.decoder_step_type is not step_type:
+        model.decoder_step_type = step_type
+        object.__setattr__(model, "_decoder_steps", {})  # steps made with the other type
     return model
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
 
 
 def defaults(model: Model) -> Model:
     """The backend's fastest paths for the default device (see the module's docstring)."""
-    if mx.default_device() == mx.gpu:
+    if not on_cpu():
         return configure(model, experts="gather", attention=False, host_softcap=False, dequantize=False,
-                         compile=True)
+                         compile=True, fastmath=False)
     kernel = cpu_kernels.attention_available()
     return configure(model, compile=False, experts="cpu" if kernel else "grouped", attention=kernel,
-                     host_softcap=True, dequantize=True)
+                     host_softcap=True, dequantize=True, fastmath=True)
 
 
 def plain(model: Model, keep_dense: bool = True) -> Model:
     """The traceable paths (no host round trips, no C kernels, no per-call dequantizing):
-    what training needs. A model set to the (traceable) dense experts keeps them when
-    ``keep_dense``: small float models train faster with them on the CPU."""
+    what training needs; on the CPU with fastmath's exp and tanh (traceable, and
+    differentiable through their own derivatives). A model set to the (traceable) dense
+    experts keeps them when ``keep_dense``: small float models train faster with them on
+    the CPU."""
     experts = settings(model)["experts"]
     configure(model, experts="dense" if keep_dense and experts == "dense" else "gather", attention=False,
-              host_softcap=False, dequantize=False, compile=False)
+              host_softcap=False, dequantize=False, compile=False, fastmath=on_cpu())
     return model
 
 
 def settings(model: Model) -> dict:
-    """Which paths the model runs now."""
+    """Which paths the model runs now (``configure``'s arguments)."""
     names = {cls: name for name, cls in EXPERT_TYPES.items()}
     experts = model.layers[0].experts if model.layers else None
     return dict(
@@ -358,11 +422,18 @@ def settings(model: Model) -> dict:
         attention=bool(model.layers) and isinstance(model.layers[0].self_attn, KernelAttention),
         host_softcap=isinstance(model.softcap, HostSoftCap),
         dequantize=any(isinstance(m, DequantizedLinear) for m in _quantized_linears(model))
-        or isinstance(model.decoder.embed_tokens, DequantizedEmbedding),
+        or isinstance(model.decoder.embed_tokens, DequantizedEmbedding)
+        or any(getattr(layer.experts, "dequantize", False)
+               and isinstance(layer.experts.switch_glu.gate_proj, QuantizedSwitchLinear) for layer in model.layers),
         compile=model.decoder_step_type is CompiledDecoderStep,
+        fastmath=any(isinstance(m, FastGeGLU) for m in _geglus(model)),
     )
 
 
-def traceable(model: Model) -> bool:
-    s = settings(model)
+def _traceable(s: dict) -> bool:
     return s["experts"] in ("gather", "dense") and not (s["attention"] or s["host_softcap"] or s["dequantize"])
+
+
+def traceable(model: Model) -> bool:
+    """Whether every path the model runs can be differentiated and compiled."""
+    return _traceable(settings(model))

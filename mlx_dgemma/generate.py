@@ -312,6 +312,18 @@ def grammar_blocks(
     generated: List[int] = []
     unencoded: List[int] = []  # committed, not yet in the cache
     passes = enc = forced = 0
+
+    def encoder_pick(pending: List[int]) -> int:
+        """Encode ``pending`` (committed, not yet in the cache), then the encoder's greedy
+        choice among the tokens the grammar allows next, consumed."""
+        nonlocal logits, enc
+        if pending:
+            logits = advance_tokens(model, cache, pending)
+            enc += 1
+        c = constrained_choice(logits, cache.offset, seed, greedy, matcher)
+        matcher.consume([c])
+        return c
+
     b = 0
     while True:
         res = None
@@ -329,11 +341,7 @@ def grammar_blocks(
         if (matcher.done and not eos) or room <= 0 or cache.offset + len(unencoded) + L > ctx:
             pass  # nothing more to write (complete without a stop token, no room)
         elif matcher.done:  # complete: only a stop token may follow, the encoder picks which
-            if unencoded:
-                logits = advance_tokens(model, cache, unencoded)
-                enc += 1
-            c = constrained_choice(logits, cache.offset, seed, greedy, matcher)
-            matcher.consume([c])
+            c = encoder_pick(unencoded)
             new.append(c)
             unencoded = [c]
         else:
@@ -353,11 +361,7 @@ def grammar_blocks(
             if (canvas and canvas[-1] in eos) or k == len(toks) or matcher.done:
                 unencoded = list(canvas)  # the whole canvas (as far as the room goes) stands
             else:  # repair the first invalid token through the encoder
-                if canvas:
-                    logits = advance_tokens(model, cache, canvas)
-                    enc += 1
-                c = constrained_choice(logits, cache.offset, seed, greedy, matcher)
-                matcher.consume([c])
+                c = encoder_pick(canvas)
                 canvas.append(c)
                 unencoded = [c]
             new += canvas

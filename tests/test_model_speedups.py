@@ -134,7 +134,7 @@ def switched(model, prefill_chunk=None, **settings):
     return Ctx()
 
 
-PLAIN = dict(compile=False, experts="gather", host_softcap=False, attention=False, dequantize=False)
+PLAIN = dict(compile=False, experts="gather", host_softcap=False, attention=False, dequantize=False, fastmath=False)
 VARIANTS = [
     dict(PLAIN, compile=True),
     pytest.param(dict(PLAIN, attention=True), marks=needs_cpu_attention),
@@ -145,6 +145,10 @@ VARIANTS = [
     pytest.param(dict(PLAIN, experts="cpu", attention=True, host_softcap=True), marks=needs_cpu_attention),
     dict(PLAIN, host_softcap=True),
     dict(PLAIN, experts="grouped", host_softcap=True),
+    dict(PLAIN, fastmath=True),
+    dict(PLAIN, fastmath=True, experts="dense", compile=True),
+    pytest.param(dict(PLAIN, fastmath=True, experts="cpu", attention=True, host_softcap=True),
+                 marks=needs_cpu_attention),
 ]
 
 
@@ -168,6 +172,7 @@ def test_speed_switches_keep_the_logits(model, variant):
     pytest.param(dict(attention=True), marks=needs_cpu_attention),
     dict(experts="grouped"),
     pytest.param(dict(experts="cpu"), marks=needs_cpu_attention),
+    dict(fastmath=True),
 ], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()))
 def test_encoder_speed_switches_keep_the_cache(model, variant):
     """Prefill in chunks past the sliding window (8), then a committed block: the cache
@@ -393,12 +398,13 @@ def test_backend_defaults_then_plain_keep_the_parameters():
     if mx.default_device() == mx.cpu:
         kernel = cpu_kernels.attention_available()
         assert s == dict(experts="cpu" if kernel else "grouped", attention=kernel, host_softcap=True,
-                         dequantize=False, compile=False)  # dequantize: nothing is quantized here
+                         dequantize=False, compile=False, fastmath=True)  # dequantize: nothing is quantized here
     after = dict(tree_flatten(model.parameters()))
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     backend.plain(model)
     assert backend.traceable(model) and type(model.layers[0].experts) is __import__(
         "mlx_dgemma.model", fromlist=["Experts"]).Experts
+    assert backend.settings(model)["fastmath"] == (mx.default_device() == mx.cpu)  # traceable: kept for training
     with pytest.raises(ValueError, match="experts must be one of"):
         backend.configure(model, experts="fast")
     backend.configure(model, host_softcap=True)

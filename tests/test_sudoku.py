@@ -323,6 +323,21 @@ def test_exported_model_loads_in_transformers(initial_dir, tmp_path):
 # --- the rebuild command ----------------------------------------------------------------------
 
 
+def _tiny_recipe():
+    from mlx_dgemma.sudoku.train import CONFIG, read_config
+
+    cfg = read_config(CONFIG)
+    cfg.update(iters=4, batch_size=2, warmup_steps=2, steps_per_report=1, steps_per_eval=2, val_batches=1,
+               steps_per_save=2, steps_per_solve_eval=2, eval_puzzles=2, processes=1,
+               model=dict(hidden_size=32, num_hidden_layers=2, intermediate_size=32, num_attention_heads=2,
+                          head_dim=16, num_experts=2, top_k_experts=1, moe_intermediate_size=16),
+               data=dict(train=16, valid=2, base_easy=4, base_medium=1, medium_share=0.25, workers=1))
+    return cfg
+
+
+TINY_RECIPE = _tiny_recipe()
+
+
 def test_train_command_runs_resumes_and_ships(tmp_path):
     """`python -m mlx_dgemma.sudoku.train` end to end on a tiny recipe: data, training with
     the solve-rate evaluations, a stop, --resume (the curve keeps only the training that
@@ -334,15 +349,10 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     from mlx_dgemma.sudoku import solve_details
     from mlx_dgemma.sudoku.train import CONFIG, main, read_config, schedule
 
-    cfg = read_config(CONFIG)
-    cfg.update(iters=4, batch_size=2, warmup_steps=2, steps_per_report=1, steps_per_eval=2, val_batches=1,
-               steps_per_save=2, steps_per_solve_eval=2, eval_puzzles=2,
-               model=dict(hidden_size=32, num_hidden_layers=2, intermediate_size=32, num_attention_heads=2,
-                          head_dim=16, num_experts=2, top_k_experts=1, moe_intermediate_size=16),
-               data=dict(train=16, valid=2, base_easy=4, base_medium=1, medium_share=0.25, workers=1))
+    cfg = dict(TINY_RECIPE)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     args = ["-c", str(tmp_path / "train.yaml"), "--out", str(tmp_path / "work"), "--ship", str(tmp_path / "ship"),
-            "--record", str(tmp_path / "record")]
+            "--record", str(tmp_path / "record"), "--checkpoint", str(tmp_path / "no-checkpoint")]
     assert main(args) == 0
     curve = [json.loads(r) for r in (tmp_path / "record" / "curve.jsonl").read_text().splitlines()]
     evals = [r for r in curve if "val_solve_rate" in r]
@@ -374,3 +384,48 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     resumed, fresh = schedule(cfg, 2), schedule(cfg, 0)
     assert resumed(0).item() == pytest.approx(fresh(2).item() / cfg["warmup_steps"], rel=1e-6)
     assert resumed(2).item() == pytest.approx(fresh(4).item(), rel=1e-6)
+
+
+def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path):
+    """--export-checkpoint writes the last save (weights, optimizer state, curve) where a
+    fresh clone's --resume finds it; that resume (an empty --out, here in two ring
+    processes) continues the run exactly: its learning rate is the uninterrupted run's,
+    not a new warm-up, and the curve carries on."""
+    import json
+
+    import yaml
+
+    from mlx_dgemma.sudoku.train import CHECKPOINT, main
+
+    assert CHECKPOINT.parent == ROOT / "benchmarks" / "sudoku"  # inside the tree: a clone has it
+    cfg_path = tmp_path / "train.yaml"
+    cfg = dict(TINY_RECIPE, iters=6)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    common = ["-c", str(cfg_path), "--ship", str(tmp_path / "ship")]
+    ck = tmp_path / "clone" / "checkpoint"
+    first = common + ["--out", str(tmp_path / "a"), "--record", str(tmp_path / "ra"), "--checkpoint", str(ck)]
+    assert main(first + ["--iters", "4"]) == 0
+    assert main(first + ["--export-checkpoint"]) == 0
+    assert sorted(f.name for f in ck.iterdir()) == ["config.json", "curve.jsonl", "optimizer.safetensors",
+                                                     "progress.json", "weights.safetensors"]
+    assert json.loads((ck / "progress.json").read_text()) == {"iteration": 4}
+    assert sum(f.stat().st_size for f in ck.iterdir()) < 20e6
+    # a checkpoint of another model is refused, in one line
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(dict(cfg, model=dict(cfg["model"], hidden_size=64))))
+    with pytest.raises(SystemExit, match=r"^error: --resume: .*config.json was trained with model"):
+        main(["-c", str(other), "--out", str(tmp_path / "x"), "--record", str(tmp_path / "rx"), "--checkpoint", str(ck),
+              "--resume"])
+    # a fresh folder: everything comes from the checkpoint
+    fresh = common + ["--out", str(tmp_path / "b"), "--record", str(tmp_path / "rb"), "--checkpoint", str(ck)]
+    assert main(fresh + ["--resume", "--processes", "2"]) == 0
+    rows = [json.loads(r) for r in (tmp_path / "rb" / "curve.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "b" / "progress.json").read_text()) == {"iteration": 6}
+    # the uninterrupted run's rates at 5 and 6
+    whole = common + ["--out", str(tmp_path / "c"), "--record", str(tmp_path / "rc"), "--checkpoint", str(ck)]
+    assert main(whole) == 0
+    ref = {r["iteration"]: r["learning_rate"] for r in map(json.loads, (tmp_path / "rc" / "curve.jsonl")
+                                                           .read_text().splitlines()) if "train_loss" in r}
+    got = {r["iteration"]: r["learning_rate"] for r in rows if "train_loss" in r}
+    assert got[5] == pytest.approx(ref[5], rel=1e-6) and got[6] == pytest.approx(ref[6], rel=1e-6)

@@ -359,3 +359,55 @@ def test_adapter_path_in_generate_and_server(tiny, tmp_path, capsys):
     # the server applies them at load; a bad folder stops it with one line before serving
     with pytest.raises(SystemExit, match=r"^error: --adapter-path .*none: not a folder$"):
         server.main(["--model", str(tiny), "--adapter-path", str(tmp_path / "none")])
+
+
+def test_a_stop_saves_the_last_completed_iteration_and_the_optimizer_state(tiny, tmp_path):
+    """A Ctrl-C between saves writes a numbered save of the last completed iteration, tells
+    ``on_save`` so (what sudoku.train's progress.json records), and the optimizer state of
+    that very iteration, which load_optimizer_state restores: step and moments."""
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    from mlx_dgemma.tuner import TrainingArgs, setup_fine_tuning, train
+    from mlx_dgemma.tuner.utils import load_optimizer_state, numbered_adapter_file
+
+    class StopAt3(TrainingCallback):
+        def on_train_loss_report(self, info):
+            if info["iteration"] == 3:
+                raise KeyboardInterrupt
+
+    model, tok = mlx_dgemma.load(tiny)
+    setup_fine_tuning(model, "full")
+    data = examples(tok, 4)
+    saves, ad = [], tmp_path / "a.safetensors"
+    opt = optim.AdamW(1e-3)
+    args = TrainingArgs(batch_size=2, iters=10, adapter_file=str(ad), steps_per_report=1, steps_per_save=2,
+                        start_iteration=10, optimizer_file=str(tmp_path / "opt.safetensors"))
+    with pytest.raises(KeyboardInterrupt):
+        train(model, opt, data, None, args, training_callback=StopAt3(), log=lambda *a, **k: None,
+              on_save=saves.append)
+    assert saves == [12, 13]  # the save at 2 (+10), then the stop after 3
+    assert numbered_adapter_file(ad, 13).is_file() and not numbered_adapter_file(ad, 14).exists()
+    w = mx.load(str(numbered_adapter_file(ad, 13)))
+    now = dict(tree_flatten(model.trainable_parameters()))
+    assert all(np.array_equal(np.array(w[k]), np.array(now[k])) for k in now)
+    fresh = optim.AdamW(1e-3)
+    assert load_optimizer_state(fresh, tmp_path / "opt.safetensors") == 13
+    assert int(fresh.state["step"]) == 3 == int(opt.state["step"])
+    a, b = dict(tree_flatten(opt.state)), dict(tree_flatten(fresh.state))
+    assert sorted(a) == sorted(b) and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+def test_a_resumed_run_reports_on_the_uninterrupted_runs_grid(tiny, tmp_path):
+    """Reports (and so sudoku.train's solve-rate evaluations) fall where the total iteration
+    is a multiple of steps_per_report, whatever iteration a run resumed at."""
+    import mlx.optimizers as optim
+
+    from mlx_dgemma.tuner import TrainingArgs, setup_fine_tuning, train
+
+    model, tok = mlx_dgemma.load(tiny)
+    setup_fine_tuning(model, "full")
+    hist = train(model, optim.AdamW(1e-3), examples(tok, 4), None,
+                 TrainingArgs(batch_size=2, iters=6, steps_per_report=4, start_iteration=3,
+                              adapter_file=str(tmp_path / "a.safetensors")), log=lambda *a, **k: None)
+    assert [h["iteration"] + 3 for h in hist if "train_loss" in h] == [4, 8, 9]  # 9: the last

@@ -13,8 +13,15 @@ held-out sets) and the wall time go to ``benchmarks/sudoku/training/`` as they c
 stopped run is not lost. Weights are saved every ``steps_per_save`` iterations (the
 trainer's adapter folder ``OUT/adapters``: ``python -m mlx_dgemma.fuse --model OUT/init
 --adapter-path OUT/adapters`` reads it, ``--export-hf`` for transformers);
-``--resume`` continues from the last save (a fresh optimizer state, the schedule and the
-data order carried on from the saved iteration).
+``--resume`` continues from the last save: the one ``OUT/progress.json`` names, or, when
+``--out`` holds none (a fresh clone, another machine), the checkpoint committed in the tree
+(``benchmarks/sudoku/checkpoint``: the weights, the optimizer state and the curve, under 20
+MB); ``--export-checkpoint`` writes that checkpoint from ``--out``'s last save. With the
+optimizer state of that save the run continues exactly (Adam's moments and step, the
+schedule); without it, with fresh moments warmed up again. ``--processes 2`` (or
+``processes`` in the config) trains data-parallel in two processes on MLX's ring backend,
+one BLAS thread each (MLX's CPU element-wise work is single-threaded, so one process leaves
+a core idle for much of a step; measured slower so far: benchmarks/sudoku/README.md).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from typing import Any, Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "train.yaml"
 RECORD = HERE.parents[1] / "benchmarks" / "sudoku" / "training"
+CHECKPOINT = HERE.parents[1] / "benchmarks" / "sudoku" / "checkpoint"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def read_config(path: Path) -> Dict[str, Any]:
@@ -111,20 +120,109 @@ Architecture: {json.dumps(cfg["model"])}. Training: {record.get("iterations")} i
 """
 
 
+def _progress(folder: Path) -> Optional[int]:
+    """The iteration ``folder/progress.json`` names (None: no such file)."""
+    f = Path(folder) / "progress.json"
+    if not f.is_file():
+        return None
+    try:
+        return int(json.loads(f.read_text())["iteration"])
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: {f}: expected {{\"iteration\": N}}") from None
+
+
+def _kept_rows(curve: Path, upto: int) -> List[str]:
+    """The curve's rows up to iteration ``upto`` (rows past a resumed save describe training
+    that was discarded; a row torn by a run killed mid-write is dropped)."""
+    kept = []
+    for r in curve.read_text().splitlines() if curve.is_file() else []:
+        try:
+            if json.loads(r).get("iteration", 0) <= upto:
+                kept.append(r)
+        except ValueError:
+            pass
+    return kept
+
+
+def export_checkpoint(out: Path, record: Path, dst: Path) -> Path:
+    """The save ``out/progress.json`` names, as the checkpoint a fresh clone resumes from:
+    ``weights.safetensors`` (float32), ``optimizer.safetensors`` (its moments in bfloat16,
+    when the run saved the state of that very iteration), ``progress.json`` and the curve."""
+    import mlx.core as mx
+
+    from ..tuner.utils import atomic_write, numbered_adapter_file
+    from .data import write_atomic
+
+    it = _progress(out)
+    if it is None:
+        raise SystemExit(f"error: --export-checkpoint: {out / 'progress.json'} does not exist (no save yet)")
+    adapters = out / "adapters"
+    weights = numbered_adapter_file(adapters / "adapters.safetensors", it)
+    if not weights.is_file():
+        raise SystemExit(f"error: --export-checkpoint: {weights} does not exist")
+    dst.mkdir(parents=True, exist_ok=True)
+    atomic_write(dst / "weights.safetensors", lambda tmp: mx.save_safetensors(tmp, mx.load(str(weights))))
+    opt = adapters / OPTIMIZER_FILE
+    if opt.is_file():
+        state, meta = mx.load(str(opt), return_metadata=True)
+        if meta.get("iteration") == str(it):
+            low = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 and v.ndim else v for k, v in state.items()}
+            atomic_write(dst / OPTIMIZER_FILE, lambda tmp: mx.save_safetensors(tmp, low, metadata=meta))
+        elif (dst / OPTIMIZER_FILE).is_file():
+            (dst / OPTIMIZER_FILE).unlink()  # an older state would not match these weights
+    write_atomic(dst / "curve.jsonl", _kept_rows(record / "curve.jsonl", it))
+    for name in ("config.json",):
+        if (out / name).is_file():
+            (dst / name).write_text((out / name).read_text())
+    (dst / "progress.json").write_text(json.dumps({"iteration": it}))  # last: names a complete checkpoint
+    return dst
+
+
+def _launch(argv: List[str], processes: int) -> int:
+    """This command again in ``processes`` ring processes on this machine (mlx.launch), one
+    BLAS thread each."""
+    import random
+    import subprocess
+
+    launch = Path(sys.executable).with_name("mlx.launch")
+    root = str(HERE.parents[1])
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [str(launch), "-n", str(processes), "--backend", "ring", "--starting-port",
+           str(random.randint(20000, 40000)), "--env", "OPENBLAS_NUM_THREADS=1", "--env", f"PYTHONPATH={root}",
+           "--python", sys.executable, "--", "-m", "mlx_dgemma.sudoku.train", *argv, "--worker"]
+    return subprocess.run(cmd, env=env).returncode
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m mlx_dgemma.sudoku.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("-c", "--config", type=Path, default=CONFIG)
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "mlx_dgemma" / "sudoku-train",
                     help="work folder: data, initial model, saved weights (default: %(default)s)")
     ap.add_argument("--ship", type=Path, default=HERE / "model", help="where the trained folder goes")
     ap.add_argument("--record", type=Path, default=RECORD, help="where the curves and the record go")
+    ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
+                    help="the committed checkpoint --resume falls back to and --export-checkpoint writes")
     ap.add_argument("--iters", type=int, default=None, help="override the config's iterations")
-    ap.add_argument("--resume", action="store_true", help="continue from the last saved weights in --out")
+    ap.add_argument("--processes", type=int, default=None, help="data-parallel processes (default: the config's)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the last save: --out's, or --checkpoint's when --out has none")
+    ap.add_argument("--export-checkpoint", action="store_true",
+                    help="copy --out's last save and the curve into --checkpoint, then stop")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --processes
     args = ap.parse_args(argv)
 
+    if args.export_checkpoint:
+        dst = export_checkpoint(args.out, args.record, args.checkpoint)
+        size = sum(f.stat().st_size for f in dst.iterdir()) / 1e6
+        print(f"wrote {dst} (iteration {_progress(dst)}, {size:.1f} MB)")
+        return 0
     cfg = read_config(args.config)
     if args.iters is not None:
         cfg["iters"] = args.iters
+    processes = int(args.processes if args.processes is not None else cfg.get("processes", 1))
+    if processes < 1:
+        raise SystemExit(f"error: --processes must be at least 1, got {processes}")
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
@@ -132,43 +230,76 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .. import backend, load
     from ..tuner import TrainingArgs, setup_fine_tuning, train
-    from ..tuner.utils import numbered_adapter_file, save_adapter_config
+    from ..tuner.utils import load_optimizer_state, numbered_adapter_file, save_adapter_config
     from ..tuner.datasets import load_split
     from . import blanks_right, solve_details
     from .data import chat_line, write_atomic, write_training_data
     from .recipe import model_config, write_initial_model
 
+    world = mx.distributed.init() if args.worker else None
+    rank = world.rank() if world is not None else 0
     out, rec = args.out, args.record
-    out.mkdir(parents=True, exist_ok=True)
-    rec.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     record: Dict[str, Any] = {"config": cfg, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "load_at_start": os.getloadavg()[0], "machine": f"{os.cpu_count()} CPU cores"}
     data_dir = out / "data"
-    # the settings and one line in the current format: a change to either remakes the data
-    stamp = json.dumps(dict(cfg["data"], format=chat_line("1" + "0" * 80, "1" * 81)), sort_keys=True)
-    if not (data_dir / "train.jsonl").is_file() or (data_dir / "stamp").read_text() != stamp:
-        print("making the training data ...", flush=True)
-        record["data"] = write_training_data(data_dir, **cfg["data"])
-        (data_dir / "stamp").write_text(stamp)
-    record["data_seconds"] = round(time.perf_counter() - t_start, 1)
-
     init = out / "init"
-    write_initial_model(init, seed=int(cfg["seed"]), **cfg["model"])
+    adapters = out / "adapters"
+    adapter_file = adapters / "adapters.safetensors"
+    curve_path = rec / "curve.jsonl"
+    if not args.worker:  # the workers find all of this ready
+        out.mkdir(parents=True, exist_ok=True)
+        rec.mkdir(parents=True, exist_ok=True)
+        # the settings and one line in the current format: a change to either remakes the data
+        stamp = json.dumps(dict(cfg["data"], format=chat_line("1" + "0" * 80, "1" * 81)), sort_keys=True)
+        if not (data_dir / "train.jsonl").is_file() or (data_dir / "stamp").read_text() != stamp:
+            print("making the training data ...", flush=True)
+            record["data"] = write_training_data(data_dir, **cfg["data"])
+            (data_dir / "stamp").write_text(stamp)
+        write_initial_model(init, seed=int(cfg["seed"]), **cfg["model"])
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        if args.resume:
+            mine, theirs = _progress(out), _progress(args.checkpoint)
+            if mine is None and theirs is None:
+                raise SystemExit(f"error: --resume: neither {out / 'progress.json'} nor "
+                                 f"{args.checkpoint / 'progress.json'} exists")
+            if mine is None:  # a fresh folder (a clone, another machine): start from the committed checkpoint
+                ck = args.checkpoint
+                theirs_cfg = json.loads((ck / "config.json").read_text()) if (ck / "config.json").is_file() else {}
+                for key in ("model", "data"):  # other weights or other data: not a continuation
+                    if key in theirs_cfg and theirs_cfg[key] != cfg[key]:
+                        raise SystemExit(f"error: --resume: {ck / 'config.json'} was trained with {key} "
+                                         f"{theirs_cfg[key]}, {args.config} has {cfg[key]}")
+                adapters.mkdir(parents=True, exist_ok=True)
+                weights = mx.load(str(ck / "weights.safetensors"))
+                mx.save_safetensors(str(numbered_adapter_file(adapter_file, theirs)), weights)
+                if (ck / OPTIMIZER_FILE).is_file():
+                    state, meta = mx.load(str(ck / OPTIMIZER_FILE), return_metadata=True)
+                    mx.save_safetensors(str(adapters / OPTIMIZER_FILE), state, metadata=meta)
+                write_atomic(curve_path, _kept_rows(ck / "curve.jsonl", theirs))
+                (out / "progress.json").write_text(json.dumps({"iteration": theirs}))
+                print(f"starting from the checkpoint in {ck} (iteration {theirs})", flush=True)
+        if processes > 1:
+            record["processes"] = processes
+            return _launch(argv, processes)
+    record["data_seconds"] = round(time.perf_counter() - t_start, 1)
+    if args.worker:
+        record["processes"] = world.size()
+
     model, tok = load(init)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     setup_fine_tuning(model, "full")
     backend.configure(model, experts=cfg.get("expert_dispatch", "dense"))
     # the trainer's adapter folder (full fine-tuning: every trained weight), so that
     # load(init, adapter_path=...) and python -m mlx_dgemma.fuse read it as any other
-    adapters = out / "adapters"
-    adapter_file = adapters / "adapters.safetensors"
-    save_adapter_config({"fine_tune_type": "full", "num_layers": -1, "model": str(init)}, model,
-                        adapters / "adapter_config.json")
-    curve_path = rec / "curve.jsonl"
+    if rank == 0:
+        save_adapter_config({"fine_tune_type": "full", "num_layers": -1, "model": str(init)}, model,
+                            adapters / "adapter_config.json")
     offset = 0
+    b1, b2 = cfg["betas"]
+    opt = optim.AdamW(learning_rate=schedule(cfg), betas=[b1, b2], weight_decay=float(cfg["weight_decay"]))
     if args.resume:
-        offset = json.loads((out / "progress.json").read_text())["iteration"]
+        offset = _progress(out)
         # The numbered save of that iteration: adapters.safetensors can be newer (Ctrl-C
         # saves it where the run stopped, past the last save progress.json names).
         numbered = numbered_adapter_file(adapter_file, offset)
@@ -176,17 +307,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not weights.is_file():
             raise SystemExit(f"error: --resume: neither {numbered} nor {adapter_file} exists")
         model.load_weights(str(weights), strict=False)
-        print(f"resuming after iteration {offset}", flush=True)
-        if curve_path.is_file():  # rows past the resumed save describe training that was discarded
-            kept = []
-            for r in curve_path.read_text().splitlines():
-                try:
-                    if json.loads(r).get("iteration", 0) <= offset:
-                        kept.append(r)
-                except ValueError:  # blank, or torn by a run killed mid-write
-                    pass
-            write_atomic(curve_path, kept)
-    elif curve_path.exists():
+        opt_file = adapters / OPTIMIZER_FILE
+        exact = opt_file.is_file() and mx.load(str(opt_file), return_metadata=True)[1].get("iteration") == str(offset)
+        if exact:  # Adam's moments and step of that save: the schedule goes on from its step
+            load_optimizer_state(opt, opt_file)
+        else:  # fresh moments, warmed up again
+            opt = optim.AdamW(learning_rate=schedule(cfg, offset), betas=[b1, b2],
+                              weight_decay=float(cfg["weight_decay"]))
+        if rank == 0:
+            print(f"resuming after iteration {offset} ({'with' if exact else 'without'} its optimizer state)",
+                  flush=True)
+            write_atomic(curve_path, _kept_rows(curve_path, offset))
+    elif curve_path.exists() and rank == 0:
         curve_path.unlink()
     remaining = int(cfg["iters"]) - offset
     if remaining <= 0:
@@ -196,28 +328,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     train_set = load_split(data_dir / "train.jsonl", tok)
     val_set = load_split(data_dir / "valid.jsonl", tok)
     puzzles = validation_puzzles(int(cfg["eval_puzzles"]))
-    print(f"{n_params} parameters; {len(train_set)} training, {len(val_set)} validation examples "
-          f"(loaded in {time.perf_counter() - t_data:.0f} s)", flush=True)
+    if rank == 0:
+        print(f"{n_params} parameters; {len(train_set)} training, {len(val_set)} validation examples "
+              f"(loaded in {time.perf_counter() - t_data:.0f} s)", flush=True)
 
-    b1, b2 = cfg["betas"]
-    opt = optim.AdamW(learning_rate=schedule(cfg, offset), betas=[b1, b2], weight_decay=float(cfg["weight_decay"]))
-    curve = open(curve_path, "a")
+    curve = open(curve_path, "a") if rank == 0 else None
     t_train = time.perf_counter()
     last_eval: Dict[str, Any] = {}
 
     def log(entry: Dict[str, Any]) -> None:
+        if curve is None:
+            return
         entry = dict(entry, wall_seconds=round(time.perf_counter() - t_train, 1))
         curve.write(json.dumps(entry) + "\n")
         curve.flush()
 
+    def saved(total: int) -> None:
+        # called by the trainer after each save (process 0): progress.json names the last one
+        (out / "progress.json").write_text(json.dumps({"iteration": total}))
+
     class Callback(TrainingCallback):
         def on_train_loss_report(self, info):
             it = info["iteration"] + offset
-            log(dict(info, iteration=it))
-            # the trainer saves right AFTER this report: record the last save already on disk
-            S = int(cfg["steps_per_save"])
-            (out / "progress.json").write_text(json.dumps({"iteration": (it - 1) // S * S}))
-            if it % int(cfg["steps_per_solve_eval"]) == 0 or info["iteration"] == remaining:
+            log(dict(info, iteration=it, examples=it * int(cfg["batch_size"])))
+            if rank == 0 and (it % int(cfg["steps_per_solve_eval"]) == 0 or info["iteration"] == remaining):
                 model.eval()
                 t = time.perf_counter()
                 res = solve_details([p for p, _ in puzzles], model=(model, tok))
@@ -240,17 +374,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         steps_per_save=int(cfg["steps_per_save"]), adapter_file=str(adapter_file), pad_to=1,
         encoder_loss_weight=float(cfg["encoder_loss_weight"]), self_conditioning_p=float(cfg["self_conditioning_p"]),
         grad_clip=float(cfg["grad_clip"]), seed=int(cfg["seed"]) + offset, start_iteration=offset,
+        optimizer_file=str(adapters / OPTIMIZER_FILE),
     )
-    # progress.json must match the weights on disk: the trainer saves at multiples of
-    # steps_per_save of ITS count, which equals ours only when offset is such a multiple.
-    if offset % int(cfg["steps_per_save"]):
-        raise SystemExit(f"error: cannot resume from iteration {offset}: not a multiple of steps_per_save")
     try:
-        train(model, opt, train_set, val_set, targs, training_callback=Callback())
+        train(model, opt, train_set, val_set, targs, training_callback=Callback(), on_save=saved)
     except KeyboardInterrupt:
-        print(f"interrupted: weights in {adapter_file}; --resume continues from the last multiple of "
-              f"steps_per_save recorded in {out / 'progress.json'}", file=sys.stderr)
+        if rank == 0:
+            print(f"interrupted: --resume continues from the save {out / 'progress.json'} names "
+                  f"(iteration {_progress(out)})", file=sys.stderr)
         return 130
+    if rank != 0:
+        return 0
     (out / "progress.json").write_text(json.dumps({"iteration": int(cfg["iters"])}))
     train_seconds = time.perf_counter() - t_train
     prev = json.loads((rec / "record.json").read_text()) if args.resume and (rec / "record.json").is_file() else {}

@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import backend
+from .. import backend, fastmath
 from ..model import Model, encoder_mask
 
 # A batch: ``tokens`` [B, T] int32, the clean sequences right-padded; ``prompt_lengths``
@@ -173,7 +173,7 @@ def objective(
 
     kv, enc_logits = encoder_pass(model, tokens, checkpoint)
     valid = mx.arange(1, T)[None] < lengths[:, None]  # next-token pairs inside the sequence
-    enc_ce = nn.losses.cross_entropy(enc_logits[:, :-1], tokens[:, 1:]) * valid
+    enc_ce = fastmath.cross_entropy(enc_logits[:, :-1], tokens[:, 1:]) * valid
     enc_sum, enc_n = enc_ce.sum(), valid.sum()
 
     starts = starts_p + batch["blocks"] * L
@@ -187,11 +187,12 @@ def objective(
     signal = None
     if self_conditioning:
         first = mx.stop_gradient(decoder_pass(model, canvas, None, kv, masks, starts))  # no backward: no checkpoint
-        signal = model.soft_embeddings(mx.softmax(first, axis=-1))
+        probs = fastmath.softmax(first) if fastmath.enabled(first) else mx.softmax(first, axis=-1)
+        signal = model.soft_embeddings(probs)
         signal = signal * batch["self_condition"][:, None, None].astype(signal.dtype)  # tails: zero, the no-signal path
     logits = decoder_pass(model, canvas, signal, kv, masks, starts, checkpoint)
     scored = positions < lengths[:, None]  # always the whole block when the fill is complete
-    diff_ce = nn.losses.cross_entropy(logits, clean) * scored
+    diff_ce = fastmath.cross_entropy(logits, clean) * scored
     diff_sum, diff_n = diff_ce.sum(), scored.sum()
 
     d_den, e_den = (diff_n, enc_n) if denominators is None else denominators

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,7 +28,7 @@ from mlx_lm.tuner.trainer import TrainingArgs as _MLXTrainingArgs
 from ..model import Model
 from .datasets import BatchSpec, Example, iterate_batches
 from .objective import objective, prefix_span, prepare_for_training
-from .utils import numbered_adapter_file, save_adapters
+from .utils import numbered_adapter_file, save_adapters, save_optimizer_state
 
 
 @dataclass
@@ -42,6 +42,9 @@ class TrainingArgs(_MLXTrainingArgs):
     start_iteration: int = field(default=0, metadata={
         "help": "Iterations trained before this run (a resume): numbered saves carry the total, "
                 "so a resumed run does not overwrite the earlier run's."})
+    optimizer_file: Optional[str] = field(default=None, metadata={
+        "help": "Also save the optimizer state (Adam's moments and step) here at every save, "
+                "for a resume that continues exactly (tuner.utils.load_optimizer_state)."})
 
 
 def batch_spec(model: Model, args: TrainingArgs, seed: Optional[int] = None) -> BatchSpec:
@@ -90,12 +93,16 @@ def train(
     args: TrainingArgs = TrainingArgs(),
     training_callback: Optional[TrainingCallback] = None,
     log=print,
+    on_save: Optional[Callable[[int], None]] = None,
 ) -> List[dict]:
     """Train ``model``'s trainable parameters; returns the reports (train and validation).
 
     Adapters are saved (atomically) to ``args.adapter_file`` every ``steps_per_save``
-    iterations, with a numbered copy beside it, and at the end. Ctrl-C saves them, says
-    where, and raises ``KeyboardInterrupt`` again.
+    iterations (counted with ``start_iteration``), with a numbered copy beside it, and at
+    the end; ``args.optimizer_file`` gets the optimizer state with each. Ctrl-C saves them
+    (numbered too), says where, and raises ``KeyboardInterrupt`` again. ``on_save(total
+    iteration)`` runs after every save (process 0), so a caller can record which save is
+    the last one on disk.
     """
     world = mx.distributed.init()
     size, rank = world.size(), world.rank()
@@ -137,9 +144,14 @@ def train(
     def save(it: int, numbered: bool) -> None:
         if rank != 0:
             return
+        total = it + args.start_iteration
         save_adapters(model, adapter_file)
         if numbered:
-            save_adapters(model, numbered_adapter_file(adapter_file, it + args.start_iteration))
+            save_adapters(model, numbered_adapter_file(adapter_file, total))
+        if args.optimizer_file:
+            save_optimizer_state(optimizer, args.optimizer_file, total)
+        if on_save is not None:
+            on_save(total)
 
     def validate(it: int) -> None:
         tic = time.perf_counter()
@@ -156,23 +168,28 @@ def train(
     model.train()
     sums, n_tokens, steps, train_time, trained_tokens = mx.zeros((4,)), mx.array(0), 0, 0.0, 0
     grad_accum = None
-    it = 0
+    it = done = 0  # done: the last iteration whose update is in the weights
     batches = iterate_batches(train_dataset, args.batch_size, spec, loop=True, comm_group=world,
                               accumulation_steps=accum)
     try:
         for it, (batch, last) in zip(range(1, args.iters + 1), batches):
-            if val_dataset and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
+            at = it + args.start_iteration  # reports, evaluations and saves fall on the total's grid,
+            # so a run resumed at any iteration reports where the uninterrupted one would
+            if val_dataset and (it == 1 or at % args.steps_per_eval == 0 or it == args.iters):
                 validate(it)
             tic = time.perf_counter()
             span = prefix_span(batch, args.pad_to)
             parts, grad_accum = step(batch, span, grad_accum, last or it == args.iters)
+            # from here ``state`` holds this iteration's update (lazily: a Ctrl-C during the
+            # eval below still saves it, since saving evaluates it)
+            done = it
             sums = sums + parts
             n_tokens = n_tokens + batch["lengths"].sum()
             steps += 1
             mx.eval(state, sums, n_tokens, grad_accum)
             train_time += time.perf_counter() - tic
 
-            if it % args.steps_per_report == 0 or it == args.iters:
+            if at % args.steps_per_report == 0 or it == args.iters:
                 total = mx.distributed.all_sum(mx.concatenate([sums, n_tokens[None].astype(mx.float32)]),
                                                stream=mx.cpu).tolist()
                 p = _parts(total[:4])
@@ -198,14 +215,18 @@ def train(
                     training_callback.on_train_loss_report(r)
                 sums, n_tokens, steps, train_time = mx.zeros((4,)), mx.array(0), 0, 0.0
 
-            if it % args.steps_per_save == 0:
+            if at % args.steps_per_save == 0:
                 save(it, numbered=True)
-                log(f"Iter {it}: Saved adapter weights to {adapter_file} and "
-                    f"{numbered_adapter_file(adapter_file, it + args.start_iteration)}.", flush=True)
+                log(f"Iter {at}: Saved adapter weights to {adapter_file} and "
+                    f"{numbered_adapter_file(adapter_file, at)}.", flush=True)
     except KeyboardInterrupt:
-        save(it, numbered=False)
-        log(f"\nInterrupted at iteration {it}: adapter weights saved to {adapter_file}.", flush=True)
+        # the weights of the last iteration whose step returned (a Ctrl-C while a step is
+        # traced leaves its update unapplied: ``state`` is assigned when the step returns)
+        save(done, numbered=True)
+        total = done + args.start_iteration
+        log(f"\nInterrupted at iteration {total}: adapter weights saved to {adapter_file} and "
+            f"{numbered_adapter_file(adapter_file, total)}.", flush=True)
         raise
-    save(it, numbered=False)
+    save(it, numbered=(it + args.start_iteration) % args.steps_per_save != 0)
     log(f"Saved final weights to {adapter_file}.", flush=True)
     return history

@@ -108,6 +108,36 @@ def save_adapters(model: nn.Module, path: Union[str, Path]) -> Path:
     return path
 
 
+def save_optimizer_state(optimizer, path: Union[str, Path], iteration: int, dtype=None) -> Path:
+    """The optimizer's state (its step, Adam's moments ...) into ``path`` (.safetensors),
+    atomically, with the total ``iteration`` it belongs to in the metadata. ``dtype``: store
+    the floating-point tensors in it (bfloat16 halves a checkpoint; the step stays exact)."""
+    path = Path(path)
+    flat = dict(tree_flatten(optimizer.state))
+    if dtype is not None:
+        flat = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.ndim else v for k, v in flat.items()}
+    meta = {"iteration": str(int(iteration))}
+    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, flat, metadata=meta))
+    return path
+
+
+def load_optimizer_state(optimizer, path: Union[str, Path]) -> int:
+    """Restore ``save_optimizer_state``'s file into ``optimizer`` (in float32 where it was
+    stored lower); returns the iteration it was saved at."""
+    from mlx.utils import tree_unflatten
+
+    path = Path(path)
+    try:
+        flat, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:
+        raise AdapterError(f"{path}: not an optimizer state file ({e})".splitlines()[0]) from None
+    if "iteration" not in meta:
+        raise AdapterError(f"{path}: no iteration in its metadata (not written by save_optimizer_state)")
+    flat = {k: v.astype(mx.float32) if v.dtype in (mx.bfloat16, mx.float16) else v for k, v in flat.items()}
+    optimizer.state = tree_unflatten(list(flat.items()))
+    return int(meta["iteration"])
+
+
 def numbered_adapter_file(adapter_file: Union[str, Path], iteration: int) -> Path:
     """The copy of ``adapter_file`` saved at ``iteration`` (mlx-lm's naming: ``0000100_adapters.safetensors``)."""
     adapter_file = Path(adapter_file)
