@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_dgemma import Model, ModelArgs, kernels, rng  # noqa: E402
+from mlx_dgemma import Model, ModelArgs, backend, kernels, rng  # noqa: E402
+from mlx_dgemma.models.diffusion_gemma import Embedding  # noqa: E402
 from mlx_dgemma.sampling import probabilities, sample_step_mlx, temperature  # noqa: E402
 
 
@@ -55,7 +56,7 @@ class EmbeddingOnly(nn.Module):
     def __init__(self, vocab: int, hidden: int, dtype: mx.Dtype, bits: int = 0):
         super().__init__()
         self.decoder = nn.Module()
-        self.decoder.embed_tokens = nn.Embedding(vocab, hidden)
+        self.decoder.embed_tokens = Embedding(vocab, hidden)  # the model's table (with ``mix``)
         self.decoder.embed_tokens.weight = (mx.random.normal((vocab, hidden)) * hidden**-0.5).astype(dtype)
         if bits:
             nn.quantize(self, group_size=64, bits=bits)
@@ -127,7 +128,7 @@ def random_model(vocab: int, hidden: int, layers: int, canvas: int, sharpen: flo
     # rows are far more peaked than either), so we report both.
     model.decoder.norm.weight = model.decoder.norm.weight * sharpen
     mx.eval(model.parameters())
-    return model
+    return backend.defaults(model)
 
 
 def kl_rows(p_logits: mx.array, q_logits: mx.array, t: float) -> np.ndarray:
@@ -145,6 +146,7 @@ def sc_error(args) -> None:
         cache = model.make_cache()
         prompt = rng.random_tokens(rng.position_keys([1], rng.CANVAS, 99, 0, 24), vocab)
         model.encode(prompt, cache)
+        mx.eval([c.state for c in cache])
         canvas = rng.random_tokens(rng.position_keys([0], rng.CANVAS, 0, 0, L), vocab)
         print(f"\n## {label}: vocab {vocab}, hidden {hidden}, canvas {L}; next-step logits with "
               f"top-k SC vs exact SC")

@@ -69,7 +69,7 @@ def env() -> Dict[str, str]:
 
 
 def build_model(path: Path, config: str, steps: int) -> Path:
-    from mlx_dgemma.serving import tiny
+    from tests.fixtures import tiny
 
     text, canvas = CONFIGS[config]
     if not (path / "config.json").exists():
@@ -253,6 +253,7 @@ def bench_prefill(lengths: List[int], chunk: int, config: str) -> List[dict]:
     import numpy as np
 
     from mlx_dgemma.config import ModelArgs
+    from mlx_dgemma import backend
     from mlx_dgemma.model import Model
     from mlx_dgemma.serving.scheduler import prefill
 
@@ -260,6 +261,7 @@ def bench_prefill(lengths: List[int], chunk: int, config: str) -> List[dict]:
     model = Model(ModelArgs.from_config({"model_type": "diffusion_gemma", "canvas_length": canvas,
                                          "text_config": {"model_type": "diffusion_gemma_text", **text}}))
     mx.eval(model.parameters())
+    backend.defaults(model)
     rows = []
     prefill(model, model.make_cache(), np.arange(3, 3 + min(chunk, 256)) % text["vocab_size"], chunk)  # warm-up
     for n in lengths:
@@ -288,17 +290,20 @@ def bench_passes(config: str, levels: List[int], repeats: int = 3) -> List[dict]
     import numpy as np
 
     from mlx_dgemma.config import ModelArgs
+    from mlx_dgemma import backend
     from mlx_dgemma.model import Model
 
     text, canvas = CONFIGS[config]
     model = Model(ModelArgs.from_config({"model_type": "diffusion_gemma", "canvas_length": canvas,
                                          "text_config": {"model_type": "diffusion_gemma_text", **text}}))
     mx.eval(model.parameters())
+    backend.defaults(model)
     V = text["vocab_size"]
     caches = []
     for i in range(max(levels)):
         c = model.make_cache()
         model.encode(mx.array(np.random.default_rng(i).integers(3, V, (1, 200 + 100 * i)).astype(np.int32)), c)
+        mx.eval([x.state for x in c])
         caches.append(c)
     rows = []
     for B in levels:

@@ -53,7 +53,7 @@ PROJECTED_PROMPT = 64  # prompt tokens assumed for the 26B projection
 def build(work: Path, log=print) -> Path:
     """The 4-bit real-layer folder (built once)."""
     from mlx_dgemma.convert import convert
-    from mlx_dgemma.serving.tiny import write_random_model
+    from tests.fixtures.tiny import write_random_model
 
     q4 = work / "real-layer-q4"
     if (q4 / "config.json").is_file():

@@ -279,7 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import mlx.core as mx
 
     from mlx_dgemma.chat import encode_prompt
-    from mlx_dgemma.generate import generation_defaults, make_settings, resolve_ids, resolve_model
+    from mlx_dgemma.cli import resolve_model
+    from mlx_dgemma.generate import generation_defaults, make_settings, resolve_ids
 
     model, tok, is_demo = resolve_model(args.model, lambda m: print(m, file=sys.stderr))
     eos, pad = resolve_ids(model, generation_defaults(model))

@@ -39,7 +39,8 @@ from PIL import Image  # noqa: E402
 from benchmarks.common import CONFIGS  # noqa: E402
 from mlx_dgemma.config import ModelArgs, small_model_config  # noqa: E402
 from mlx_dgemma.image_processor import process_image  # noqa: E402
-from mlx_dgemma.model import Model  # noqa: E402
+from mlx_dgemma import backend  # noqa: E402
+from mlx_dgemma.model import build_model  # noqa: E402
 
 # transformers' Gemma4VisionConfig defaults
 VISION = dict(model_type="gemma4_vision", hidden_size=768, intermediate_size=3072, num_hidden_layers=16,
@@ -62,9 +63,9 @@ def build(config: str) -> Model:
         bos_token_id=2, vision_config=VISION, boi_token_id=V - 3, image_token_id=V - 2, eoi_token_id=V - 1)
     cfg["text_config"]["use_bidirectional_attention"] = "vision"
     mx.random.seed(0)
-    model = Model(ModelArgs.from_config(cfg))
+    model = build_model(ModelArgs.from_config(cfg))
     mx.eval(model.parameters())
-    return model
+    return backend.defaults(model)
 
 
 def picture(w: int = 640, h: int = 480) -> Image.Image:
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
 
     model = build(args.config)
     if args.sdpa:
-        model.cpu_attention = False
+        backend.configure(model, attention=False)
     a = model.args
     weights_gb = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 2**30
     vision = model.model.encoder.vision_tower.args
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
             t2 = time.perf_counter()
             ids = [a.boi_token_id] + [a.image_token_id] * p.num_soft_tokens + [a.eoi_token_id] + text
         cache = model.make_cache()
-        model.encode(mx.array([ids]), cache, image_features=feats)  # evaluates the cache
+        model.encode(mx.array([ids]), cache, image_features=feats)
+        mx.eval([c.state for c in cache])
         t3 = time.perf_counter()
         return dict(processor=t1 - t0, tower=t2 - t1, encode=t3 - t2, total=t3 - t0,
                     peak_gb=mx.get_peak_memory() / 2**30, prompt_tokens=len(ids))
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     meta = dict(command="python benchmarks/bench_vision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 config=args.config, vision=VISION, max_soft_tokens=args.max_soft_tokens, image="640x480 random RGB",
                 weights_gb=round(weights_gb, 3), repeats=args.repeats, warmup=args.warmup,
-                attention="C kernel" if model.cpu_attention else "MLX SDPA",
+                attention="C kernel" if backend.settings(model)["attention"] else "MLX SDPA",
                 machine=f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} "
                         f"({mx.default_device()})",
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

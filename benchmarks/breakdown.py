@@ -1,7 +1,7 @@
 """Where our denoising step's time goes, and A/B of the decoder's speed switches.
 
     python benchmarks/breakdown.py --config mid [--prompt 64] [--bits 4]
-    python benchmarks/breakdown.py --config mid --ab compile_decoder,merge_prefix,expert_dispatch=gather:grouped
+    python benchmarks/breakdown.py --config mid --ab compile,experts=gather:grouped
 
 Uses the checkpoint ``run.py`` built (``--work``, default /tmp/mlx_dgemma_bench). Each
 part is timed alone (inputs evaluated first, output evaluated), median of ``--repeats``
@@ -26,7 +26,7 @@ import mlx_dgemma  # noqa: E402,F401  (first: it loads OpenBLAS before mlx.core,
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_dgemma import load_model, rng  # noqa: E402
+from mlx_dgemma import backend, load_model, rng  # noqa: E402
 from mlx_dgemma.model import decoder_prefixes  # noqa: E402
 from mlx_dgemma.sampling import probabilities, sample_step_mlx  # noqa: E402
 
@@ -53,10 +53,12 @@ def setup(args):
     model, _ = load_model(Path(args.work) / args.config)
     if args.bits:
         quantize(model, args.bits, 32 if args.config == "tiny" else 64)
+        backend.defaults(model)  # the backend's paths for the now quantized layers
     mx.eval(model.parameters())
     V, L = model.args.vocab_size, model.args.canvas_length
     cache = model.make_cache()
     model.encode(mx.array(prompt_tokens(args.prompt, V))[None], cache)
+    mx.eval([c.state for c in cache])
     canvas = mx.array(fixed_canvas(L, V))
     logits = model.denoise(canvas, cache)
     temp = temperature(10, 48)
@@ -71,20 +73,20 @@ def parts(args) -> dict:
     a = model.args
     V, L, R = a.vocab_size, a.canvas_length, args.repeats
     out = {}
-    model.compile_decoder = False  # parts are timed eagerly; the whole step both ways
+    backend.configure(model, compile=False)  # parts are timed eagerly; the whole step both ways
     out["step forward (defaults)"] = timed(lambda: model.denoise(canvas, cache, self_conditioning_embeddings=sc), R)
     # compiling needs the traceable paths: gather_mm experts, MLX softcap
-    saved = model.expert_dispatch, model.numpy_softcap
-    model.compile_decoder, model.expert_dispatch, model.numpy_softcap = True, "gather", False
+    saved = backend.settings(model)
+    backend.configure(model, experts="gather", attention=False, host_softcap=False, dequantize=False, compile=True)
     out["step forward (compiled, gather experts, MLX softcap)"] = timed(
         lambda: model.denoise(canvas, cache, self_conditioning_embeddings=sc), R)
-    model.compile_decoder = False
-    model.expert_dispatch, model.numpy_softcap = saved
+    backend.configure(model, compile=False)
+    backend.configure(model, **{**saved, "compile": False})
 
     dec = model.decoder
-    out["embed + self-conditioning MLP"] = timed(lambda: dec.self_conditioning(model._embed(canvas), sc), R)
+    out["embed + self-conditioning MLP"] = timed(lambda: dec.self_conditioning(model.embed(canvas), sc), R)
     prefixes, offset = decoder_prefixes(cache, 1, L)
-    h = dec.self_conditioning(model._embed(canvas), sc)
+    h = dec.self_conditioning(model.embed(canvas), sc)
     mx.eval(h)
     seen = set()
     for i, (layer, (pk, pv, mask)) in enumerate(zip(model.layers, prefixes)):
@@ -169,19 +171,19 @@ def ab(args) -> dict:
         # "name" toggles a bool switch; "name=a:b" compares two values
         sw, _, vals = spec.partition("=")
         a_val, b_val = vals.split(":") if vals else (False, True)
-        base = getattr(model, sw)
+        base = backend.settings(model)[sw]
         times = {a_val: [], b_val: []}
         fn = lambda: model.denoise(canvas, cache, self_conditioning_embeddings=sc)  # noqa: E731
         for v in times:  # warm both (compiles happen here)
-            setattr(model, sw, v)
+            backend.configure(model, **{sw: v})
             mx.eval(fn())
         for _ in range(args.repeats):
             for v in times:
-                setattr(model, sw, v)
+                backend.configure(model, **{sw: v})
                 t = time.perf_counter()
                 mx.eval(fn())
                 times[v].append(time.perf_counter() - t)
-        setattr(model, sw, base)
+        backend.configure(model, **{sw: base})
         a_ms, b_ms = (1000 * statistics.median(times[k]) for k in (a_val, b_val))
         res[sw] = {"a": str(a_val), "b": str(b_val), "a_ms": round(a_ms, 1), "b_ms": round(b_ms, 1),
                    "b/a": round(b_ms / a_ms, 3)}
@@ -239,7 +241,7 @@ def main(argv=None):
     p.add_argument("--bits", type=int, default=0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--work", default="/tmp/mlx_dgemma_bench")
-    p.add_argument("--ab", default="", help="Model switches to A/B: name (bool) or name=a:b, comma separated")
+    p.add_argument("--ab", default="", help="backend.configure switches to A/B: name (bool) or name=a:b, comma separated")
     p.add_argument("--json", help="also write the numbers here")
     p.add_argument("--drafter-ab", action="store_true", help="current vs fused drafter vocabulary work")
     args = p.parse_args(argv)

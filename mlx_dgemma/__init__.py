@@ -6,8 +6,9 @@ from . import runtime
 
 runtime.setup()
 
-from .config import ConfigError, ModelArgs
-from .loader import WeightsError, load, load_model
+from .config import ModelArgs
+from .errors import ConfigError, WeightsError
+from .loader import load, load_model
 from .model import Model
 
 __all__ = ["ConfigError", "Model", "ModelArgs", "WeightsError", "load", "load_model"]

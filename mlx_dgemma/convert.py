@@ -39,6 +39,7 @@ from . import folder
 from .config import ConfigError, ModelArgs, read_config
 from .loader import WeightsError, read_header, resolve_model_path, weight_files
 from .model import Model
+from .errors import ConvertError  # noqa: F401  (raised here; defined with the others)
 
 ENC = "model.encoder.language_model."
 DEC = "model.decoder."
@@ -47,10 +48,6 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 # (group size, bits) each mode allows; None = free.
 MODES = {"affine": (None, None), "mxfp4": (32, 4)}
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # mlx-lm's make_shards default
-
-
-class ConvertError(ValueError):
-    """A conversion that cannot go ahead: bad arguments, output folder problems."""
 
 
 # ---------------------------------------------------------------------------- plan

@@ -21,9 +21,8 @@ The folder lives in ``$MLX_DGEMMA_CACHE/demo`` (default ``~/.cache/mlx_dgemma/de
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import mlx.core as mx
 import numpy as np
@@ -31,7 +30,6 @@ import numpy as np
 from .chat_template import CONTROL_TOKENS, GEMMA4_CHAT_TEMPLATE, TOOL_RESPONSE_OPEN
 from .config import small_model_config
 
-CACHE_ENV = "MLX_DGEMMA_CACHE"
 DEMO_VERSION = 2  # bump when the recipe changes: cached demos are rebuilt
 UNTRAINED_NOTICE = "demo model: random, UNTRAINED weights -- the text is gibberish; it shows the pipeline at work"
 
@@ -67,14 +65,6 @@ Thursday, Friday, Saturday, Sunday. January, February, March, April, May, June, 
 Hello! How are you today? I am fine, thank you. What would you like to talk about?
 Let us think step by step. First, read the question. Then, write the answer clearly.
 """
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlx_dgemma").expanduser()
-
-
-def demo_path() -> Path:
-    return cache_root() / "demo"
 
 
 def demo_config(vocab_size: int, canvas_length: int = 128) -> Dict:
@@ -118,40 +108,34 @@ def _printable_token_mask(tok, vocab_size: int) -> np.ndarray:
 
 def build_demo(path: Path, seed: int = 0, vocab_size: int = 512, canvas_length: int = 128) -> Path:
     """Write the demo model folder at ``path`` (replacing it)."""
-    from mlx.utils import tree_flatten
-
-    from .config import ModelArgs
-    from .folder import hf_weights, write_model_folder
-    from .model import Model
+    from .small_model import write_small_model
 
     path = Path(path)
     tok = build_tokenizer(vocab_size)
     V = tok.get_vocab_size()
     config = demo_config(V, canvas_length)
-    args = ModelArgs.from_config(config)
-    mx.random.seed(seed)
-    model = Model(args)
-    r = np.random.RandomState(seed)
-    H = args.hidden_size
-    # Peaked predictions: large tied embeddings make confident logits (the drafter then
-    # accepts many tokens per step and stops early, as with a trained model); special and
-    # non-printable byte tokens get tiny rows so they are rarely predicted.
-    emb = (r.randn(V, H) * 1.5).astype(np.float32)
-    emb[~_printable_token_mask(tok, V)] *= 0.02
-    params = {"model.decoder.embed_tokens.weight": mx.array(emb)}
-    for k, v in tree_flatten(model.parameters()):
-        if k in params:
-            continue
-        if k.endswith("layer_scalar"):
-            params[k] = mx.array(np.full(v.shape, 1.0, np.float32))
-        elif "norm" in k or k.endswith("router.scale") or k.endswith("per_expert_scale"):
-            params[k] = mx.array((1.0 + 0.1 * r.randn(*v.shape)).astype(np.float32))
-        else:  # projections: fan-in scaled
-            params[k] = mx.array((r.randn(*v.shape) * v.shape[-1] ** -0.5).astype(np.float32))
-    # weak self-conditioning, as in a trained model that mostly trusts the canvas
-    for name in ("down_proj",):
-        k = f"model.decoder.self_conditioning.{name}.weight"
+
+    def init(args, random_params):
+        r = np.random.RandomState(seed)
+        # Peaked predictions: large tied embeddings make confident logits (the drafter then
+        # accepts many tokens per step and stops early, as with a trained model); special and
+        # non-printable byte tokens get tiny rows so they are rarely predicted.
+        emb = (r.randn(V, args.hidden_size) * 1.5).astype(np.float32)
+        emb[~_printable_token_mask(tok, V)] *= 0.02
+        params = {"model.decoder.embed_tokens.weight": mx.array(emb)}
+        for k, v in random_params.items():
+            if k in params:
+                continue
+            if k.endswith("layer_scalar"):
+                params[k] = mx.array(np.full(v.shape, 1.0, np.float32))
+            elif "norm" in k or k.endswith("router.scale") or k.endswith("per_expert_scale"):
+                params[k] = mx.array((1.0 + 0.1 * r.randn(*v.shape)).astype(np.float32))
+            else:  # projections: fan-in scaled
+                params[k] = mx.array((r.randn(*v.shape) * v.shape[-1] ** -0.5).astype(np.float32))
+        # weak self-conditioning, as in a trained model that mostly trusts the canvas
+        k = "model.decoder.self_conditioning.down_proj.weight"
         params[k] = params[k] * 0.1
+        return params
 
     def write_tokenizer(dst: Path) -> None:
         tok.save(str(dst / "tokenizer.json"))
@@ -159,12 +143,12 @@ def build_demo(path: Path, seed: int = 0, vocab_size: int = 512, canvas_length: 
             tokenizer_class="PreTrainedTokenizerFast",
             bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
             additional_special_tokens=SPECIAL_TOKENS[4:],
-            model_max_length=args.max_position_embeddings,
+            model_max_length=config["text_config"]["max_position_embeddings"],
             clean_up_tokenization_spaces=False,
         ), indent=2))
 
-    write_model_folder(
-        path, config, hf_weights(params), tokenizer=write_tokenizer, chat_template=CHAT_TEMPLATE,
+    write_small_model(
+        path, config, seed=seed, init=init, tokenizer=write_tokenizer, chat_template=CHAT_TEMPLATE,
         generation_config=dict(
             # the released checkpoint's settings, except 16 steps (not 48): random weights
             # never settle, and the demo should finish in seconds on a CPU
@@ -185,18 +169,12 @@ def is_current(path: Path) -> bool:
     return (cfg.get("mlx_dgemma_demo") or {}).get("version") == DEMO_VERSION
 
 
-def ensure_demo(path: Optional[Path] = None, log: Callable[[str], None] = print) -> Path:
-    """The demo folder, built on first use (and after a recipe change)."""
-    path = Path(path) if path is not None else demo_path()
+def ensure_demo(path: Path, log: Callable[[str], None] = print) -> Path:
+    """The demo folder at ``path`` (builtin.demo_path()), built on first use (and after a
+    recipe change)."""
+    path = Path(path)
     if not is_current(path):
         log(f"building the demo model (random weights, local tokenizer) in {path} ...")
         path.parent.mkdir(parents=True, exist_ok=True)
         build_demo(path)
     return path
-
-
-def load_demo(log: Callable[[str], None] = print):
-    """``(model, tokenizer)`` of the demo model, building it first if needed."""
-    from .loader import load
-
-    return load(ensure_demo(log=log))

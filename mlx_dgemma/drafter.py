@@ -50,16 +50,13 @@ from .sampling import StepSample, probabilities, temperature
 # self-check, else sample_step_mlx (same semantics). Callers may also pass ``sample_fn=``.
 from .kernels import sample_step as _sample_step  # noqa: E402
 from .kernels import soft_embeddings as _soft_embeddings  # noqa: E402
+from .errors import ConstraintError, SettingsError  # noqa: F401  (raised here; defined with the others)
 # ---------------------------------------------------------------------------------------
 
 SampleFn = Callable[[mx.array, float, mx.array], StepSample]
 
 
 SAMPLERS = ("entropy-bound", "confidence")
-
-
-class SettingsError(ValueError):
-    """A sampler setting out of range (one-line message naming the setting)."""
 
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
@@ -279,10 +276,6 @@ def top_probability(logits: mx.array, temp: float, sample: StepSample) -> mx.arr
     return mx.exp(top - sample.lse)
 
 
-class ConstraintError(ValueError):
-    """A canvas constraint out of range (one-line message)."""
-
-
 @dataclass
 class CanvasPins:
     """Canvas constraints for one block: positions pinned to given tokens, per batch row.
@@ -325,7 +318,7 @@ class CanvasPins:
         """[B, L, H]: the self-conditioning signal of a one-hot row (the token's embedding
         times the embedding scale; ``onehot @ E`` is exactly that row)."""
         if self._embeddings is None:
-            self._embeddings = model._embed(self.tokens)
+            self._embeddings = model.embed(self.tokens)
         return self._embeddings
 
     def canvas(self, canvas: mx.array) -> mx.array:

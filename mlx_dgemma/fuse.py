@@ -100,8 +100,7 @@ def fuse(model_path, adapter_path, save_path, dequantize: bool = False, export_h
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config import ConfigError
-    from .loader import WeightsError
+    from .errors import ConfigError, WeightsError
 
     args = build_parser().parse_args(argv)
     try:

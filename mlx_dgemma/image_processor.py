@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+from .errors import ImageError  # noqa: F401  (raised here; defined with the others)
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 DEFAULT_MAX_SOFT_TOKENS = 280
@@ -27,10 +28,6 @@ DEFAULT_MAX_SOFT_TOKENS = 280
 DEFAULT_MAX_PIXELS = 50_000_000
 
 ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image: unreadable, truncated, too large."""
 
 
 @dataclass

@@ -18,28 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelArgs, read_config
-from .model import Model
-
-
-class WeightsError(ValueError):
-    """Missing, truncated or mismatched weight files."""
-
-
-BUILTIN_MODELS = ("demo", "sudoku")
-
-
-def builtin_model_path(name: str, log=None) -> Path:
-    """The folder of a model known by name: ``demo`` (random weights, built locally on first
-    use) or ``sudoku`` (the trained Sudoku model shipped inside the package)."""
-    if name == "demo":
-        from .demo import ensure_demo
-
-        return ensure_demo(log=log or (lambda msg: print(msg, file=sys.stderr)))
-    if name == "sudoku":
-        from .sudoku import model_path
-
-        return model_path()
-    raise ConfigError(f"{name}: not a built-in model (expected one of {', '.join(BUILTIN_MODELS)})")
+from . import backend
+from .model import Model, build_model
+from .builtin import BUILTIN_MODELS, builtin_model_path  # noqa: F401  (re-exported)
+from .errors import WeightsError  # noqa: F401  (raised here; defined with the others)
 
 
 def resolve_model_path(path_or_id: Union[str, Path]) -> Path:
@@ -143,9 +125,9 @@ def load_model(model_path: Union[str, Path], strict: bool = True) -> Tuple[Model
     config = read_config(model_path)
     try:
         args = ModelArgs.from_config(config)
-    except ConfigError as e:
+        model = build_model(args)
+    except ValueError as e:  # ConfigError, or the model file's own checks
         raise ConfigError(f"{model_path / 'config.json'}: {e}") from None
-    model = Model(args)
     weights = model.sanitize(load_weights(model_path))
     if model.has_vision and not any(k.startswith("model.encoder.") for k in weights):
         model.drop_vision()  # a vision_config without vision weights: text only
@@ -175,6 +157,7 @@ def load_model(model_path: Union[str, Path], strict: bool = True) -> Tuple[Model
     model.load_weights(list(weights.items()), strict=strict)
     model.eval()
     mx.eval(model.parameters())
+    backend.defaults(model)
     return model, config
 
 

@@ -21,6 +21,7 @@ import sys
 import types
 from pathlib import Path
 from typing import List, Optional
+from .errors import UsageError  # noqa: F401  (raised here; defined with the others)
 
 CONFIG_DEFAULTS = {
     "model": None,
@@ -64,10 +65,6 @@ CONFIG_DEFAULTS = {
     "report_to": None,
     "project_name": None,
 }
-
-
-class UsageError(ValueError):
-    """A bad flag or config value (one line)."""
 
 
 def build_parser():
@@ -320,8 +317,7 @@ def _callback(args, history: List[dict]):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config import ConfigError
-    from .loader import WeightsError
+    from .errors import ConfigError, WeightsError
     from .tuner.datasets import DataError
     from .tuner.utils import AdapterError
 

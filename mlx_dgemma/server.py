@@ -37,12 +37,14 @@ from .drafter import DenoiseSettings, SettingsError, load_generation_config
 from .generate import GenerateInputError, check_constraints, template_constraints
 from .image_processor import DEFAULT_MAX_PIXELS
 from .logits_processors import LogitsProcessors
+from .serving import completions as replies
 from .serving import responses
+from .serving.completions import PlainText
 from .serving.errors import APIError
 from .serving.prompt_cache import PromptCacheStore
 from .serving.protocol import Parsed, parse_request
 from .serving.scheduler import Event, GenerationParams, GenerationRequest, Scheduler
-from .serving.tools import ReplyParser, ToolFormat, chat_tool_calls
+from .serving.tools import ReplyParser, ToolFormat
 from .verify import EncoderRule
 
 try:
@@ -356,22 +358,6 @@ class ServerState:
         return card
 
 
-class PlainText:
-    """Raw completions: the decoded tokens, special tokens dropped (no thought channel)."""
-
-    thought = ""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens = tokenizer, []
-
-    def feed(self, tokens: Sequence[int]) -> None:
-        self.tokens.extend(int(t) for t in tokens)
-
-    @property
-    def answer(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True) if self.tokens else ""
-
-
 def _delta(full: str, sent: str) -> Tuple[str, str]:
     """(new text, what counts as sent): text past ``sent``; if a decode changed earlier
     text (rare with byte-level BPE), resend from where they differ."""
@@ -610,52 +596,12 @@ def create_app(state: ServerState) -> FastAPI:
         if p.stream:
             return StreamingResponse(_stream(gen, p, chat, common), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        reply = await gen.collect(request)
-        if chat:
-            msg: Dict[str, Any] = {"role": "assistant", "content": reply["answer"] or (None if reply["calls"] else "")}
-            if reply["thought"]:
-                msg["reasoning_content"] = reply["thought"]
-            if reply["calls"]:
-                msg["tool_calls"] = chat_tool_calls(reply["calls"])
-            choice = {"index": 0, "message": msg, "finish_reason": gen.finish_reason, "logprobs": None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": reply["answer"], "finish_reason": gen.finish_reason, "logprobs": None}
-            obj = "text_completion"
-        if p.return_token_ids:
-            choice["token_ids"] = gen.tokens
-            common = {**common, "prompt_token_ids": gen.params.prompt}
-        out = {**common, "object": obj, "choices": [choice], "usage": gen.usage(), "x_stats": gen.stats}
-        if p.ignored:
-            out["x_ignored_fields"] = p.ignored
-        return out
+        collected = await gen.collect(request)
+        return replies.reply(p, chat, common, collected, gen.finish_reason, gen.tokens, gen.params.prompt,
+                                 gen.usage(), gen.stats)
 
     async def _stream(gen: Generation, p: Parsed, chat: bool, common: dict):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        n_calls = 0
-
-        def chunk(delta: Dict[str, Any], finish: Optional[str], first: bool = False, tokens=None) -> dict:
-            nonlocal n_calls
-            if chat:
-                d: Dict[str, Any] = {"role": "assistant"} if first else {}
-                if delta.get("thought"):
-                    d["reasoning_content"] = delta["thought"]
-                if delta.get("answer") or first or not (finish or delta.get("calls")):
-                    d["content"] = delta.get("answer", "")
-                if delta.get("calls"):
-                    d["tool_calls"] = chat_tool_calls(delta["calls"], start=n_calls, streaming=True)
-                    n_calls += len(delta["calls"])
-                c = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-            else:
-                c = {"index": 0, "text": delta.get("answer", ""), "finish_reason": finish, "logprobs": None}
-            if p.return_token_ids and tokens is not None:
-                c["token_ids"] = tokens
-            out = {**common, "object": obj, "choices": [c]}
-            if p.include_usage:
-                out["usage"] = None
-            if finish and p.ignored:
-                out["x_ignored_fields"] = p.ignored
-            return out
+        chunk = replies.Chunks(p, chat, common).chunk
 
         try:
             if chat:
@@ -668,7 +614,7 @@ def create_app(state: ServerState) -> FastAPI:
                         yield _sse(chunk(d, None))
                     yield _sse(chunk({}, finish))
             if p.include_usage:
-                yield _sse({**common, "object": obj, "choices": [], "usage": gen.usage(), "x_stats": gen.stats})
+                yield _sse(replies.Chunks(p, chat, common).usage(gen.usage(), gen.stats))
         except APIError as e:
             yield _sse(e.body())
         yield "data: [DONE]\n\n"
@@ -740,9 +686,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ImportError:
         raise SystemExit("mlx_dgemma.server needs uvicorn: pip install 'mlx-dgemma[server]'") from None
     from . import runtime
-    from .config import ConfigError
-    from .generate import resolve_model  # the CLI's resolver: "demo", hub ids, unconverted checkpoints
-    from .loader import WeightsError
+    from .cli import resolve_model  # the CLI's resolver: "demo", hub ids, unconverted checkpoints
+    from .errors import ConfigError, WeightsError
 
     runtime.announce()  # which BLAS MLX's matmuls use (Linux), and how to get the fast one
     try:

@@ -21,8 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 
-from .config import ConfigError
-from .kernels import cpu as cpu_kernels
+from .errors import ConfigError
 
 
 @dataclass
@@ -117,9 +116,6 @@ class VisionAttention(nn.Module):
         self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
         self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
         self.eps = args.rms_norm_eps  # v is normed without a weight
-        # CPU: the C attention kernel (Model.cpu_attention): MLX's SDPA fallback materialises
-        # every score (12 heads x 2,520^2 patches) and runs a scalar softmax over them
-        self.cpu_attention = False
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: Optional[mx.array]) -> mx.array:
         B, P, _ = x.shape
@@ -127,12 +123,14 @@ class VisionAttention(nn.Module):
         k = axial_rope(self.k_norm(self.k_proj(x).reshape(B, P, self.n_kv_heads, self.head_dim)), cos, sin)
         v = mx.fast.rms_norm(self.v_proj(x).reshape(B, P, self.n_kv_heads, self.head_dim), None, self.eps)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        if self.cpu_attention and q.dtype == mx.float32:
-            km = None if mask is None else mask.reshape(B, -1)
-            out = cpu_kernels.attention(q, k, v, 1.0, key_mask=km)
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        out = self.attend(q, k, v, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, P, -1))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[mx.array]) -> mx.array:
+        """Bidirectional, scale 1; ``mask`` None or a key mask [B, 1, 1, P] (padding).
+        On the CPU, mlx_dgemma.backend swaps in the C kernel: MLX's SDPA fallback
+        materialises every score (12 heads x 2,520^2 patches) with a scalar softmax."""
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
 
 
 class VisionMLP(nn.Module):

@@ -35,7 +35,7 @@ import mlx_dgemma  # noqa: E402
 from mlx_dgemma.chat_template import TOOL_CALL_OPEN  # noqa: E402
 from mlx_dgemma.logits_processors import MASKED, LogitsProcessors  # noqa: E402
 from mlx_dgemma.server import ServerState  # noqa: E402
-from mlx_dgemma.serving import tiny  # noqa: E402
+from tests.fixtures import tiny  # noqa: E402
 from mlx_dgemma.serving.prompt_cache import PromptCacheStore  # noqa: E402
 from mlx_dgemma.serving.protocol import parse_request  # noqa: E402
 from mlx_dgemma.serving.scheduler import Event  # noqa: E402

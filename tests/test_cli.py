@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_dgemma import demo
+from mlx_dgemma import builtin, demo
 from mlx_dgemma.chat import ThoughtParser, encode_prompt
-from mlx_dgemma.generate import GenerateInputError, generate, main, stream_generate
+from mlx_dgemma.cli import main
+from mlx_dgemma.generate import GenerateInputError, generate, stream_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def demo_model(demo_cache):
 
 @pytest.fixture
 def env(demo_cache, monkeypatch):
-    monkeypatch.setenv(demo.CACHE_ENV, str(demo_cache))
+    monkeypatch.setenv(builtin.CACHE_ENV, str(demo_cache))
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     return e
@@ -138,7 +139,7 @@ def test_load_by_builtin_name(env):
 
     model, tok = mlx_dgemma.load("demo")  # the name, not a folder in the working directory
     assert model.args.canvas_length == 128 and tok is not None
-    assert str(model.path).startswith(os.environ[demo.CACHE_ENV])
+    assert str(model.path).startswith(os.environ[builtin.CACHE_ENV])
 
 
 def test_argparse_errors_exit_2(capsys):
@@ -348,7 +349,7 @@ class FakeTerminal:
 def test_terminal_view_redraws_drafts_in_place(width, height, monkeypatch):
     import os as _os
 
-    from mlx_dgemma.generate import TerminalView
+    from mlx_dgemma.cli import TerminalView
 
     term = FakeTerminal(width, height)  # height 6: drafts are cut to fit the screen
     monkeypatch.setattr("shutil.get_terminal_size", lambda *a: _os.terminal_size((width, height)))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mlx_dgemma import drafter
-from mlx_dgemma.config import ModelArgs
+from mlx_dgemma.config import small_model_config
 from mlx_dgemma.drafter import (
     CanvasPins,
     ConstraintError,
@@ -25,7 +25,7 @@ from mlx_dgemma.drafter import (
     entropy_bound_mask,
 )
 from mlx_dgemma.generate import GenerateInputError, check_constraints, generate_blocks, template_constraints
-from mlx_dgemma.model import Model
+from mlx_dgemma.small_model import small_model
 
 L, V = 12, 64
 PINS = [{0: 7, 3: 9, 11: 2}, {5: 63, 6: 1}]
@@ -33,12 +33,10 @@ PINS = [{0: 7, 3: 9, 11: 2}, {5: 63, 6: 1}]
 
 @pytest.fixture(scope="module")
 def tiny():
-    args = ModelArgs(hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=2,
-                     head_dim=16, num_key_value_heads=1, full_head_dim=32, full_kv_heads=1, vocab_size=V,
-                     sliding_window=8, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
-                     canvas_length=L, max_position_embeddings=512)
-    mx.random.seed(3)
-    model = Model(args)
+    model = small_model(small_model_config(
+        vocab_size=V, canvas_length=L, hidden_size=32, num_hidden_layers=2, intermediate_size=48,
+        num_attention_heads=2, head_dim=16, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+        sliding_window=8, max_position_embeddings=512, eos_token_id=1, pad_token_id=0, bos_token_id=2), seed=3)
     model.update(dict(model=dict(decoder=dict(embed_tokens=dict(
         weight=model.decoder.embed_tokens.weight * 4)))))  # peaky logits: several accepted per step
     mx.eval(model.parameters())
@@ -95,7 +93,7 @@ def test_free_positions_follow_the_reference_rule_and_sc_is_one_hot(tiny, monkey
     s = DenoiseSettings(max_denoising_steps=6, entropy_bound=0.5, stability_threshold=None)
     drafts = []
     denoise_block(model, cache, s, [4, 5], block=1, on_draft=drafts.append, constraints=PINS)
-    onehot = np.array(model._embed(mx.array([[7, 9, 2], [63, 1, 1]])))
+    onehot = np.array(model.embed(mx.array([[7, 9, 2], [63, 1, 1]])))
     for k, ((canvas, sc, logits), d) in enumerate(zip(spy.calls, drafts)):
         if k == 0:
             assert sc is None  # the first step takes the reference's no-self-conditioning path

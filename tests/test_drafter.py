@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_dgemma import drafter, rng
-from mlx_dgemma.config import ModelArgs
+from mlx_dgemma.config import small_model_config
 from mlx_dgemma.kernels.selfcond import topk_soft_embeddings
 from mlx_dgemma.drafter import (
     DenoiseSettings,
@@ -18,7 +18,7 @@ from mlx_dgemma.drafter import (
     denoise_block,
     entropy_bound_mask,
 )
-from mlx_dgemma.model import Model
+from mlx_dgemma.small_model import small_model
 from mlx_dgemma.sampling import probabilities, sample_step_mlx, temperature
 from tests.reference.compare import assert_same_network_output
 
@@ -157,12 +157,10 @@ def test_stopping_matches_reference(S):
 
 @pytest.fixture(scope="module")
 def tiny():
-    args = ModelArgs(hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=2,
-                     head_dim=16, num_key_value_heads=1, full_head_dim=32, full_kv_heads=1, vocab_size=64,
-                     sliding_window=8, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
-                     canvas_length=8, max_position_embeddings=512)
-    mx.random.seed(0)
-    model = Model(args)
+    model = small_model(small_model_config(
+        vocab_size=64, canvas_length=8, hidden_size=32, num_hidden_layers=2, intermediate_size=48,
+        num_attention_heads=2, head_dim=16, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+        sliding_window=8, max_position_embeddings=512, eos_token_id=1, pad_token_id=0, bos_token_id=2), seed=0)
     model.update(dict(model=dict(decoder=dict(embed_tokens=dict(
         weight=model.decoder.embed_tokens.weight * 4)))))  # peakier logits
     mx.eval(model.parameters())

@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_dgemma import ModelArgs, Model, kernels, rng
-from mlx_dgemma.kernels import cpu, cuda, emulate, metal, template
+from mlx_dgemma import kernels, rng
+from mlx_dgemma.config import small_model_config
+from mlx_dgemma.small_model import small_model
+from mlx_dgemma.kernels import cpu, cuda, metal, template
+from tests.fixtures import gpu_emulator as emulate
 from mlx_dgemma.sampling import StepSample, probabilities, sample_step_mlx
 
 # ---------------------------------------------------------------------------------------
@@ -572,14 +575,10 @@ def test_cuda_kernel_matches_mlx_path():
 
 
 def tiny_model(vocab=160, hidden=64, seed=0, quantize=False):
-    args = ModelArgs(
-        hidden_size=hidden, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
-        head_dim=16, num_key_value_heads=2, full_head_dim=32, full_kv_heads=1,
-        vocab_size=vocab, sliding_window=8, num_experts=4, top_k_experts=2,
-        moe_intermediate_size=32, canvas_length=16,
-    )
-    mx.random.seed(seed)
-    model = Model(args)
+    model = small_model(small_model_config(
+        vocab_size=vocab, canvas_length=16, hidden_size=hidden, num_hidden_layers=2, intermediate_size=96,
+        num_attention_heads=4, head_dim=16, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+        sliding_window=8, max_position_embeddings=262144, eos_token_id=1, pad_token_id=0, bos_token_id=2), seed=seed)
     if quantize:
         nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, m: isinstance(m, nn.Embedding))
     mx.eval(model.parameters())

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dgemma import Model, ModelArgs
+from mlx_dgemma import Model, ModelArgs, backend
 from mlx_dgemma.kernels import cpu as cpu_kernels
 from mlx_dgemma.model import decoder_prefixes
 from tests.reference.compare import assert_same_network_output
@@ -116,35 +116,39 @@ def test_one_prompt_several_canvases(model):
 # speed switches: every optimised path against the plain one
 
 
-def switched(model, **settings):
-    """Run with the given Model switches, restoring them afterwards."""
+def switched(model, prefill_chunk=None, **settings):
+    """Run with the given backend paths (``backend.configure``) and prefill chunk,
+    restoring the model's afterwards."""
     class Ctx:
         def __enter__(self):
-            self.old = {k: getattr(model, k) for k in settings}
-            for k, v in settings.items():
-                setattr(model, k, v)
+            self.old, self.chunk = backend.settings(model), model.prefill_chunk
+            backend.configure(model, compile=False)
+            backend.configure(model, **settings)
+            if prefill_chunk is not None:
+                model.prefill_chunk = prefill_chunk
 
         def __exit__(self, *a):
-            for k, v in self.old.items():
-                setattr(model, k, v)
+            backend.configure(model, compile=False)
+            backend.configure(model, **self.old)
+            model.prefill_chunk = self.chunk
     return Ctx()
 
 
-PLAIN = dict(compile_decoder=False, expert_dispatch="gather", merge_prefix=False, numpy_softcap=False,
-             cpu_attention=False, encoder_expert_dispatch=None, dequantize_matmuls=False)
+PLAIN = dict(compile=False, experts="gather", host_softcap=False, attention=False, dequantize=False, fastmath=False)
 VARIANTS = [
-    dict(PLAIN, compile_decoder=True),
-    pytest.param(dict(PLAIN, cpu_attention=True), marks=needs_cpu_attention),
-    dict(PLAIN, encoder_expert_dispatch="grouped"),
-    dict(PLAIN, expert_dispatch="grouped"),
-    dict(PLAIN, expert_dispatch="dense"),
-    dict(PLAIN, compile_decoder=True, expert_dispatch="dense"),
-    pytest.param(dict(PLAIN, expert_dispatch="cpu"), marks=needs_cpu_attention),
-    pytest.param(dict(PLAIN, expert_dispatch="cpu", cpu_attention=True, numpy_softcap=True), marks=needs_cpu_attention),
-    dict(PLAIN, merge_prefix=True),
-    dict(PLAIN, numpy_softcap=True),
-    dict(PLAIN, compile_decoder=True, merge_prefix=True),
-    dict(compile_decoder=False, expert_dispatch="grouped", merge_prefix=False, numpy_softcap=True),
+    dict(PLAIN, compile=True),
+    pytest.param(dict(PLAIN, attention=True), marks=needs_cpu_attention),
+    dict(PLAIN, experts="grouped"),
+    dict(PLAIN, experts="dense"),
+    dict(PLAIN, experts="dense", compile=True),
+    pytest.param(dict(PLAIN, experts="cpu"), marks=needs_cpu_attention),
+    pytest.param(dict(PLAIN, experts="cpu", attention=True, host_softcap=True), marks=needs_cpu_attention),
+    dict(PLAIN, host_softcap=True),
+    dict(PLAIN, experts="grouped", host_softcap=True),
+    dict(PLAIN, fastmath=True),
+    dict(PLAIN, fastmath=True, experts="dense", compile=True),
+    pytest.param(dict(PLAIN, fastmath=True, experts="cpu", attention=True, host_softcap=True),
+                 marks=needs_cpu_attention),
 ]
 
 
@@ -165,9 +169,10 @@ def test_speed_switches_keep_the_logits(model, variant):
 
 
 @pytest.mark.parametrize("variant", [
-    pytest.param(dict(cpu_attention=True), marks=needs_cpu_attention),
-    dict(encoder_expert_dispatch="grouped"),
-    pytest.param(dict(encoder_expert_dispatch="cpu"), marks=needs_cpu_attention),
+    pytest.param(dict(attention=True), marks=needs_cpu_attention),
+    dict(experts="grouped"),
+    pytest.param(dict(experts="cpu"), marks=needs_cpu_attention),
+    dict(fastmath=True),
 ], ids=lambda v: "+".join(f"{k}={x}" for k, x in v.items()))
 def test_encoder_speed_switches_keep_the_cache(model, variant):
     """Prefill in chunks past the sliding window (8), then a committed block: the cache
@@ -211,7 +216,8 @@ def test_cpu_experts_match_switch_glu_and_fall_back_when_quantized():
     nn.quantize(model, group_size=32, bits=4)
     experts = model.layers[0].experts
     assert not cpu_kernels.moe_supported(experts.switch_glu)
-    experts.dispatch = "cpu"  # falls back to the grouped MLX path
+    backend.configure(model, experts="cpu")  # falls back to the grouped MLX path
+    assert isinstance(experts, backend.KernelExperts)
     want = (experts.switch_glu(x, idx) * w[..., None]).sum(-2)
     assert float(mx.abs(experts(x, idx, w) - want).max()) <= 1e-4 * max(1.0, float(mx.abs(want).max()))
 
@@ -243,7 +249,7 @@ def test_cpu_geglu_matches_mlx():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_dequantized_matmuls_match_quantized_matmul(bits):
+def test_dequantized_matmuls_match_quantized_matmul(bits, monkeypatch):
     """CPU: quantized layers, experts (grouped) and the embedding table (LM head, in row
     chunks; self-conditioning) run dequantized through float32 matmuls: the same weights,
     so the logits agree to float32 rounding of the sums."""
@@ -254,9 +260,11 @@ def test_dequantized_matmuls_match_quantized_matmul(bits):
     rng = np.random.default_rng(9)
     prompt, canvas = rng.integers(0, 160, 11), mx.array(rng.integers(0, 160, (1, 16)))
     probs = mx.softmax(mx.array(rng.normal(size=(1, 16, 160)).astype(np.float32)), -1)
+    monkeypatch.setattr(backend.DequantizedEmbedding, "rows", 64)  # several chunks of the table
     out = []
     for on in (False, True):
-        with switched(model, **dict(PLAIN, expert_dispatch="grouped", dequantize_matmuls=on, dequantize_rows=64)):
+        with switched(model, **dict(PLAIN, experts="grouped", dequantize=on)):
+            assert isinstance(model.layers[0].self_attn.q_proj, backend.DequantizedLinear) == on
             cache = encoded(model, prompt)
             sc = model.soft_embeddings(probs)
             out.append((np.array(model.denoise(canvas, cache, self_conditioning_embeddings=sc)), np.array(sc)))
@@ -268,7 +276,7 @@ def test_dequantized_matmuls_match_quantized_matmul(bits):
 def test_grouped_experts_match_gather_mm_float_and_quantized():
     import mlx.nn as nn
 
-    from mlx_dgemma.model import grouped_switch_glu
+    from mlx_dgemma.backend import grouped_switch_glu
 
     model = tiny_model(5)
     glu = model.layers[0].experts.switch_glu
@@ -289,20 +297,19 @@ def test_dense_experts_match_the_routed_sum_and_its_gradient():
     the same gradients for the expert weights (exact zeros where a token was not routed)."""
     import mlx.nn as nn
 
-    from mlx_dgemma.model import dense_switch_glu
+    from mlx_dgemma.backend import dense_switch_glu
 
     model = tiny_model(6)
     experts = model.layers[0].experts
     x = mx.random.normal((2, 9, 64))
     idx = mx.argpartition(-mx.random.normal((2, 9, 8)), kth=1, axis=-1)[..., :2]
     w = mx.softmax(mx.random.normal((2, 9, 2)), axis=-1)
-    experts.dispatch = "gather"
     want = experts(x, idx, w)
     got = dense_switch_glu(experts.switch_glu, x, idx, w)
     assert float(mx.abs(got - want).max()) <= 1e-5 * max(1.0, float(mx.abs(want).max()))
 
     def grads(mode):
-        experts.dispatch = mode
+        backend.configure(model, experts=mode)
         return nn.value_and_grad(experts, lambda x: (experts(x, idx, w) ** 2).sum())(x)[1]
 
     g_gather, g_dense = grads("gather"), grads("dense")
@@ -312,17 +319,18 @@ def test_dense_experts_match_the_routed_sum_and_its_gradient():
     unused = sorted(set(range(8)) - set(np.array(idx).ravel().tolist()))
     if unused:  # an expert no token chose gets no gradient
         assert float(mx.abs(g_dense["switch_glu"]["gate_proj"]["weight"][unused[0]]).max()) == 0.0
-    experts.dispatch = "gather"
 
 
 def test_decoder_step_is_rebuilt_when_the_cache_changes(model):
-    """The per-block state is memoised on the cache: appending a block must invalidate it."""
+    """The per-block state is kept on the model (not on the cache): appending a block must
+    invalidate it."""
     rng = np.random.default_rng(4)
     cache = encoded(model, rng.integers(0, 160, 6))
     canvas = mx.array(rng.integers(0, 160, (1, 16)))
     first = np.array(model.denoise(canvas, cache))
     step = model.decoder_step(cache, 1, 16)
     assert model.decoder_step(cache, 1, 16) is step  # reused within the block
+    assert not [k for k in vars(cache) if "step" in k]
     model.encode(canvas, cache)
     assert model.decoder_step(cache, 1, 16) is not step
     after = np.array(model.denoise(canvas, cache))
@@ -376,3 +384,29 @@ def test_chunked_prefill_equals_one_pass(model):
     for a, b in zip(chunked, whole):
         close(np.array(a.state[0]), np.array(b.state[0]))
     close(got, want)
+
+
+def test_backend_defaults_then_plain_keep_the_parameters():
+    """The backend swaps module classes only: the parameter names and arrays stay; its
+    CPU defaults are what benchmarks/README.md measured, and ``plain`` undoes them."""
+    from mlx.utils import tree_flatten
+
+    model = tiny_model(11)
+    before = dict(tree_flatten(model.parameters()))
+    backend.defaults(model)
+    s = backend.settings(model)
+    if mx.default_device() == mx.cpu:
+        kernel = cpu_kernels.attention_available()
+        assert s == dict(experts="cpu" if kernel else "grouped", attention=kernel, host_softcap=True,
+                         dequantize=False, compile=False, fastmath=True)  # dequantize: nothing is quantized here
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    backend.plain(model)
+    assert backend.traceable(model) and type(model.layers[0].experts) is __import__(
+        "mlx_dgemma.model", fromlist=["Experts"]).Experts
+    assert backend.settings(model)["fastmath"] == (mx.default_device() == mx.cpu)  # traceable: kept for training
+    with pytest.raises(ValueError, match="experts must be one of"):
+        backend.configure(model, experts="fast")
+    backend.configure(model, host_softcap=True)
+    with pytest.raises(ValueError, match="compile needs the traceable paths"):
+        backend.configure(model, compile=True)

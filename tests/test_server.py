@@ -28,7 +28,7 @@ import mlx_dgemma  # noqa: E402
 from mlx_dgemma.cache import PrefixCache  # noqa: E402
 from mlx_dgemma.drafter import DenoiseSettings  # noqa: E402
 from mlx_dgemma.server import ServerState, create_app  # noqa: E402
-from mlx_dgemma.serving import tiny  # noqa: E402
+from tests.fixtures import tiny  # noqa: E402
 
 CONTEXT = 262144  # the released checkpoint's max_position_embeddings
 L = 16  # canvas length of the test model
@@ -442,11 +442,14 @@ def test_long_prompt_is_prefilled_in_chunks_with_bounded_memory(server):
 
         # MLX's SDPA materialises a pass's scores, which chunking bounds; the CPU attention
         # kernel bounds them by itself (outside MLX's allocator), so compare without it
-        saved_attn, st.model.cpu_attention = st.model.cpu_attention, False
+        from mlx_dgemma import backend
+
+        saved_attn = backend.settings(st.model)["attention"]
+        backend.configure(st.model, attention=False)
         try:
             return _check()
         finally:
-            st.model.cpu_attention = saved_attn
+            backend.configure(st.model, attention=saved_attn)
 
     def _check():
         from mlx_dgemma.serving.scheduler import prefill

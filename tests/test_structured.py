@@ -336,7 +336,7 @@ def test_unconstrained_decoding_is_unchanged(demo):
 
 
 def test_cli_json_schema_and_grammar(tmp_path, demo_dir, capsys):
-    from mlx_dgemma.generate import main
+    from mlx_dgemma.cli import main
 
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps(SCHEMAS[3]))

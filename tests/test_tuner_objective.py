@@ -197,3 +197,26 @@ def test_gradients_match_reference(tmp_path):
     close(g[f"{pre}.3.experts.switch_glu.up_proj.weight"], gate_up[:, I:], "expert up_proj")
     close(g[f"{pre}.0.experts.switch_glu.down_proj.weight"], ref.model.decoder.layers[0].experts.down_proj.grad,
           "expert down_proj")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(pair):
+    """``checkpoint`` (the trainer's grad_checkpoint) recomputes each layer in the backward
+    pass: the same loss and gradients, the encoder's K/V included (they are outputs of the
+    checkpointed function), and the layers are plain again afterwards."""
+    from mlx_dgemma.model import DecoderLayer
+
+    _, model = pair
+    batch = as_mx(make_batch(seed=4))
+    model.unfreeze()
+    out = []
+    for ckpt in (False, True):
+        value, grads = nn.value_and_grad(model, lambda m, b: objective(m, b, checkpoint=ckpt).loss)(model, batch)
+        out.append((float(value), dict(tree_flatten(grads))))
+    assert all(type(layer) is DecoderLayer for layer in model.layers)
+    (v0, g0), (v1, g1) = out
+    assert rel(v1, v0) < 1e-5
+    for k in ("model.decoder.layers.0.self_attn.k_proj.weight", "model.decoder.layers.3.mlp.down_proj.weight",
+              "model.decoder.layers.1.encoder_layer_scalar", "model.decoder.embed_tokens.weight"):
+        a, b = np.array(g1[k]), np.array(g0[k])
+        assert np.abs(b).max() > 0, k
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), k

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 import mlx_dgemma
 from mlx_dgemma import fuse, lora
-from mlx_dgemma.serving.tiny import byte_vocab_size, write_random_model
+from tests.fixtures.tiny import byte_vocab_size, write_random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -342,7 +342,7 @@ def test_qlora_and_dora_train_test_and_fuse(tiny, tmp_path, capsys, kind):
 
 
 def test_adapter_path_in_generate_and_server(tiny, tmp_path, capsys):
-    from mlx_dgemma import generate, server
+    from mlx_dgemma import cli, server
 
     data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS])
     ad = tmp_path / "ad"
@@ -350,11 +350,11 @@ def test_adapter_path_in_generate_and_server(tiny, tmp_path, capsys):
                     "--learning-rate", "1e-1", "--adapter-path", ad, "--no-plot") == 0
     capsys.readouterr()
     args = ["--model", str(tiny), "--prompt", PAIRS[0][0], "--max-tokens", "8", "--seed", "0"]
-    assert generate.main(args) == 0
+    assert cli.main(args) == 0
     plain = capsys.readouterr().out
-    assert generate.main(args + ["--adapter-path", str(ad)]) == 0
+    assert cli.main(args + ["--adapter-path", str(ad)]) == 0
     assert capsys.readouterr().out != plain  # the adapters change the text
-    assert generate.main(args + ["--adapter-path", str(tmp_path / "none")]) == 2
+    assert cli.main(args + ["--adapter-path", str(tmp_path / "none")]) == 2
     one_line_error(capsys, 2, "--adapter-path", "none")
     # the server applies them at load; a bad folder stops it with one line before serving
     with pytest.raises(SystemExit, match=r"^error: --adapter-path .*none: not a folder$"):

@@ -66,13 +66,16 @@ def test_soft_tokens_match_reference(pair, c_attention):
     # three aspect ratios; the reference pads them into one batch (its padding masked)
     images = [grid(6, 9, 0), grid(9, 6, 1), grid(3, 3, 2)]
     want = reference_features(ref, images, max_patches=81)
-    before = model.cpu_attention
-    model.cpu_attention = c_attention
+    from mlx_dgemma import backend
+
+    before = backend.settings(model)["attention"]
+    backend.configure(model, attention=c_attention)
     try:
-        assert model.model.encoder.vision_tower.encoder.layers[0].self_attn.cpu_attention == c_attention
+        attn = model.model.encoder.vision_tower.encoder.layers[0].self_attn
+        assert isinstance(attn, backend.KernelVisionAttention) == c_attention
         got = [np.array(model.image_features(patches, pos)) for patches, pos in images]
     finally:
-        model.cpu_attention = before
+        backend.configure(model, attention=before)
     for (patches, _), ours, w in zip(images, got, want):
         assert ours.shape == w.shape == (len(patches) // 9, 64)
         diff = np.abs(ours - w)

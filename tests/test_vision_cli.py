@@ -17,9 +17,10 @@ from PIL import Image
 
 from mlx_dgemma import load
 from mlx_dgemma.config import small_vision_config
-from mlx_dgemma.generate import GenerateInputError, generate_blocks, main, make_settings, stream_generate
+from mlx_dgemma.cli import main
+from mlx_dgemma.generate import GenerateInputError, generate_blocks, make_settings, stream_generate
 from mlx_dgemma.images import expand_image_tokens, prepare_images
-from mlx_dgemma.serving import tiny
+from tests.fixtures import tiny
 
 TEXT = dict(vocab_size=tiny.byte_vocab_size() + 8, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,

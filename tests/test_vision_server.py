@@ -16,7 +16,7 @@ pytest.importorskip("openai", reason="the server tests need the openai client")
 
 import mlx_dgemma  # noqa: E402
 from mlx_dgemma.server import ServerState  # noqa: E402
-from mlx_dgemma.serving import tiny  # noqa: E402
+from tests.fixtures import tiny  # noqa: E402
 from mlx_dgemma.serving.errors import APIError  # noqa: E402
 from mlx_dgemma.serving.protocol import parse_request  # noqa: E402
 from tests.test_server import Running, http  # noqa: E402

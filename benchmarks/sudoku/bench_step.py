@@ -72,7 +72,12 @@ def run_one(a) -> None:
     write_initial_model(init)
     model, tok = load(init)
     setup_fine_tuning(model, "full")
-    model.expert_dispatch = "dense"
+    try:  # since issue 21 the backend swaps the experts; earlier trees had a model switch
+        from mlx_dgemma import backend
+
+        backend.configure(model, experts="dense")
+    except ImportError:
+        model.expert_dispatch = "dense"
     data = load_split(Path(a.data), tok)
     hist = train(model, optim.AdamW(1e-3, betas=[0.9, 0.99], weight_decay=1e-4), data, None,
                  TrainingArgs(batch_size=a.batch, iters=a.iters, steps_per_report=1, steps_per_save=10**9, pad_to=1,

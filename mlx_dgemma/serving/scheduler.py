@@ -393,6 +393,7 @@ class Scheduler:
             end -= 1  # the last token alone, with logits (the rest need none)
         logits = self.model.encode(mx.array(row.prompt[None, row.pos:end]), row.cache,
                                    return_logits=last and end - row.pos == 1)
+        mx.eval([c.state for c in row.cache])  # this chunk now, not with the row's first step
         if logits is not None:
             row.pending = logits[0, -1]
         self.prefill_tokens += end - row.pos
@@ -416,6 +417,7 @@ class Scheduler:
         n = int((row.prompt[row.pos:end] == image_id).sum())
         self.model.encode(mx.array(row.prompt[None, row.pos:end]), row.cache,
                           image_features=row.image_features[row.images_used:row.images_used + n])
+        mx.eval([c.state for c in row.cache])  # this chunk now, not with the row's first step
         self.prefill_tokens += end - row.pos
         row.pos, row.images_used = end, row.images_used + n
         row.prefill_s += time.perf_counter() - t0
@@ -519,10 +521,12 @@ class Scheduler:
                 # The next turn most likely re-sends prompt + reply (+ EOS): keep it.
                 # (verified / ar: the cache already holds all of it but the last token)
                 self.model.encode(mx.array([keep if row.decode == "diffusion" else keep[-1:]]), row.cache)
+                mx.eval([c.state for c in row.cache])
                 self.store.insert(np.concatenate([row.prompt, np.asarray(row.generated[: len(row.generated) - len(out)] + keep, np.int32)]), row.cache)
             return
         if row.decode == "diffusion":
             self.model.encode(mx.array([block]), row.cache)
+            mx.eval([c.state for c in row.cache])
         else:
             row.pending = advance(self.model, row.cache, block[-1])
         row.block += 1
@@ -554,6 +558,7 @@ def prefill(model, cache, tokens: Sequence[int], chunk: int = 2048) -> None:
     toks = np.asarray(tokens, dtype=np.int32)
     for i in range(0, len(toks), chunk):
         model.encode(mx.array(toks[None, i : i + chunk]), cache)
+        mx.eval([c.state for c in cache])  # one chunk at a time: memory bounded by the chunk
 
 
 def _materialize(model) -> None:

@@ -18,21 +18,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
+from ..builtin import SUDOKU_MODEL_DIR, builtin_model_path
 from .grid import SudokuInputError, blanks_right, draw, givens, is_solution, parse
 from .rater import rate
 
-MODEL_DIR = Path(__file__).resolve().parent / "model"
+MODEL_DIR = SUDOKU_MODEL_DIR
 _LOADED: Dict[str, tuple] = {}
 
 
 def model_path() -> Path:
     """The shipped model folder (package data)."""
-    if not (MODEL_DIR / "config.json").is_file():
-        from ..config import ConfigError
-
-        raise ConfigError(f"{MODEL_DIR}: the sudoku model is not built here; "
-                          "`python -m mlx_dgemma.sudoku.train` rebuilds it")
-    return MODEL_DIR
+    return builtin_model_path("sudoku")
 
 
 def load_model(model: Union[str, Path, tuple] = "sudoku"):

@@ -42,9 +42,7 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..config import ConfigError
-    from ..generate import GenerateInputError
-    from ..loader import WeightsError
+    from ..errors import ConfigError, GenerateInputError, WeightsError
     from . import draw, is_solution, load_model, parse, solve
     from .grid import SudokuInputError
 

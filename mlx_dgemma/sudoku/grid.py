@@ -7,6 +7,7 @@ blank (input may also use ``.`` for blanks and may contain whitespace).
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
+from ..errors import SudokuInputError  # noqa: F401  (raised here; defined with the others)
 
 DIGITS = "123456789"
 BLANKS = "0."
@@ -22,10 +23,6 @@ CELL_UNITS: List[Tuple[int, int, int]] = [(i // 9, 9 + i % 9, 18 + (i // 27) * 3
 PEERS: List[Tuple[int, ...]] = [
     tuple(sorted({j for u in CELL_UNITS[i] for j in UNITS[u]} - {i})) for i in range(81)
 ]
-
-
-class SudokuInputError(ValueError):
-    """A puzzle that cannot be read or breaks the rules (one-line message)."""
 
 
 def cell_name(i: int) -> str:

@@ -193,20 +193,14 @@ def write_initial_model(path, seed: int = 0, readme: Optional[str] = None, **siz
     U(+-1/sqrt(fan_in)), norms and layer scalars at 1; the cell tokens'
     embeddings are built from their digit's and their units' (``structured_cell_embeddings``).
     """
-    from mlx.utils import tree_flatten
+    from ..small_model import write_small_model
 
-    from ..config import ModelArgs
-    from ..folder import hf_weights, write_model_folder
-    from ..model import Model
+    def init(args, params):
+        key = "model.decoder.embed_tokens.weight"
+        return {**params, key: structured_cell_embeddings(params[key])}
 
-    config = model_config(**size)
-    mx.random.seed(seed)
-    model = Model(ModelArgs.from_config(config))
-    params = dict(tree_flatten(model.parameters()))
-    key = "model.decoder.embed_tokens.weight"
-    params[key] = structured_cell_embeddings(params[key])
-    return write_model_folder(
-        path, config, hf_weights(params), tokenizer=write_tokenizer, chat_template=CHAT_TEMPLATE,
+    return write_small_model(
+        path, model_config(**size), seed=seed, init=init, tokenizer=write_tokenizer, chat_template=CHAT_TEMPLATE,
         generation_config=dict(GENERATION_CONFIG),
         readme=readme or "# DiffusionGemma Sudoku (initial, untrained)\n\nBuilt by `mlx_dgemma.sudoku.recipe`.\n",
     )

@@ -228,7 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.callbacks import TrainingCallback
 
-    from .. import load
+    from .. import backend, load
     from ..tuner import TrainingArgs, setup_fine_tuning, train
     from ..tuner.utils import load_optimizer_state, numbered_adapter_file, save_adapter_config
     from ..tuner.datasets import load_split
@@ -289,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     model, tok = load(init)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     setup_fine_tuning(model, "full")
-    model.expert_dispatch = cfg.get("expert_dispatch", "dense")
+    backend.configure(model, experts=cfg.get("expert_dispatch", "dense"))
     # the trainer's adapter folder (full fine-tuning: every trained weight), so that
     # load(init, adapter_path=...) and python -m mlx_dgemma.fuse read it as any other
     if rank == 0:

@@ -30,12 +30,9 @@ import mlx.core as mx
 import numpy as np
 
 from .draws import make_draws
+from ..errors import DataError  # noqa: F401  (raised here; defined with the others)
 
 SPLITS = ("train", "valid", "test")
-
-
-class DataError(ValueError):
-    """Training data that cannot be used (one line, naming the file and line)."""
 
 
 @dataclass

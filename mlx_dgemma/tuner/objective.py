@@ -35,13 +35,15 @@ NeMo takes it (its comment says Google takes a per-example mean).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import fastmath
-from ..model import Model, encoder_mask
+from .. import backend, fastmath
+from ..cache import PrefixCache
+from ..model import DecoderLayer, Model
 
 # A batch: ``tokens`` [B, T] int32, the clean sequences right-padded; ``prompt_lengths``
 # [B] (where each response starts); ``lengths`` [B] (where each EOS fill ends: a whole
@@ -59,18 +61,20 @@ class Loss(NamedTuple):
 
 
 def prepare_for_training(model: Model) -> Model:
-    """Switch the model to its traceable paths (``Model.use_traceable_paths``): the CPU
+    """Switch the model to its traceable paths (``backend.plain``): the CPU
     inference defaults go through the host or C kernels and cannot be differentiated or
     compiled. Both give the same numbers within float rounding. A model set to the
     (traceable) "dense" expert dispatch keeps it: small models train faster with it here."""
-    model.use_traceable_paths()
+    backend.plain(model)
     return model
 
 
 class _KVRecorder:
-    """Stands in for a layer's cache during the encoder pass: keeps the layer's K/V."""
+    """Stands in for a layer's cache during the encoder pass: keeps the layer's K/V (all
+    of them: the decoder's masks below pick what each canvas sees)."""
 
     keys = values = None
+    offset = 0
 
     def append(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
         self.keys, self.values = keys, values
@@ -89,25 +93,48 @@ def _checkpointed(layer: nn.Module, fn: Callable) -> Callable:
     return lambda *args: ckpt(layer.trainable_parameters(), *args)
 
 
+class _CheckpointedLayer(DecoderLayer):
+    """A layer recomputed in the backward pass instead of kept (swapped in for the passes
+    below when ``checkpoint``): in the encoder its K/V are outputs of the checkpointed
+    function, then go to the layer's recorder."""
+
+    def __call__(self, x, cache, offset, mask, write: bool):
+        layer = super().__call__
+        if write:
+            def run(x):
+                rec = _KVRecorder()
+                return layer(x, rec, offset, mask, True), rec.keys, rec.values
+
+            h, k, v = _checkpointed(self, run)(x)
+            cache.append(k, v)
+            return h
+        pk, pv = cache
+        return _checkpointed(self, lambda x, pk, pv, offset, mask: layer(x, (pk, pv), offset, mask, False))(
+            x, pk, pv, offset, mask)
+
+
+@contextmanager
+def _checkpointing(model: Model, on: bool) -> Iterator[None]:
+    if not on:
+        yield
+        return
+    for layer in model.layers:
+        layer.__class__ = _CheckpointedLayer
+    try:
+        yield
+    finally:
+        for layer in model.layers:
+            layer.__class__ = DecoderLayer
+
+
 def encoder_pass(model: Model, tokens: mx.array, checkpoint: bool = False):
-    """The causal encoder over ``tokens`` [B, T]: per-layer (K, V) and its logits [B, T, V]."""
+    """The causal encoder over ``tokens`` [B, T] (the model's own pass, ``encode_chunk``, into
+    recorders instead of a cache): per-layer (K, V) of every position and its logits [B, T, V]."""
     prepare_for_training(model)
-    args = model.args
-    T = tokens.shape[1]
-    h = model._embed(tokens)
-    kv: List[Tuple[mx.array, mx.array]] = []
-    for i, layer in enumerate(model.layers):
-        full = args.is_full(i)
-        mask = "causal" if full or T <= args.sliding_window else encoder_mask(T, 0, T, args.sliding_window)
-
-        def run(h, layer=layer, mask=mask):
-            rec = _KVRecorder()
-            h = layer(h, rec, 0, mask, write=True)
-            return h, rec.keys, rec.values
-
-        h, k, v = (_checkpointed(layer, run) if checkpoint else run)(h)
-        kv.append((k, v))
-    return kv, model.lm_head(model.decoder.norm(h))
+    recorders = PrefixCache(_KVRecorder() for _ in model.layers)
+    with _checkpointing(model, checkpoint):
+        logits = model.encode_chunk(tokens, recorders, return_logits=True)
+    return [(r.keys, r.values) for r in recorders], logits
 
 
 def decoder_masks(model: Model, starts: mx.array, T: int, L: int) -> Tuple[mx.array, mx.array]:
@@ -127,17 +154,12 @@ def decoder_masks(model: Model, starts: mx.array, T: int, L: int) -> Tuple[mx.ar
 
 def decoder_pass(model: Model, canvas: mx.array, signal: Optional[mx.array], kv, masks, offset,
                  checkpoint: bool = False) -> mx.array:
-    """Decoder logits [B, L, V] for ``canvas`` over the given per-layer K/V and key masks."""
+    """Decoder logits [B, L, V] for ``canvas`` over the given per-layer K/V and key masks
+    (the model's own decoder pass, ``decode_layers``)."""
     prepare_for_training(model)
-    h = model.decoder.self_conditioning(model._embed(canvas), signal)
-    for i, (layer, (k, v)) in enumerate(zip(model.layers, kv)):
-        mask = masks[0] if model.args.is_full(i) else masks[1]
-
-        def run(h, k, v, offset, mask, layer=layer):
-            return layer(h, (k, v), offset, mask, write=False)
-
-        h = (_checkpointed(layer, run) if checkpoint else run)(h, k, v, offset, mask)
-    return model.lm_head(model.decoder.norm(h))
+    prefixes = [(k, v, masks[0] if model.args.is_full(i) else masks[1]) for i, (k, v) in enumerate(kv)]
+    with _checkpointing(model, checkpoint):
+        return model.decode_layers(canvas, signal, prefixes, offset, head=True)
 
 
 def prefix_span(batch: Batch, multiple: int = 32) -> int:

@@ -19,8 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..loader import WeightsError
+from .. import backend
 from ..model import Model
+from ..errors import AdapterError, WeightsError  # noqa: F401  (AdapterError: raised here)
 
 # The recipe's LoRA targets (NeMo AutoModel diffusion_gemma_lora.yaml): attention and the
 # dense MLP. Full-attention layers have no v_proj (K = V) and are simply skipped for it.
@@ -37,11 +38,6 @@ ADAPTER_FILE, CONFIG_FILE = "adapters.safetensors", "adapter_config.json"
 _SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "num_key_value_heads",
                "full_head_dim", "full_kv_heads", "intermediate_size", "moe_intermediate_size", "num_experts",
                "vocab_size")
-
-
-class AdapterError(WeightsError):
-    """Adapters that do not fit the model (one line, naming the file). A ``WeightsError``,
-    so that every command that loads a model reports it the same way."""
 
 
 def base_model_shapes(model: Model) -> Dict[str, int]:
@@ -80,7 +76,7 @@ def setup_fine_tuning(model: Model, fine_tune_type: str = "lora", num_layers: in
         params = {**DEFAULT_LORA, **(lora_parameters or {})}
         linear_to_lora_layers(model, num_layers, params, use_dora=fine_tune_type == "dora")
         if any(k.startswith("experts.") for k in params["keys"]):
-            model.expert_dispatch = "gather"  # the CPU's grouped experts read base weights directly
+            backend.configure(model, experts="gather")  # the CPU's grouped experts read base weights directly
     else:
         raise ValueError(f"--fine-tune-type must be lora, dora or full, got {fine_tune_type!r}")
     return model
