@@ -151,7 +151,7 @@ def speed(work: Path, out: Path, iters: int = 9, batch: int = 32) -> dict:
     cmd = ["-m", "mlx_dgemma.lora", "--model", str(model), "--train", "--data", str(folder), "--fine-tune-type",
            "full", "--batch-size", str(batch), "--iters", str(iters), "--steps-per-report", "3", "--save-every",
            "1000", "--learning-rate", "1e-3", "--no-plot"]
-    launch = [str(Path(sys.executable).with_name("mlx.launch")), "-n", "2", "--backend", "ring", "--starting-port",
+    launch = [sys.executable, "-m", "mlx_dgemma.launch", "-n", "2", "--backend", "ring", "--starting-port",
               str(random.randint(20000, 40000)), "--env", f"PYTHONPATH={ROOT}", "--env",
               f"LD_PRELOAD={env.get('LD_PRELOAD', '')}", "--python", sys.executable, "--"]
     result = {"what": "full fine-tuning step, Sudoku recipe model, batch 32 (88-token prompt, 88-token canvas)"}

@@ -151,7 +151,7 @@ def measure(args_list, env_extra=None, launch: int = 1, timeout: int = 900) -> d
     if launch > 1:
         import random
 
-        cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(launch), "--backend", "ring",
+        cmd = [sys.executable, "-m", "mlx_dgemma.launch", "-n", str(launch), "--backend", "ring",
                "--starting-port", str(random.randint(20000, 40000)), "--env", "OPENBLAS_NUM_THREADS=1",
                "--env", f"LD_PRELOAD={env.get('LD_PRELOAD', '')}", "--python", sys.executable, "--",
                str(Path(__file__).resolve()), *args_list]

@@ -179,15 +179,15 @@ def export_checkpoint(out: Path, record: Path, dst: Path) -> Path:
 
 
 def _launch(argv: List[str], processes: int) -> int:
-    """This command again in ``processes`` ring processes on this machine (mlx.launch), one
+    """This command again in ``processes`` ring processes on this machine (mlx.launch's code,
+    through ``mlx_dgemma.launch``: without its polling, which takes the ranks' cores), one
     BLAS thread each."""
     import random
     import subprocess
 
-    launch = Path(sys.executable).with_name("mlx.launch")
     root = str(HERE.parents[1])
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [str(launch), "-n", str(processes), "--backend", "ring", "--starting-port",
+    cmd = [sys.executable, "-m", "mlx_dgemma.launch", "-n", str(processes), "--backend", "ring", "--starting-port",
            str(random.randint(20000, 40000)), "--env", "OPENBLAS_NUM_THREADS=1", "--env", f"PYTHONPATH={root}",
            "--python", sys.executable, "--", "-m", "mlx_dgemma.sudoku.train", *argv, "--worker"]
     return subprocess.run(cmd, env=env).returncode
