@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 from .models.diffusion_gemma import MODEL_TYPES, ModelArgs
 from .errors import ConfigError  # noqa: F401  (raised here; defined with the others)
@@ -32,13 +32,21 @@ def small_model_config(
     eos_token_id: Union[int, List[int]],
     pad_token_id: int,
     bos_token_id: int,
+    layer_types: Optional[List[str]] = None,
     **top_level: Any,
 ) -> Dict[str, Any]:
     """config.json (the converted layout) of a small model with the released architecture's
-    fixed choices: the last layer full and the others sliding, full layers with K = V, one
-    K/V head of twice the head size and proportional RoPE, GeGLU (tanh), tied soft-capped
-    logits. The demo and the Sudoku model are built from it; ``top_level`` adds keys
-    beside ``text_config``."""
+    fixed choices: full layers with K = V, one K/V head of twice the head size and
+    proportional RoPE, GeGLU (tanh), tied soft-capped logits; the last layer full and the
+    others sliding unless ``layer_types`` gives another pattern (the tests' reference model
+    has a full layer before the last). The demo and the Sudoku model are built from it;
+    ``top_level`` adds keys beside ``text_config``."""
+    if layer_types is None:
+        layer_types = ["sliding_attention"] * (num_hidden_layers - 1) + ["full_attention"]
+    elif len(layer_types) != num_hidden_layers or layer_types[-1] != "full_attention" or not set(
+            layer_types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types {layer_types!r}: expected {num_hidden_layers} of 'sliding_attention' "
+                         "or 'full_attention', the last one 'full_attention'")
     text = dict(
         model_type="diffusion_gemma_text",
         vocab_size=vocab_size,
@@ -52,7 +60,7 @@ def small_model_config(
         num_global_key_value_heads=1,
         attention_k_eq_v=True,
         sliding_window=sliding_window,
-        layer_types=["sliding_attention"] * (num_hidden_layers - 1) + ["full_attention"],
+        layer_types=list(layer_types),
         num_experts=num_experts,
         top_k_experts=top_k_experts,
         moe_intermediate_size=moe_intermediate_size,

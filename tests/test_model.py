@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_dgemma import ModelArgs, load_model
+from tests.fixtures import tiny
 from tests.reference.compare import assert_logits_match, assert_same_network_output
 from tests.reference.hf_reference import (
     build_reference,
@@ -189,3 +190,14 @@ def test_both_config_forms(tmp_path):
                         "num_key_value_heads": 8, "sliding_window": 1024}})
     assert real.layer_types[5] == "full_attention" and real.layer_types[4] == "sliding_attention"
     assert real.layer_head_dim(29) == 512 and real.layer_kv_heads(29) == 2 and real.layer_kv_heads(0) == 8
+
+
+def test_reference_config_reads_as_its_mlx_twin():
+    """The harness's transformers config, as save_checkpoint writes it, loads into the same
+    text model as the builder's config.json that tests/test_model_speedups.py builds from."""
+    saved = json.loads(json.dumps(tiny_config().to_dict(), default=str))
+    ours = vars(ModelArgs.from_dict(tiny.reference_config(canvas_length=16)))
+    theirs = vars(ModelArgs.from_dict(saved))
+    assert theirs["vision_config"] is not None and ours["vision_config"] is None  # the harness adds a tower
+    vision = ("vision_config", "image_token_id", "boi_token_id", "eoi_token_id")
+    assert {k: v for k, v in theirs.items() if k not in vision} == {k: v for k, v in ours.items() if k not in vision}

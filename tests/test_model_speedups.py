@@ -11,24 +11,19 @@ import pytest
 from mlx_dgemma import Model, ModelArgs, backend
 from mlx_dgemma.kernels import cpu as cpu_kernels
 from mlx_dgemma.model import decoder_prefixes
+from tests.fixtures import tiny
 from tests.reference.compare import assert_same_network_output
 
 needs_cpu_attention = pytest.mark.skipif(
     not cpu_kernels.attention_available(),
     reason="the C attention needs the built CPU kernel and OpenBLAS (pip install; apt-get install libopenblas0-pthread)")
 
-TINY = dict(
-    vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, full_head_dim=32,
-    full_kv_heads=1, sliding_window=8, num_experts=8, top_k_experts=2,
-    moe_intermediate_size=32, canvas_length=16,
-    layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
-)
 
-
-def tiny_model(seed: int = 0, **overrides) -> Model:
+def tiny_model(seed: int = 0) -> Model:
+    """The reference harness's tiny model (tests/fixtures/tiny.py), loaded from its
+    config.json as a model folder's is, with MLX's random weights."""
     mx.random.seed(seed)
-    model = Model(ModelArgs(**{**TINY, **overrides}))
+    model = Model(ModelArgs.from_dict(tiny.reference_config(canvas_length=16)))
     # random norms / scalars so that nothing is trivially 1
     leaves = {}
     for k, v in __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(model.parameters()):

@@ -16,31 +16,16 @@ import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from transformers.cache_utils import DynamicCache
 
+from mlx_dgemma.config import small_vision_config
+from tests.fixtures import tiny
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-TINY_TEXT = dict(
-    vocab_size=160,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    global_head_dim=32,
-    num_global_key_value_heads=1,
-    sliding_window=8,
-    num_experts=8,
-    top_k_experts=2,
-    moe_intermediate_size=32,
-    layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
-    max_position_embeddings=4096,
-    eos_token_id=[1, 106, 50],
-    pad_token_id=0,
-    bos_token_id=2,
-)
-
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                   num_key_value_heads=2, head_dim=16)
+# The tiny model's configs, from the one builder of small configs: the text model through
+# tests/fixtures/tiny.py (tests/test_model_speedups.py's MLX model shares it), the vision
+# tower at small_vision_config's sizes.
+TINY_TEXT = tiny.reference_config()["text_config"]
+TINY_VISION = small_vision_config()
 
 
 # Image tokens inside the tiny vocabulary (the released ids are past 258,000).
