@@ -407,7 +407,10 @@ def test_a_resumed_run_reports_on_the_uninterrupted_runs_grid(tiny, tmp_path):
 
     model, tok = mlx_dgemma.load(tiny)
     setup_fine_tuning(model, "full")
+    lines = []
     hist = train(model, optim.AdamW(1e-3), examples(tok, 4), None,
                  TrainingArgs(batch_size=2, iters=6, steps_per_report=4, start_iteration=3,
-                              adapter_file=str(tmp_path / "a.safetensors")), log=lambda *a, **k: None)
+                              adapter_file=str(tmp_path / "a.safetensors")), log=lambda *a, **k: lines.append(a[0]))
     assert [h["iteration"] + 3 for h in hist if "train_loss" in h] == [4, 8, 9]  # 9: the last
+    # the printed lines count the total too, as the curve and the numbered saves do
+    assert [ln.split(":")[0] for ln in lines if "Train loss" in ln] == ["Iter 4", "Iter 8", "Iter 9"]

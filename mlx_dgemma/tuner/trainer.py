@@ -160,7 +160,7 @@ def train(
         v = {"iteration": it, "val_loss": v["loss"], "val_diffusion_loss": v["diffusion"],
              "val_encoder_loss": v["encoder"], "val_time": time.perf_counter() - tic}
         history.append(v)
-        log(f"Iter {it}: Val loss {v['val_loss']:.3f} (diffusion {v['val_diffusion_loss']:.3f}, "
+        log(f"Iter {it + args.start_iteration}: Val loss {v['val_loss']:.3f} (diffusion {v['val_diffusion_loss']:.3f}, "
             f"encoder {v['val_encoder_loss']:.3f}), Val took {v['val_time']:.3f}s", flush=True)
         if training_callback is not None:
             training_callback.on_val_loss_report(v)
@@ -207,7 +207,7 @@ def train(
                     "peak_memory": mx.get_peak_memory() / 1e9,
                 }
                 history.append(r)
-                log(f"Iter {it}: Train loss {r['train_loss']:.3f} (diffusion {r['diffusion_loss']:.3f}, "
+                log(f"Iter {at}: Train loss {r['train_loss']:.3f} (diffusion {r['diffusion_loss']:.3f}, "
                     f"encoder {r['encoder_loss']:.3f}), Learning Rate {r['learning_rate']:.3e}, "
                     f"It/sec {r['iterations_per_second']:.3f}, Tokens/sec {r['tokens_per_second']:.1f}, "
                     f"Trained Tokens {trained_tokens}, Peak mem {r['peak_memory']:.3f} GB", flush=True)
