@@ -72,17 +72,24 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "ab.json").write_text(json.dumps({"command": " ".join(sys.argv), "trees": {k: str(v) for k, v in trees.items()},
                                              "samples": samples}, indent=1))
-    rows = ["| prompt | bits | figure | before (median) | after (median) | after / before |", "|---|---|---|---|---|---|"]
+    # paired: each round's after / before (the trees ran back to back), whose median is
+    # robust to a whole round running slow on a shared machine
+    rows = ["| prompt | bits | figure | before (median) | after (median) | after / before | paired ratios "
+            "(median; range) |", "|---|---|---|---|---|---|---|"]
     for prompt, bits in cases:
         for fig in FIGURES:
-            med = {}
+            med, by_round = {}, {}
             for name in trees:
-                vals = [s[fig] for s in samples if s["tree"] == name and s["prompt"] == prompt and s["bits"] == bits
+                cell = [s for s in samples if s["tree"] == name and s["prompt"] == prompt and s["bits"] == bits
                         and s.get(fig) is not None]
-                med[name] = statistics.median(vals) if vals else None
+                med[name] = statistics.median(s[fig] for s in cell) if cell else None
+                by_round[name] = {s["round"]: s[fig] for s in cell}
+            ratios = [by_round["after"][r] / by_round["before"][r] for r in by_round["after"]
+                      if by_round["before"].get(r)]
             if med["before"] and med["after"]:
+                paired = (f"{statistics.median(ratios):.3f}; {min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-")
                 rows.append(f"| {prompt} | {bits or 'f32'} | {fig} | {med['before']:.1f} | {med['after']:.1f} | "
-                            f"{med['after'] / med['before']:.3f} |")
+                            f"{med['after'] / med['before']:.3f} | {paired} |")
     (out / "ab.md").write_text(f"`{' '.join(sys.argv)}`\n\n" + "\n".join(rows) + "\n")
     print("\n".join(rows))
 
