@@ -63,7 +63,7 @@ def test_a_few_iterations_train_and_evaluate(pilot, tmp_path):
     out = tmp_path / "run"
     args = ["--size", "4", "--iters", "4", "--eval-every", "2", "--eval-puzzles", "4", "--train-puzzles", "32",
             "--hidden-size", "32", "--layers", "2", "--intermediate-size", "32", "--head-dim", "8",
-            "--moe-intermediate-size", "16", "--out", str(out)]
+            "--moe-intermediate-size", "16", "--out", str(out), "--note", "a quiet machine"]
     assert pilot.main(args) == 0
     rows = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "blanks_right" in r]
@@ -74,6 +74,7 @@ def test_a_few_iterations_train_and_evaluate(pilot, tmp_path):
     assert any(r.get("train_loss", 0) > 0 for r in rows)
     record = json.loads((out / "record.json").read_text())
     assert record["command"].startswith("python benchmarks/sudoku/pilot.py --size 4")
+    assert "--note" not in record["command"] and record["note"] == "a quiet machine"  # it describes, not reproduces
     assert "| 4 | 64 |" in (out / "results.md").read_text()
     assert not (out / "curve.jsonl.part").exists()
 

@@ -400,7 +400,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     a = parse_args(argv)
-    command = "python benchmarks/sudoku/pilot.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    given = list(sys.argv[1:] if argv is None else argv)
+    # the command that reproduces the numbers: --note only describes the machine
+    kept = [x for k, x in enumerate(given) if not x.startswith("--note") and (k == 0 or given[k - 1] != "--note")]
+    command = "python benchmarks/sudoku/pilot.py " + " ".join(map(shlex.quote, kept))
     a.out.mkdir(parents=True, exist_ok=True)
     rows: List[Dict[str, Any]] = []
     part = a.out / "curve.jsonl.part"  # the curve as it comes; renamed when the run completes
