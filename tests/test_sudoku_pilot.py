@@ -3,6 +3,7 @@ training iterations and the evaluation's numbers."""
 
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_grids_are_valid_and_puzzles_unique(pilot, n):
 
 
 def test_checks_catch_wrong_grids(pilot):
-    sol = pilot.random_grid(6, __import__("random").Random(3))
+    sol = pilot.random_grid(6, random.Random(3))
     swapped = sol[1] + sol[0] + sol[2:]  # two cells of a row swapped: columns break
     assert not pilot.is_solution("0" * 36, swapped, 6)
     assert pilot.count_solutions("0" * 16, 4, limit=2) == 2
