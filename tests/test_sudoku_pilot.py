@@ -1,0 +1,89 @@
+"""benchmarks/sudoku/pilot.py at the smallest scale: its puzzles, its tokenizer, a few
+training iterations and the evaluation's numbers."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pilot():
+    spec = importlib.util.spec_from_file_location("sudoku_pilot", ROOT / "benchmarks" / "sudoku" / "pilot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("n", [4, 6])
+def test_grids_are_valid_and_puzzles_unique(pilot, n):
+    heldout = pilot.make_puzzles(n, 8, pilot.HELDOUT_SEED)
+    train = pilot.make_puzzles(n, 8, pilot.TRAIN_SEED, exclude=[p for p, _ in heldout])
+    lo, hi = pilot.GIVENS[n]
+    for p, sol in heldout + train:
+        assert pilot.is_solution("0" * n * n, sol, n)  # every row, column and box holds 1..n once
+        assert pilot.is_solution(p, sol, n)  # the givens are the solution's
+        assert lo <= sum(c != "0" for c in p) <= hi
+        assert pilot.count_solutions(p, n) == 1
+    assert not {p for p, _ in heldout} & {p for p, _ in train}
+    assert len({p for p, _ in train}) == len(train)
+
+
+def test_checks_catch_wrong_grids(pilot):
+    sol = pilot.random_grid(6, random.Random(3))
+    swapped = sol[1] + sol[0] + sol[2:]  # two cells of a row swapped: columns break
+    assert not pilot.is_solution("0" * 36, swapped, 6)
+    assert pilot.count_solutions("0" * 16, 4, limit=2) == 2
+    # the 2x3 boxes: the first box is rows A-B, columns 1-3
+    assert pilot.units(6)[12] == [0, 1, 2, 6, 7, 8]
+
+
+def test_tokenizer_one_token_per_cell(pilot, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from mlx_dgemma.tuner.datasets import chat_example
+
+    n = 4
+    pilot.write_tokenizer_for(n)(tmp_path)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    tok.chat_template = pilot.recipe.CHAT_TEMPLATE
+    puzzle, sol = "1000003000200004", "1342243131244213"
+    ex = chat_example(tok, pilot.prompt_messages(puzzle, n, sol))
+    vocab = pilot.vocabulary(n)
+    assert ex.response == [vocab[d] for d in sol] + [pilot.recipe.TURN_CLOSE]
+    cells = [t for t in ex.prompt if t in {vocab[c] for c in pilot.cells(n)}]
+    assert cells[:2] == [vocab["A11"], vocab["A2."]] and len(cells) == n * n
+    assert len(ex.response) <= pilot.canvas_length(n) == 24 and pilot.canvas_length(6) == 40
+
+
+def test_a_few_iterations_train_and_evaluate(pilot, tmp_path):
+    out = tmp_path / "run"
+    args = ["--size", "4", "--iters", "4", "--eval-every", "2", "--eval-puzzles", "4", "--train-puzzles", "32",
+            "--hidden-size", "32", "--layers", "2", "--intermediate-size", "32", "--head-dim", "8",
+            "--moe-intermediate-size", "16", "--out", str(out), "--note", "a quiet machine"]
+    assert pilot.main(args) == 0
+    rows = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "blanks_right" in r]
+    assert [r["iteration"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert 0.0 <= r["blanks_right"] <= 1.0 and 0.0 <= r["solved"] <= 1.0
+        assert r["examples"] == 16 * r["iteration"]
+    assert any(r.get("train_loss", 0) > 0 for r in rows)
+    record = json.loads((out / "record.json").read_text())
+    assert record["command"].startswith("python benchmarks/sudoku/pilot.py --size 4")
+    assert "--note" not in record["command"] and record["note"] == "a quiet machine"  # it describes, not reproduces
+    assert "| 4 | 64 |" in (out / "results.md").read_text()
+    assert not (out / "curve.jsonl.part").exists()
+
+
+def test_bad_flags_exit_2(pilot, capsys):
+    with pytest.raises(SystemExit) as e:
+        pilot.parse_args(["--size", "9"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        pilot.parse_args(["--top-k", "3", "--experts", "2"])
+    assert e.value.code == 2 and "--top-k 3" in capsys.readouterr().err
