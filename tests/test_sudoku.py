@@ -445,8 +445,11 @@ def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
     assert (read_config(CONFIG)["corrupt_only_free"], read_config(CONFIG)["corrupted_loss_weight"]) == (False, 1.0)
     seen = []
     real = tuner.train
-    monkeypatch.setattr(tuner, "train", lambda model, opt, tr, va, args, **kw: (seen.append((args, tr)),
-                                                                                  real(model, opt, tr, va, args, **kw))[1])
+    def spy(model, opt, tr, va, args, **kw):
+        seen.append((args, tr))
+        return real(model, opt, tr, va, args, **kw)
+
+    monkeypatch.setattr(tuner, "train", spy)
     cfg_path = tmp_path / "train.yaml"
     args = ["-c", str(cfg_path), "--out", str(tmp_path / "work"), "--ship", str(tmp_path / "ship"),
             "--record", str(tmp_path / "record"), "--checkpoint", str(tmp_path / "no-checkpoint")]

@@ -23,7 +23,8 @@ from mlx_dgemma.errors import DataError
 from mlx_dgemma.tuner.datasets import BatchSpec, Example, iterate_batches, make_batch
 from mlx_dgemma.tuner.draws import make_draws
 from mlx_dgemma.tuner.objective import objective
-from tests.test_tuner_objective import L, V, as_mx, make_batch as reference_batch, pair, rel, softcap_logits  # noqa: F401
+from tests.test_tuner_objective import L, V, as_mx, pair, rel, softcap_logits  # noqa: F401  (pair: a fixture)
+from tests.test_tuner_objective import make_batch as reference_batch
 
 W = 4.0
 
@@ -221,9 +222,9 @@ def test_sudoku_lines_pin_what_inference_pins(tmp_path):
     tok.chat_template = CHAT_TEMPLATE
     solution = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
     puzzle = "".join(c if k % 3 == 0 else "." for k, c in enumerate(solution))
-    (tmp_path / "train.jsonl").write_text(chat_line(puzzle, solution) + "\n"
-                                          + json.dumps({"messages": json.loads(chat_line(puzzle, solution))["messages"]})
-                                          + "\n")
+    line = chat_line(puzzle, solution)
+    unpinned = json.dumps({"messages": json.loads(line)["messages"]})
+    (tmp_path / "train.jsonl").write_text(line + "\n" + unpinned + "\n")
     ex, old = load_split(tmp_path / "train.jsonl", tok)
     assert set(ex.pinned) == set(constraints_for(puzzle, tok)) and len(ex.pinned) == 27 + CANVAS_LENGTH - 81
     assert old.pinned == ()  # a line without the field (folders written before it) loads unpinned

@@ -139,7 +139,8 @@ def read_pinned(value: Any, source: str) -> Tuple[int, ...]:
         raise DataError(f"{source}: 'pinned' must be a list of integer reply positions, got {json.dumps(value)[:60]}")
     bad = [i for i in value if i < 0]
     if bad:
-        raise DataError(f"{source}: 'pinned' position {bad[0]} is negative (positions count from the reply's first token)")
+        raise DataError(f"{source}: 'pinned' position {bad[0]} is negative "
+                        "(positions count from the reply's first token)")
     if len(set(value)) != len(value):
         dup = next(i for i in value if value.count(i) > 1)
         raise DataError(f"{source}: 'pinned' lists position {dup} twice")
@@ -279,7 +280,8 @@ class BatchSpec:
     corrupted_loss_weight: float = 1.0  # the diffusion loss's weight on corrupted positions (clean: 1)
 
 
-def draw_batch(examples: Sequence[Example], ids: Sequence[int], iteration: int, spec: BatchSpec) -> Dict[str, np.ndarray]:
+def draw_batch(examples: Sequence[Example], ids: Sequence[int], iteration: int,
+               spec: BatchSpec) -> Dict[str, np.ndarray]:
     """The draws of ``examples`` (dataset indices ``ids``) at ``iteration``; with
     ``spec.corrupt_only_free`` the pinned positions of each scored block are taken out of
     its corruption mask (every other draw unchanged: the same keys)."""
