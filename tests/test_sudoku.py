@@ -429,3 +429,36 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
                                                            .read_text().splitlines()) if "train_loss" in r}
     got = {r["iteration"]: r["learning_rate"] for r in rows if "train_loss" in r}
     assert got[5] == pytest.approx(ref[5], rel=1e-6) and got[6] == pytest.approx(ref[6], rel=1e-6)
+
+
+def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
+    """train.yaml's corrupt_only_free and corrupted_loss_weight (default off) reach
+    TrainingArgs, and switching corrupt_only_free on remakes a data folder whose lines
+    carry the pins (a folder made with it off serves the published objective as it is)."""
+    import json
+
+    import yaml
+
+    import mlx_dgemma.tuner as tuner
+    from mlx_dgemma.sudoku.train import CONFIG, main, read_config
+
+    assert (read_config(CONFIG)["corrupt_only_free"], read_config(CONFIG)["corrupted_loss_weight"]) == (False, 1.0)
+    seen = []
+    real = tuner.train
+    def spy(model, opt, tr, va, args, **kw):
+        seen.append((args, tr))
+        return real(model, opt, tr, va, args, **kw)
+
+    monkeypatch.setattr(tuner, "train", spy)
+    cfg_path = tmp_path / "train.yaml"
+    args = ["-c", str(cfg_path), "--out", str(tmp_path / "work"), "--ship", str(tmp_path / "ship"),
+            "--record", str(tmp_path / "record"), "--checkpoint", str(tmp_path / "no-checkpoint")]
+    stamp = tmp_path / "work" / "data" / "stamp"
+    for on in (False, True):
+        cfg_path.write_text(yaml.safe_dump(dict(TINY_RECIPE, iters=2, steps_per_solve_eval=2, corrupt_only_free=on,
+                                                corrupted_loss_weight=4.0 if on else 1.0)))
+        assert main(args) == 0
+        targs, train_set = seen[-1]
+        assert (targs.corrupt_only_free, targs.corrupted_loss_weight) == ((True, 4.0) if on else (False, 1.0))
+        assert ('pinned' in stamp.read_text()) == on
+        assert all(len(ex.pinned) >= 22 + 7 for ex in train_set)  # the writer always writes the pins

@@ -306,6 +306,9 @@ def run(a: argparse.Namespace, work: Path, log_row) -> Dict[str, Any]:
     setup_fine_tuning(model, "full")
     backend.configure(model, experts="dense")
     examples = [chat_example(tok, prompt_messages(p, n, s), source=f"train:{k}") for k, (p, s) in enumerate(train_pairs)]
+    vocab = vocabulary(n)
+    for ex, (p, _) in zip(examples, train_pairs):  # what evaluation pins: the givens, <turn|>, the fill
+        ex.pinned = tuple(sorted(constraints_for(p, n, vocab)))
     cfg = dict(learning_rate=a.learning_rate, iters=a.iters, warmup_steps=a.warmup, min_lr_ratio=0.05)
     opt = optim.AdamW(learning_rate=schedule(cfg), betas=[0.9, 0.99], weight_decay=1e-4)
     t_train = time.perf_counter()
@@ -334,7 +337,8 @@ def run(a: argparse.Namespace, work: Path, log_row) -> Dict[str, Any]:
     targs = TrainingArgs(
         batch_size=a.batch_size, iters=a.iters, steps_per_report=math.gcd(10, a.eval_every), steps_per_eval=10**9,
         steps_per_save=10**9, adapter_file=str(work / "adapters" / "adapters.safetensors"), pad_to=1,
-        encoder_loss_weight=1.0, self_conditioning_p=0.5, grad_clip=1.0, seed=a.seed)
+        encoder_loss_weight=1.0, self_conditioning_p=0.5, grad_clip=1.0, seed=a.seed,
+        corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight)
     (work / "adapters").mkdir(parents=True, exist_ok=True)
     train(model, opt, examples, None, targs, training_callback=Callback(), log=lambda *x, **k: None)
     return {"parameters": int(n_params), "train_puzzles": len(train_pairs), "heldout_puzzles": len(heldout),
@@ -373,6 +377,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--eval-puzzles", type=int, default=128)
     ap.add_argument("--train-puzzles", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corrupt-only-free", action="store_true",
+                    help="never corrupt the givens, <turn|> and the fill (TrainingArgs.corrupt_only_free)")
+    ap.add_argument("--corrupted-loss-weight", type=float, default=1.0,
+                    help="weight of corrupted positions in the diffusion loss (TrainingArgs.corrupted_loss_weight)")
     ap.add_argument("--name", default="base", help="the run's name in the default --out")
     ap.add_argument("--note", default="", help="what else ran on the machine (goes into results.md)")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/sudoku/pilots/<n>x<n>-<name>/")
@@ -391,6 +399,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}")
     if a.top_k > a.experts:
         ap.error(f"--top-k {a.top_k} is more than --experts {a.experts}")
+    if not a.corrupted_loss_weight > 0:
+        ap.error(f"--corrupted-loss-weight must be positive, got {a.corrupted_loss_weight}")
     if not a.learning_rate > 0 or a.warmup < 0:
         ap.error("--learning-rate must be positive and --warmup at least 0")
     if a.out is None:
@@ -417,7 +427,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = run(a, Path(work), log_row)
     part.replace(a.out / "curve.jsonl")
     record = dict(size=a.size, name=a.name, command=command, model=model_size(a), batch_size=a.batch_size,
-                  learning_rate=a.learning_rate, warmup=a.warmup, iters=a.iters, seed=a.seed, **result,
+                  learning_rate=a.learning_rate, warmup=a.warmup, iters=a.iters, seed=a.seed,
+                  corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight, **result,
                   load_at_start=load_start, load_at_end=os.getloadavg()[0], machine=f"{os.cpu_count()} CPU cores",
                   note=a.note,
                   finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))

@@ -4,7 +4,10 @@
     python -m mlx_dgemma.sudoku.data --heldout DIR
 
 Training (``train.jsonl`` / ``valid.jsonl`` in the trainer's chat format): the user turn
-is a puzzle (81 characters, ``.`` blanks), the reply the 81 digits of its solution. Base
+is a puzzle (81 characters, ``.`` blanks), the reply the 81 digits of its solution; each
+line's ``pinned`` lists the reply positions inference pins in the canvas (the givens,
+``<turn|>`` after the 81 cells and the fill to the canvas's end), for the trainer's
+``corrupt_only_free`` (folders written before it have no ``pinned`` and still load). Base
 puzzles come from ``generator.puzzle`` with ``source="search"`` (grids by randomized
 search) and ``order="random"`` (single cells removed in random order), easy and medium;
 every line is then a random symmetry of a base puzzle (``generator.transform``: relabelled
@@ -64,8 +67,19 @@ def make_puzzles(level_range, n: int, source: str, order: str, seed: int, worker
     return [p for part in parts for p in part]
 
 
-def chat_line(puzzle: str, solution: str) -> str:
-    return json.dumps({"messages": prompt_messages(puzzle, solution)})
+def pinned_positions(puzzle: str) -> List[int]:
+    """The reply positions ``sudoku.constraints_for`` pins: the givens' cells, then
+    ``<turn|>`` (81) and the fill up to the canvas's end."""
+    from .recipe import CANVAS_LENGTH
+
+    return [i for i, x in enumerate(puzzle) if x in "123456789"] + list(range(81, CANVAS_LENGTH))
+
+
+def chat_line(puzzle: str, solution: str, pinned: bool = True) -> str:
+    rec: Dict[str, object] = {"messages": prompt_messages(puzzle, solution)}
+    if pinned:
+        rec["pinned"] = pinned_positions(puzzle)
+    return json.dumps(rec)
 
 
 def augment(base: Sequence[Pair], n: int, seed: int) -> List[Pair]:

@@ -251,7 +251,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         rec.mkdir(parents=True, exist_ok=True)
         # the settings and one line in the current format: a change to either remakes the data
-        stamp = json.dumps(dict(cfg["data"], format=chat_line("1" + "0" * 80, "1" * 81)), sort_keys=True)
+        # (the lines' 'pinned' field counts only when corrupt_only_free reads it: a folder
+        # without it serves the published objective and is not remade for it)
+        line = chat_line("1" + "0" * 80, "1" * 81, pinned=bool(cfg.get("corrupt_only_free", False)))
+        stamp = json.dumps(dict(cfg["data"], format=line), sort_keys=True)
         if not (data_dir / "train.jsonl").is_file() or (data_dir / "stamp").read_text() != stamp:
             print("making the training data ...", flush=True)
             record["data"] = write_training_data(data_dir, **cfg["data"])
@@ -375,6 +378,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         encoder_loss_weight=float(cfg["encoder_loss_weight"]), self_conditioning_p=float(cfg["self_conditioning_p"]),
         grad_clip=float(cfg["grad_clip"]), seed=int(cfg["seed"]) + offset, start_iteration=offset,
         optimizer_file=str(adapters / OPTIMIZER_FILE),
+        corrupt_only_free=bool(cfg.get("corrupt_only_free", False)),
+        corrupted_loss_weight=float(cfg.get("corrupted_loss_weight", 1.0)),
     )
     try:
         train(model, opt, train_set, val_set, targs, training_callback=Callback(), on_save=saved)

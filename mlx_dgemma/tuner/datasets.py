@@ -15,6 +15,12 @@ A batch row is ``prompt + reply + EOS fill``: the reply is cut into canvases of
 ``canvas_length`` aligned to its first token, and the last canvas is filled with EOS up
 to its end (the fill is attended and supervised). Rows are right-padded.
 
+A record may also carry ``"pinned"``: indices of the reply's positions (its tokens, then
+the EOS fill of its last canvas) that inference pins in the canvas (e.g. a Sudoku's
+givens). With ``BatchSpec.corrupt_only_free`` those positions are never corrupted: they
+stay clean in the scored canvas, as pinning keeps them at inference. Without the field
+(or with the option off) every position is corrupted as the published objective does.
+
 Errors are one line and name the file and line (or the split) that is wrong.
 """
 
@@ -40,6 +46,7 @@ class Example:
     prompt: List[int]
     response: List[int]
     source: str = ""  # "file:line", for messages
+    pinned: Tuple[int, ...] = ()  # reply positions inference pins (see the module's docstring)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.response)
@@ -126,6 +133,31 @@ def text_example(tokenizer, text: str, source: str = "") -> Example:
     return Example(ids[:k], ids[k:], source)
 
 
+def read_pinned(value: Any, source: str) -> Tuple[int, ...]:
+    """The record's ``"pinned"`` field: distinct non-negative integer positions of the reply."""
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise DataError(f"{source}: 'pinned' must be a list of integer reply positions, got {json.dumps(value)[:60]}")
+    bad = [i for i in value if i < 0]
+    if bad:
+        raise DataError(f"{source}: 'pinned' position {bad[0]} is negative "
+                        "(positions count from the reply's first token)")
+    if len(set(value)) != len(value):
+        dup = next(i for i in value if value.count(i) > 1)
+        raise DataError(f"{source}: 'pinned' lists position {dup} twice")
+    return tuple(sorted(value))
+
+
+def check_pinned(dataset: Sequence[Example], canvas_length: int) -> None:
+    """Every pinned position lies in the reply's canvases (its tokens and the EOS fill)."""
+    for ex in dataset:
+        if ex.pinned:
+            end = num_blocks(ex, canvas_length) * canvas_length
+            if ex.pinned[-1] >= end:
+                raise DataError(
+                    f"{ex.source}: 'pinned' position {ex.pinned[-1]} is past the reply's canvases ({end} positions: "
+                    f"{len(ex.response)} reply tokens and the EOS fill to a multiple of {canvas_length})")
+
+
 def _format_of(records, tokenizer, config, path: Path):
     """mlx-lm's dataset for the first record (which fixes the format and the key names)."""
     from mlx_lm.tuner.datasets import create_dataset
@@ -168,6 +200,8 @@ def load_split(path: Path, tokenizer, config=None, max_seq_length: Optional[int]
             if fmt.text_key not in rec:
                 raise DataError(f"{src}: no {fmt.text_key!r} key (the file's first record is in text format)")
             ex = text_example(tokenizer, rec[fmt.text_key], src)
+        if "pinned" in rec:
+            ex.pinned = read_pinned(rec["pinned"], src)
         if max_seq_length is not None:
             if len(ex.prompt) >= max_seq_length:
                 raise DataError(
@@ -242,20 +276,53 @@ class BatchSpec:
     seed: int = 0
     self_conditioning_p: float = 0.5
     pad_to: int = 32
+    corrupt_only_free: bool = False  # never corrupt an example's pinned positions
+    corrupted_loss_weight: float = 1.0  # the diffusion loss's weight on corrupted positions (clean: 1)
+
+
+def draw_batch(examples: Sequence[Example], ids: Sequence[int], iteration: int,
+               spec: BatchSpec) -> Dict[str, np.ndarray]:
+    """The draws of ``examples`` (dataset indices ``ids``) at ``iteration``; with
+    ``spec.corrupt_only_free`` the pinned positions of each scored block are taken out of
+    its corruption mask (every other draw unchanged: the same keys)."""
+    L = spec.canvas_length
+    d = make_draws(spec.seed, iteration, ids, [num_blocks(e, L) for e in examples], L, spec.vocab_size,
+                   spec.self_conditioning_p)
+    if spec.corrupt_only_free:
+        for b, (e, block) in enumerate(zip(examples, d["blocks"])):
+            at = [p - block * L for p in e.pinned if block * L <= p < (block + 1) * L]
+            d["corrupt"][b, at] = False
+    return d
+
+
+def diffusion_weight(examples: Sequence[Example], ids: Sequence[int], iteration: int, spec: BatchSpec) -> float:
+    """The diffusion loss's denominator for these examples: their scored positions (whole
+    canvases), corrupted ones counted ``spec.corrupted_loss_weight`` times."""
+    n = len(examples) * spec.canvas_length
+    if spec.corrupted_loss_weight == 1.0 or not examples:
+        return float(n)
+    corrupted = int(draw_batch(examples, ids, iteration, spec)["corrupt"].sum())
+    return float(n + (spec.corrupted_loss_weight - 1.0) * corrupted)
 
 
 def make_batch(examples: Sequence[Example], ids: Sequence[int], iteration: int, spec: BatchSpec,
-               group: Sequence[Example]) -> Dict[str, mx.array]:
+               group: Sequence[Example], diffusion_denominator: Optional[float] = None) -> Dict[str, mx.array]:
     """One (local) batch with its draws, keyed by dataset index ``ids``; the loss
     denominators count the whole ``group`` (every example of the optimizer step, on every
-    process), so that splitting a step over processes or micro-batches changes nothing."""
+    process), so that splitting a step over processes or micro-batches changes nothing.
+    ``diffusion_denominator``: the group's weighted count (``diffusion_weight`` summed over
+    the step's micro-batches); by default ``group``'s positions, with ``group`` drawn at
+    ``iteration`` as if it were these examples (exact when ``group`` is this batch)."""
     L = spec.canvas_length
     batch = collate(examples, L, spec.eos, spec.pad, spec.pad_to)
-    d = make_draws(spec.seed, iteration, ids, [num_blocks(e, L) for e in examples], L, spec.vocab_size,
-                   spec.self_conditioning_p)
+    d = draw_batch(examples, ids, iteration, spec)
     batch.update({k: d[k] for k in ("blocks", "corrupt", "noise", "self_condition")})
     enc = sum(len(e.prompt) + num_blocks(e, L) * L - 1 for e in group)
-    batch["denominators"] = np.array([len(group) * L, enc], np.float32)
+    if diffusion_denominator is None:
+        diffusion_denominator = len(group) * L
+        if spec.corrupted_loss_weight != 1.0 and list(group) == list(examples):
+            diffusion_denominator = diffusion_weight(examples, ids, iteration, spec)
+    batch["denominators"] = np.array([diffusion_denominator, enc], np.float32)
     return {k: mx.array(v) for k, v in batch.items()}
 
 
@@ -276,6 +343,8 @@ def iterate_batches(
     if len(dataset) < batch_size:
         raise DataError(f"the dataset has {len(dataset)} examples, fewer than --batch-size {batch_size}")
     rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+    if spec.corrupt_only_free:
+        check_pinned(dataset, spec.canvas_length)
     if batch_size % size:
         raise DataError(f"--batch-size {batch_size} is not divisible by the {size} processes")
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]))
@@ -287,9 +356,12 @@ def iterate_batches(
         for g in range(0, len(perm), accumulation_steps):
             step = [batches[i] for i in perm[g : g + accumulation_steps]]
             group = [dataset[j] for b in step for j in b]
+            den = None
+            if spec.corrupted_loss_weight != 1.0:  # the whole step's weighted count, every process alike
+                den = sum(diffusion_weight([dataset[j] for j in ids], ids, it + k, spec) for k, ids in enumerate(step))
             for k, ids in enumerate(step):
                 mine = ids[rank::size]
-                yield make_batch([dataset[j] for j in mine], mine, it, spec, group), k == len(step) - 1
+                yield make_batch([dataset[j] for j in mine], mine, it, spec, group, den), k == len(step) - 1
                 it += 1
         if not loop:
             return

@@ -20,6 +20,9 @@ response is cut into canvases of ``canvas_length`` aligned to its first token:
   not, no ``1/t`` weight) plus ``encoder_loss_weight`` times the encoder's mean
   cross-entropy; both means are token means over the batch (or over the global batch
   when the caller passes the denominators, as data-parallel training does).
+  ``corrupted_loss_weight`` (a recipe knob, not the published objective's) weights the
+  diffusion term toward the corrupted positions: sum(w_i ce_i) / sum(w_i) with w_i that
+  weight where corrupted and 1 where clean; 1 is the published token mean.
 
 The randomness comes in explicitly (``draws.make_draws`` makes it), so a test can give
 the same draws to a PyTorch computation of the objective.
@@ -54,9 +57,9 @@ Batch = Dict[str, mx.array]
 
 class Loss(NamedTuple):
     loss: mx.array  # diffusion mean + encoder_loss_weight * encoder mean
-    diffusion: mx.array  # summed cross-entropy over the scored canvas positions
+    diffusion: mx.array  # summed (weighted) cross-entropy over the scored canvas positions
     encoder: mx.array  # summed next-token cross-entropy of the encoder
-    diffusion_tokens: mx.array  # how many positions each sum has
+    diffusion_tokens: mx.array  # how many positions each sum has (diffusion: the sum of the weights)
     encoder_tokens: mx.array
 
 
@@ -178,6 +181,7 @@ def objective(
     denominators: Optional[Tuple[mx.array, mx.array]] = None,
     checkpoint: bool = False,
     span: Optional[int] = None,
+    corrupted_loss_weight: float = 1.0,
 ) -> Loss:
     """The loss of ``batch`` (see ``Batch``) and its parts.
 
@@ -187,6 +191,8 @@ def objective(
     ``checkpoint``: recompute each layer in the backward pass (less memory, ~1/3 more time).
     ``span``: the decoder attends only to the first ``span`` encoder positions
     (``prefix_span``; the keys past it are hidden from every canvas anyway).
+    ``corrupted_loss_weight``: the weight of a corrupted position's cross-entropy in the
+    diffusion mean (clean positions weigh 1; ``denominators`` must then be weighted sums).
     """
     tokens, starts_p, lengths = batch["tokens"], batch["prompt_lengths"], batch["lengths"]
     corrupt, noise = batch["corrupt"], batch["noise"]
@@ -216,6 +222,9 @@ def objective(
     scored = positions < lengths[:, None]  # always the whole block when the fill is complete
     diff_ce = fastmath.cross_entropy(logits, clean) * scored
     diff_sum, diff_n = diff_ce.sum(), scored.sum()
+    if corrupted_loss_weight != 1.0:  # 1: the published token mean, computed as it always was
+        weights = mx.where(corrupt & scored, corrupted_loss_weight, scored.astype(mx.float32))
+        diff_sum, diff_n = (diff_ce * weights).sum(), weights.sum()
 
     d_den, e_den = (diff_n, enc_n) if denominators is None else denominators
     loss = diff_sum / mx.maximum(d_den, 1) + encoder_loss_weight * enc_sum / mx.maximum(e_den, 1)

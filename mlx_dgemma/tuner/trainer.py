@@ -42,6 +42,12 @@ class TrainingArgs(_MLXTrainingArgs):
     start_iteration: int = field(default=0, metadata={
         "help": "Iterations trained before this run (a resume): numbered saves carry the total, "
                 "so a resumed run does not overwrite the earlier run's."})
+    corrupt_only_free: bool = field(default=False, metadata={
+        "help": "Never corrupt the positions an example pins (its 'pinned' field: what inference pins in the "
+                "canvas, e.g. a Sudoku's givens); off: the published objective corrupts every position."})
+    corrupted_loss_weight: float = field(default=1.0, metadata={
+        "help": "Weight of a corrupted position's cross-entropy in the diffusion mean (clean positions: 1; "
+                "1 is the published token mean)."})
     optimizer_file: Optional[str] = field(default=None, metadata={
         "help": "Also save the optimizer state (Adam's moments and step) here at every save, "
                 "for a resume that continues exactly (tuner.utils.load_optimizer_state)."})
@@ -50,8 +56,10 @@ class TrainingArgs(_MLXTrainingArgs):
 def batch_spec(model: Model, args: TrainingArgs, seed: Optional[int] = None) -> BatchSpec:
     a = model.args
     eos = args.fill_token_id if args.fill_token_id is not None else (a.eos_token_ids or [1])[0]
+    if not args.corrupted_loss_weight > 0:
+        raise ValueError(f"corrupted_loss_weight must be positive, got {args.corrupted_loss_weight}")
     return BatchSpec(a.canvas_length, a.vocab_size, eos, a.pad_token_id, args.seed if seed is None else seed,
-                     args.self_conditioning_p, args.pad_to)
+                     args.self_conditioning_p, args.pad_to, args.corrupt_only_free, args.corrupted_loss_weight)
 
 
 def _parts(sums) -> Dict[str, float]:
@@ -74,7 +82,7 @@ def evaluate(model: Model, dataset: Sequence[Example], batch_size: int, num_batc
             break
         den = batch["denominators"]
         out = objective(model, batch, args.encoder_loss_weight, sc, (den[0], den[1]),
-                        span=prefix_span(batch, args.pad_to))
+                        span=prefix_span(batch, args.pad_to), corrupted_loss_weight=args.corrupted_loss_weight)
         sums = sums + mx.stack([out.diffusion, out.encoder, out.diffusion_tokens, out.encoder_tokens]).astype(mx.float32)
         mx.eval(sums)
         if progress_callback is not None:
@@ -116,7 +124,8 @@ def train(
 
     def loss_fn(model, batch, span):
         den = batch["denominators"]
-        out = objective(model, batch, args.encoder_loss_weight, sc, (den[0], den[1]), args.grad_checkpoint, span)
+        out = objective(model, batch, args.encoder_loss_weight, sc, (den[0], den[1]), args.grad_checkpoint, span,
+                        args.corrupted_loss_weight)
         parts = mx.stack([out.diffusion, out.encoder, out.diffusion_tokens, out.encoder_tokens]).astype(mx.float32)
         # Each process divides by the global counts; average_gradients then divides by the
         # number of processes, which this undoes: the sum over processes is the global mean.
