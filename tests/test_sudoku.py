@@ -432,7 +432,7 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
 
 
 def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
-    """train.yaml's corrupt_only_free and corrupted_loss_weight (default off) reach
+    """train.yaml's corrupt_only_free (on: the 4x4 pilots' pick) and corrupted_loss_weight (1) reach
     TrainingArgs, and switching corrupt_only_free on remakes a data folder whose lines
     carry the pins (a folder made with it off serves the published objective as it is)."""
     import json
@@ -442,7 +442,7 @@ def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
     import mlx_dgemma.tuner as tuner
     from mlx_dgemma.sudoku.train import CONFIG, main, read_config
 
-    assert (read_config(CONFIG)["corrupt_only_free"], read_config(CONFIG)["corrupted_loss_weight"]) == (False, 1.0)
+    assert (read_config(CONFIG)["corrupt_only_free"], read_config(CONFIG)["corrupted_loss_weight"]) == (True, 1.0)
     seen = []
     real = tuner.train
     def spy(model, opt, tr, va, args, **kw):
