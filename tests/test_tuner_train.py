@@ -66,7 +66,7 @@ def test_lora_learns_the_replies_and_survives_fuse_and_export(tmp_path):
     data = write_data(tmp_path / "data", [chat(p, r) for p, r in PAIRS])
     (tmp_path / "c.yaml").write_text("lr_schedule: constant\n")
     ad = tmp_path / "ad"
-    assert run_lora("--model", model_dir, "--train", "--data", data, "--iters", 400, "--batch-size", 4,
+    assert run_lora("--model", model_dir, "--train", "--data", data, "--iters", 600, "--batch-size", 4,
                     "--learning-rate", "1e-2", "--steps-per-report", 100, "--save-every", 1000,
                     "--adapter-path", ad, "-c", tmp_path / "c.yaml", "--no-plot") == 0
 
