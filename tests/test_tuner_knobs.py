@@ -7,8 +7,8 @@
 
 The defaults are the published objective: its draws and denominators are checked here
 against ``make_draws`` directly, and the loss against transformers' model in
-test_tuner_objective.py (unchanged). The weighted term is checked against per-position
-cross-entropies from transformers' model. Bounds as in test_tuner_objective.py: float32
+test_tuner_objective.py (unchanged). The weighted term is checked against the per-position
+cross-entropies of transformers' model (``reference_terms``). Bounds as in test_tuner_objective.py: float32
 sums of a few dozen cross-entropies, 1e-4 relative.
 """
 
@@ -23,36 +23,10 @@ from mlx_dgemma.errors import DataError
 from mlx_dgemma.tuner.datasets import BatchSpec, Example, iterate_batches, make_batch
 from mlx_dgemma.tuner.draws import make_draws
 from mlx_dgemma.tuner.objective import objective
-from tests.test_tuner_objective import L, V, as_mx, pair, rel, softcap_logits  # noqa: F401  (pair: a fixture)
+from tests.test_tuner_objective import L, V, as_mx, pair, reference_terms, rel  # noqa: F401  (pair: a fixture)
 from tests.test_tuner_objective import make_batch as reference_batch
 
 W = 4.0
-
-
-def reference_position_ce(ref, batch):
-    """[B, L] cross-entropies of the scored canvases on transformers' model (self-conditioned
-    as the objective's pass 2), and the encoder's mean next-token cross-entropy."""
-    from transformers.cache_utils import DynamicCache
-
-    ce = torch.nn.functional.cross_entropy
-    rows, enc_sum, enc_n = [], 0.0, 0
-    for b in range(batch["tokens"].shape[0]):
-        x = torch.as_tensor(batch["tokens"][b, : batch["lengths"][b]]).long()
-        h = ref.model.encoder(input_ids=x[None]).last_hidden_state
-        enc_sum += float(ce(softcap_logits(ref, h)[0, :-1], x[1:], reduction="sum"))
-        enc_n += len(x) - 1
-        s = int(batch["prompt_lengths"][b] + batch["blocks"][b] * L)
-        cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
-        ref.model.encoder(input_ids=x[None, :s], cache=cache)
-        clean = x[s : s + L]
-        canvas = torch.where(torch.as_tensor(batch["corrupt"][b]), torch.as_tensor(batch["noise"][b]).long(), clean)
-        pos = torch.arange(s, s + L)[None]
-        sc = ref(decoder_input_ids=canvas[None], cache=cache, decoder_position_ids=pos).logits
-        logits = ref(decoder_input_ids=canvas[None], cache=cache, decoder_position_ids=pos,
-                     self_conditioning_logits=sc,
-                     self_conditioning_mask=torch.as_tensor(batch["self_condition"][b : b + 1])).logits
-        rows.append(ce(logits[0], clean, reduction="none").double().numpy())
-    return np.stack(rows), enc_sum / enc_n
 
 
 def test_weighted_diffusion_term_is_the_weighted_mean_of_the_reference_cross_entropies(pair):
@@ -61,7 +35,8 @@ def test_weighted_diffusion_term_is_the_weighted_mean_of_the_reference_cross_ent
     c = batch["corrupt"]
     assert 0 < c.sum() < c.size, "needs corrupted and clean positions"
     with torch.no_grad():
-        ce, enc = reference_position_ce(ref, batch)
+        rows, enc_sum, enc_n = reference_terms(ref, batch)
+    ce, enc = np.stack([r.double().numpy() for r in rows]), float(enc_sum) / enc_n
     w = np.where(c, W, 1.0)
     want = float((w * ce).sum() / w.sum())
     assert rel(want, float(ce.mean())) > 1e-3, "weighting changes nothing here: the test could not fail"

@@ -66,13 +66,14 @@ def softcap_logits(ref, h):
     return torch.tanh(ref.lm_head(h).float() / cap) * cap
 
 
-def reference_objective(ref, batch, self_conditioning=True, encoder_loss_weight=1.0):
-    """(total, diffusion mean, encoder mean) on transformers' DiffusionGemmaForBlockDiffusion."""
+def reference_terms(ref, batch, self_conditioning=True):
+    """Per example on transformers' DiffusionGemmaForBlockDiffusion: the scored canvas's [L]
+    cross-entropies (differentiable), and the encoder's summed next-token cross-entropy and
+    its token count."""
     from transformers.cache_utils import DynamicCache
 
     ce = torch.nn.functional.cross_entropy
-    diff_sum = enc_sum = 0.0
-    diff_n = enc_n = 0
+    rows, enc_sum, enc_n = [], 0.0, 0
     for b in range(batch["tokens"].shape[0]):
         x = torch.as_tensor(batch["tokens"][b, : batch["lengths"][b]]).long()
         # encoder loss: next-token CE over the clean sequence
@@ -93,9 +94,14 @@ def reference_objective(ref, batch, self_conditioning=True, encoder_loss_weight=
             sc_mask = torch.as_tensor(batch["self_condition"][b : b + 1])
         logits = ref(decoder_input_ids=canvas[None], cache=cache, decoder_position_ids=pos,
                      self_conditioning_logits=sc, self_conditioning_mask=sc_mask).logits
-        diff_sum = diff_sum + ce(logits[0], clean, reduction="sum")
-        diff_n += L
-    diffusion, encoder = diff_sum / diff_n, enc_sum / enc_n
+        rows.append(ce(logits[0], clean, reduction="none"))
+    return rows, enc_sum, enc_n
+
+
+def reference_objective(ref, batch, self_conditioning=True, encoder_loss_weight=1.0):
+    """(total, diffusion mean, encoder mean) on transformers' DiffusionGemmaForBlockDiffusion."""
+    rows, enc_sum, enc_n = reference_terms(ref, batch, self_conditioning)
+    diffusion, encoder = torch.cat(rows).sum() / (len(rows) * L), enc_sum / enc_n
     return diffusion + encoder_loss_weight * encoder, diffusion, encoder
 
 
