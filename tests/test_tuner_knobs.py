@@ -72,6 +72,7 @@ def test_defaults_are_the_published_draws_and_denominators():
         d = make_draws(7, it, [0, 1, 2], [1, 2, 2], L, V)
         for k in ("blocks", "corrupt", "noise", "self_condition"):
             assert np.array_equal(b[k], d[k]), k
+        assert np.array_equal(b["self_conditioned"], np.flatnonzero(d["self_condition"]))
         enc = sum(len(e.prompt) + -(-len(e.response) // L) * L - 1 for e in exs)
         assert b["denominators"].tolist() == [3 * L, enc]
         # pins are inert while the option is off

@@ -137,6 +137,20 @@ def test_loss_matches_reference(pair, sc):
     assert rel(ours(model, batch, self_conditioning=sc, span=span)[0], r[0]) < 1e-4
 
 
+@pytest.mark.parametrize("coins", [(True, False), (False, True), (True, True), (False, False)])
+def test_pass_one_on_the_heads_rows_alone_gives_the_same_loss(pair, coins):
+    """A batch that lists its heads rows (``self_conditioned``, as make_batch's do) runs
+    pass 1 on those rows alone: the reference's loss, whichever rows have heads, none included."""
+    ref, model = pair
+    batch = dict(make_batch(seed=4), self_condition=np.array(coins))
+    with torch.no_grad():
+        r = float(reference_objective(ref, batch)[0])
+    listed = dict(batch, self_conditioned=np.flatnonzero(coins).astype(np.int32))
+    heads, every = ours(model, listed)[0], ours(model, batch)[0]
+    assert rel(heads, r) < 1e-4, f"ours {heads:.7g} vs reference {r:.7g}"
+    assert rel(heads, every) < 1e-5, f"heads rows alone {heads:.7g} vs every row {every:.7g}"
+
+
 LORA_LAYERS, SCALE, RANK = (1, 2), 2.0, 4
 
 
@@ -188,21 +202,25 @@ def test_gradients_match_reference(tmp_path):
     total.backward()
 
     model.unfreeze()
-    value, grads = nn.value_and_grad(model, lambda m, b: objective(m, b).loss)(model, as_mx(batch))
-    assert rel(float(value), float(total.detach())) < 1e-4
-    g = dict(tree_flatten(grads))
-    pre = "model.decoder.layers"
-    for i, (A, B) in lora.items():
-        close(g[f"{pre}.{i}.self_attn.q_proj.lora_a"], A.grad, f"layer {i} lora_a")
-        close(g[f"{pre}.{i}.self_attn.q_proj.lora_b"], B.grad, f"layer {i} lora_b")
-    dense = ref.model.decoder.layers[2].mlp.down_proj.weight.grad
-    close(g[f"{pre}.2.mlp.down_proj.weight"], dense, "dense MLP down_proj")
-    gate_up = ref.model.decoder.layers[3].experts.gate_up_proj.grad  # [E, 2I, H]: gate rows first
-    I = gate_up.shape[1] // 2
-    close(g[f"{pre}.3.experts.switch_glu.gate_proj.weight"], gate_up[:, :I], "expert gate_proj")
-    close(g[f"{pre}.3.experts.switch_glu.up_proj.weight"], gate_up[:, I:], "expert up_proj")
-    close(g[f"{pre}.0.experts.switch_glu.down_proj.weight"], ref.model.decoder.layers[0].experts.down_proj.grad,
-          "expert down_proj")
+    # pass 1 on every row (the signal of tails rows zeroed), then on the heads rows alone
+    # (the batch lists them, as make_batch's do): the same loss and gradients
+    listed = dict(batch, self_conditioned=np.flatnonzero(batch["self_condition"]).astype(np.int32))
+    for b in (batch, listed):
+        value, grads = nn.value_and_grad(model, lambda m, b: objective(m, b).loss)(model, as_mx(b))
+        assert rel(float(value), float(total.detach())) < 1e-4
+        g = dict(tree_flatten(grads))
+        pre = "model.decoder.layers"
+        for i, (A, B) in lora.items():
+            close(g[f"{pre}.{i}.self_attn.q_proj.lora_a"], A.grad, f"layer {i} lora_a")
+            close(g[f"{pre}.{i}.self_attn.q_proj.lora_b"], B.grad, f"layer {i} lora_b")
+        dense = ref.model.decoder.layers[2].mlp.down_proj.weight.grad
+        close(g[f"{pre}.2.mlp.down_proj.weight"], dense, "dense MLP down_proj")
+        gate_up = ref.model.decoder.layers[3].experts.gate_up_proj.grad  # [E, 2I, H]: gate rows first
+        I = gate_up.shape[1] // 2
+        close(g[f"{pre}.3.experts.switch_glu.gate_proj.weight"], gate_up[:, :I], "expert gate_proj")
+        close(g[f"{pre}.3.experts.switch_glu.up_proj.weight"], gate_up[:, I:], "expert up_proj")
+        close(g[f"{pre}.0.experts.switch_glu.down_proj.weight"], ref.model.decoder.layers[0].experts.down_proj.grad,
+              "expert down_proj")
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(pair):

@@ -11,7 +11,9 @@ Every measurement runs in its own process (its own peak memory): the project's t
 ``--iters`` iterations on real training lines (prompt 89 + canvas 88 = 177 tokens an
 example), reporting every iteration; the first two (compiling) are dropped and the median
 of the rest is quoted. FLOPs are counted from the shapes (matmuls only, x2 per MAC; the
-backward pass twice the forward of what gets a gradient: encoder and pass 2), MFU against
+backward pass twice the forward of what gets a gradient: encoder and pass 2; pass 1 counted
+for every row, as the published objective runs it, although the trainer runs it only for
+the rows whose self-conditioning coin is heads), MFU against
 the measured float32 matmul peak of the same process setup. Writes
 benchmarks/sudoku/results/step.json and step.md.
 """
@@ -174,6 +176,8 @@ def main() -> int:
     ap.add_argument("--before", type=Path, default=None, help="another tree to measure too (e.g. /work/main)")
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--processes", default=None, help="e.g. 2: these process counts for every tree "
+                    "(default: 1 and 2 for this tree, 1 for --before)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sudoku-bench-step"))
     ap.add_argument("--data", type=Path, default=None, help="train.jsonl of Sudoku lines (default: made here)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -212,7 +216,8 @@ def main() -> int:
     trees = [("after", str(ROOT))] + ([("before", str(a.before))] if a.before else [])
     for b in batches:
         for name, tree in trees:
-            setups = [(1, {})] + ([(2, {})] if name == "after" else [])
+            counts = [int(p) for p in a.processes.split(",")] if a.processes else [1] + ([2] if name == "after" else [])
+            setups = [(p, {}) for p in counts]
             for procs, env in setups:
                 r = measure(["--run", "mlx", "--tree", tree, "--batch", str(b), *common], env, launch=procs)
                 rows.append(dict(r, framework="mlx", code=name, batch=b, processes=procs))

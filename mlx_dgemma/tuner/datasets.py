@@ -317,6 +317,8 @@ def make_batch(examples: Sequence[Example], ids: Sequence[int], iteration: int, 
     batch = collate(examples, L, spec.eos, spec.pad, spec.pad_to)
     d = draw_batch(examples, ids, iteration, spec)
     batch.update({k: d[k] for k in ("blocks", "corrupt", "noise", "self_condition")})
+    # the rows whose coin is heads: the objective runs self-conditioning's pass 1 on them alone
+    batch["self_conditioned"] = np.flatnonzero(d["self_condition"]).astype(np.int32)
     enc = sum(len(e.prompt) + num_blocks(e, L) * L - 1 for e in group)
     if diffusion_denominator is None:
         diffusion_denominator = len(group) * L

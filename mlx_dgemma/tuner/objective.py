@@ -51,7 +51,9 @@ from ..model import DecoderLayer, Model
 # A batch: ``tokens`` [B, T] int32, the clean sequences right-padded; ``prompt_lengths``
 # [B] (where each response starts); ``lengths`` [B] (where each EOS fill ends: a whole
 # number of canvases after the prompt); the draws for the scored block: ``blocks`` [B],
-# ``corrupt`` [B, L] bool, ``noise`` [B, L] int32, ``self_condition`` [B] bool.
+# ``corrupt`` [B, L] bool, ``noise`` [B, L] int32, ``self_condition`` [B] bool; optionally
+# ``self_conditioned`` [n] int32, the indices of the rows whose ``self_condition`` is set
+# (``make_batch`` writes it): pass 1 then runs on those rows alone.
 Batch = Dict[str, mx.array]
 
 
@@ -165,6 +167,12 @@ def decoder_pass(model: Model, canvas: mx.array, signal: Optional[mx.array], kv,
         return model.decode_layers(canvas, signal, prefixes, offset, head=True)
 
 
+def signal_of(model: Model, first: mx.array) -> mx.array:
+    """The self-conditioning signal of pass 1's logits: the soft lookup of their softmax."""
+    probs = fastmath.softmax(first) if fastmath.enabled(first) else mx.softmax(first, axis=-1)
+    return model.soft_embeddings(probs)
+
+
 def prefix_span(batch: Batch, multiple: int = 32) -> int:
     """How many leading encoder positions any canvas of ``batch`` can see (rounded up to
     ``multiple``, so that compiled steps are reused): the decoder needs no keys past it."""
@@ -213,11 +221,19 @@ def objective(
     masks = decoder_masks(model, starts, kv[0][0].shape[2], L)
 
     signal = None
-    if self_conditioning:
+    rows = batch.get("self_conditioned")  # the heads rows' indices, when the batch lists them
+    if self_conditioning and rows is None:
         first = mx.stop_gradient(decoder_pass(model, canvas, None, kv, masks, starts))  # no backward: no checkpoint
-        probs = fastmath.softmax(first) if fastmath.enabled(first) else mx.softmax(first, axis=-1)
-        signal = model.soft_embeddings(probs)
+        signal = signal_of(model, first)
         signal = signal * batch["self_condition"][:, None, None].astype(signal.dtype)  # tails: zero, the no-signal path
+    elif self_conditioning and rows.size:
+        # pass 1 for the heads rows alone (a tails row's signal is zero whatever pass 1 says)
+        first = mx.stop_gradient(decoder_pass(model, canvas[rows], None, [(k[rows], v[rows]) for k, v in kv],
+                                              tuple(m[rows] for m in masks), starts[rows]))
+        part = signal_of(model, first)
+        heads = batch["self_condition"]
+        slot = mx.where(heads, mx.cumsum(heads.astype(mx.int32)) - 1, rows.size)  # tails: the zero row
+        signal = mx.concatenate([part, mx.zeros((1,) + part.shape[1:], part.dtype)])[slot]
     logits = decoder_pass(model, canvas, signal, kv, masks, starts, checkpoint)
     scored = positions < lengths[:, None]  # always the whole block when the fill is complete
     diff_ce = fastmath.cross_entropy(logits, clean) * scored
