@@ -151,6 +151,34 @@ def test_pass_one_on_the_heads_rows_alone_gives_the_same_loss(pair, coins):
     assert rel(heads, every) < 1e-5, f"heads rows alone {heads:.7g} vs every row {every:.7g}"
 
 
+def test_without_the_encoder_loss_the_encoder_runs_over_the_span_alone(pair):
+    """``encoder_loss_weight=0``: the loss is the reference's diffusion mean, and its gradients
+    are those of the diffusion term through the full encoder pass (the shortened pass, over
+    the positions the decoder reads and without the head, changes no number that counts)."""
+    ref, model = pair
+    batch = make_batch(seed=4)
+    with torch.no_grad():
+        _, diffusion, _ = reference_objective(ref, batch)
+    span = prefix_span(as_mx(batch), 1)
+    assert span < batch["tokens"].shape[1]
+    for s in (None, span):
+        out = objective(model, as_mx(batch), encoder_loss_weight=0.0, span=s)
+        assert rel(float(out.loss), float(diffusion)) < 1e-4
+        assert float(out.encoder) == 0 and float(out.encoder_tokens) == 0
+
+    def full(m, b):
+        out = objective(m, b, span=span)
+        return out.diffusion / out.diffusion_tokens
+
+    short = nn.value_and_grad(model, lambda m, b: objective(m, b, encoder_loss_weight=0.0, span=span).loss)
+    (v1, g1), (v2, g2) = nn.value_and_grad(model, full)(model, as_mx(batch)), short(model, as_mx(batch))
+    g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    assert rel(float(v2), float(v1)) < 1e-5 and g1.keys() == g2.keys() and len(g1) > 10
+    for k in g1:
+        scale = float(mx.abs(g1[k]).max())
+        assert float(mx.abs(g1[k] - g2[k]).max()) <= 1e-4 * max(scale, 1e-6), k
+
+
 LORA_LAYERS, SCALE, RANK = (1, 2), 2.0, 4
 
 

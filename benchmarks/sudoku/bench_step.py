@@ -83,6 +83,7 @@ def run_one(a) -> None:
     data = load_split(Path(a.data), tok)
     hist = train(model, optim.AdamW(1e-3, betas=[0.9, 0.99], weight_decay=1e-4), data, None,
                  TrainingArgs(batch_size=a.batch, iters=a.iters, steps_per_report=1, steps_per_save=10**9, pad_to=1,
+                              encoder_loss_weight=a.encoder_loss_weight,
                               adapter_file=str(Path(a.work) / f"ad-{world.rank()}.safetensors")),
                  log=lambda *x, **k: None)
     if world.rank() == 0:
@@ -176,6 +177,8 @@ def main() -> int:
     ap.add_argument("--before", type=Path, default=None, help="another tree to measure too (e.g. /work/main)")
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--encoder-loss-weight", type=float, default=1.0,
+                    help="the objective's encoder_loss_weight (0: the encoder's loss is not computed)")
     ap.add_argument("--processes", default=None, help="e.g. 2: these process counts for every tree "
                     "(default: 1 and 2 for this tree, 1 for --before)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sudoku-bench-step"))
@@ -211,7 +214,8 @@ def main() -> int:
 
     fpe = flops_per_example(model_config())
     peaks = {1: matmul_peak(2), 2: 2 * matmul_peak(1)}
-    common = ["--iters", str(a.iters), "--work", str(a.work), "--data", str(data)]
+    common = ["--iters", str(a.iters), "--work", str(a.work), "--data", str(data),
+              "--encoder-loss-weight", str(a.encoder_loss_weight)]
     rows = []
     trees = [("after", str(ROOT))] + ([("before", str(a.before))] if a.before else [])
     for b in batches:

@@ -132,14 +132,15 @@ def _checkpointing(model: Model, on: bool) -> Iterator[None]:
             layer.__class__ = DecoderLayer
 
 
-def encoder_pass(model: Model, tokens: mx.array, checkpoint: bool = False):
+def encoder_pass(model: Model, tokens: mx.array, checkpoint: bool = False, logits: bool = True):
     """The causal encoder over ``tokens`` [B, T] (the model's own pass, ``encode_chunk``, into
-    recorders instead of a cache): per-layer (K, V) of every position and its logits [B, T, V]."""
+    recorders instead of a cache): per-layer (K, V) of every position and, with ``logits``,
+    its logits [B, T, V] (else None: the last layer stops at its K/V)."""
     prepare_for_training(model)
     recorders = PrefixCache(_KVRecorder() for _ in model.layers)
     with _checkpointing(model, checkpoint):
-        logits = model.encode_chunk(tokens, recorders, return_logits=True)
-    return [(r.keys, r.values) for r in recorders], logits
+        out = model.encode_chunk(tokens, recorders, return_logits=logits)
+    return [(r.keys, r.values) for r in recorders], out
 
 
 def decoder_masks(model: Model, starts: mx.array, T: int, L: int) -> Tuple[mx.array, mx.array]:
@@ -199,6 +200,8 @@ def objective(
     ``checkpoint``: recompute each layer in the backward pass (less memory, ~1/3 more time).
     ``span``: the decoder attends only to the first ``span`` encoder positions
     (``prefix_span``; the keys past it are hidden from every canvas anyway).
+    ``encoder_loss_weight=0``: the encoder runs over ``span`` positions only, without its
+    head (the diffusion term alone, at less cost); ``encoder`` and ``encoder_tokens`` are 0.
     ``corrupted_loss_weight``: the weight of a corrupted position's cross-entropy in the
     diffusion mean (clean positions weigh 1; ``denominators`` must then be weighted sums).
     """
@@ -207,10 +210,17 @@ def objective(
     B, T = tokens.shape
     L = corrupt.shape[1]
 
-    kv, enc_logits = encoder_pass(model, tokens, checkpoint)
-    valid = mx.arange(1, T)[None] < lengths[:, None]  # next-token pairs inside the sequence
-    enc_ce = fastmath.cross_entropy(enc_logits[:, :-1], tokens[:, 1:]) * valid
-    enc_sum, enc_n = enc_ce.sum(), valid.sum()
+    if encoder_loss_weight:
+        kv, enc_logits = encoder_pass(model, tokens, checkpoint)
+        valid = mx.arange(1, T)[None] < lengths[:, None]  # next-token pairs inside the sequence
+        enc_ce = fastmath.cross_entropy(enc_logits[:, :-1], tokens[:, 1:]) * valid
+        enc_sum, enc_n = enc_ce.sum(), valid.sum()
+    else:
+        # The encoder's loss weighs nothing: run it only over the positions the decoder
+        # reads (causal, so their K/V are the same) and without its head; its loss is
+        # reported as 0 over 0 tokens.
+        kv, _ = encoder_pass(model, tokens if span is None else tokens[:, :span], checkpoint, logits=False)
+        enc_sum, enc_n = mx.array(0.0), mx.array(0)
 
     starts = starts_p + batch["blocks"] * L
     positions = starts[:, None] + mx.arange(L)[None]
