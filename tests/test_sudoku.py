@@ -386,11 +386,11 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     assert resumed(2).item() == pytest.approx(fresh(4).item(), rel=1e-6)
 
 
-def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path):
+def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path, monkeypatch):
     """--export-checkpoint writes the last save (weights, optimizer state, curve) where a
     fresh clone's --resume finds it; that resume (an empty --out, here in two ring
     processes) continues the run exactly: its learning rate is the uninterrupted run's,
-    not a new warm-up, and the curve carries on."""
+    not a new warm-up, its validation draws are too, and the curve carries on."""
     import json
 
     import yaml
@@ -399,7 +399,11 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
 
     assert CHECKPOINT.parent == ROOT / "benchmarks" / "sudoku"  # inside the tree: a clone has it
     cfg_path = tmp_path / "train.yaml"
-    cfg = dict(TINY_RECIPE, iters=6)
+    import mlx_dgemma.tuner as tuner
+
+    seen, real = [], tuner.train
+    monkeypatch.setattr(tuner, "train", lambda *a, **k: (seen.append(a[4]), real(*a, **k))[1])
+    cfg = dict(TINY_RECIPE, iters=6, seed=0)
     cfg_path.write_text(yaml.safe_dump(cfg))
     common = ["-c", str(cfg_path), "--ship", str(tmp_path / "ship")]
     ck = tmp_path / "clone" / "checkpoint"
@@ -429,6 +433,12 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
                                                            .read_text().splitlines()) if "train_loss" in r}
     got = {r["iteration"]: r["learning_rate"] for r in rows if "train_loss" in r}
     assert got[5] == pytest.approx(ref[5], rel=1e-6) and got[6] == pytest.approx(ref[6], rel=1e-6)
+    # a resume reseeds its training draws, not its validation draws (see
+    # test_tuner_train.py::test_validation_draws_follow_val_seed; one process, so that the
+    # spy sees its arguments)
+    assert main(common + ["--out", str(tmp_path / "d"), "--record", str(tmp_path / "rd"), "--checkpoint", str(ck),
+                          "--resume", "--processes", "1"]) == 0
+    assert [(a.seed, a.val_seed) for a in seen] == [(0, 1), (0, 1), (4, 1)]
 
 
 def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):

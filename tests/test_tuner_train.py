@@ -414,3 +414,19 @@ def test_a_resumed_run_reports_on_the_uninterrupted_runs_grid(tiny, tmp_path):
     assert [h["iteration"] + 3 for h in hist if "train_loss" in h] == [4, 8, 9]  # 9: the last
     # the printed lines count the total too, as the curve and the numbered saves do
     assert [ln.split(":")[0] for ln in lines if "Train loss" in ln] == ["Iter 4", "Iter 8", "Iter 9"]
+
+
+def test_validation_draws_follow_val_seed(tiny):
+    """``evaluate`` draws its noise from ``val_seed`` (default seed + 1), whatever ``seed``
+    the training draws use: a resumed run that reseeds its training (the Sudoku trainer
+    adds the offset) keeps validation losses that compare with the earlier ones."""
+    from mlx_dgemma.tuner import TrainingArgs
+    from mlx_dgemma.tuner.trainer import evaluate
+
+    model, tok = mlx_dgemma.load(tiny)
+    data = examples(tok, 8)
+    losses = {(s, v): evaluate(model, data, 4, -1, TrainingArgs(batch_size=4, seed=s, val_seed=v))["diffusion"]
+              for s, v in ((0, None), (7, 1), (7, None), (0, 8))}
+    assert losses[(7, 1)] == losses[(0, None)]  # seed 7, validation seed 1 = seed 0's default
+    assert losses[(7, None)] == losses[(0, 8)]
+    assert losses[(7, None)] != losses[(0, None)], "the seeds draw the same noise: the test could not fail"

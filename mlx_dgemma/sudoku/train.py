@@ -377,6 +377,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         steps_per_save=int(cfg["steps_per_save"]), adapter_file=str(adapter_file), pad_to=1,
         encoder_loss_weight=float(cfg["encoder_loss_weight"]), self_conditioning_p=float(cfg["self_conditioning_p"]),
         grad_clip=float(cfg["grad_clip"]), seed=int(cfg["seed"]) + offset, start_iteration=offset,
+        val_seed=int(cfg["seed"]) + 1,  # new training draws after a resume, the same validation draws
         optimizer_file=str(adapters / OPTIMIZER_FILE),
         corrupt_only_free=bool(cfg.get("corrupt_only_free", False)),
         corrupted_loss_weight=float(cfg.get("corrupted_loss_weight", 1.0)),

@@ -38,6 +38,9 @@ class TrainingArgs(_MLXTrainingArgs):
     self_conditioning_p: float = field(default=0.5, metadata={"help": "Per-example self-conditioning probability."})
     grad_clip: float = field(default=1.0, metadata={"help": "Clip the gradient norm (0: off)."})
     seed: int = field(default=0, metadata={"help": "Seed of the batch order and the objective's draws."})
+    val_seed: Optional[int] = field(default=None, metadata={
+        "help": "Seed of the validation draws (default: seed + 1); a resumed run that reseeds its training "
+                "draws keeps it, so that its validation losses compare with the earlier ones."})
     pad_to: int = field(default=32, metadata={"help": "Pad batch rows to a multiple of this many tokens."})
     fill_token_id: Optional[int] = field(default=None, metadata={"help": "EOS fill token (default: the model's EOS)."})
     start_iteration: int = field(default=0, metadata={
@@ -74,7 +77,8 @@ def evaluate(model: Model, dataset: Sequence[Example], batch_size: int, num_batc
     draws: the same batches and noise at every evaluation, so the numbers compare."""
     model.eval()
     world = mx.distributed.init()
-    spec = batch_spec(model, args, seed=args.seed + 1)  # noise independent of the training draws
+    # noise independent of the training draws, and the same at every evaluation
+    spec = batch_spec(model, args, seed=args.seed + 1 if args.val_seed is None else args.val_seed)
     sc = args.self_conditioning_p > 0
     sums = mx.zeros((4,))
     batches = iterate_batches(dataset, batch_size, spec, shuffle=False, comm_group=world)
