@@ -11,9 +11,9 @@ Every measurement runs in its own process (its own peak memory): the project's t
 ``--iters`` iterations on real training lines (prompt 89 + canvas 88 = 177 tokens an
 example), reporting every iteration; the first two (compiling) are dropped and the median
 of the rest is quoted. FLOPs are counted from the shapes (matmuls only, x2 per MAC; the
-backward pass twice the forward of what gets a gradient: encoder and pass 2; pass 1 counted
-for every row, as the published objective runs it, although the trainer runs it only for
-the rows whose self-conditioning coin is heads), MFU against
+backward pass twice the forward of what gets a gradient: encoder and pass 2; pass 1 for the
+half of the rows whose self-conditioning coin is heads; with ``--encoder-loss-weight 0`` the
+encoder over the prompt alone and without its head: ``flops_per_example``), MFU against
 the measured float32 matmul peak of the same process setup. Writes
 benchmarks/sudoku/results/step.json and step.md.
 """
@@ -33,10 +33,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 PROMPT, CANVAS = 89, 88
+SPAN = PROMPT  # the encoder positions the decoder reads (the trainer's pad_to is 1)
 
 
-def flops_per_example(c: dict) -> float:
-    """Matmul FLOPs of one training example (encoder + two decoder passes + backward)."""
+def flops_per_example(c: dict, encoder_loss: bool = True, pass1_share: float = 0.5) -> float:
+    """Matmul FLOPs of one training example as the trainer computes it: the encoder (with
+    ``encoder_loss``, over the whole sequence and through the head; without, over the
+    ``SPAN`` positions the decoder reads and without the head), pass 1 of the decoder for
+    ``pass1_share`` of the rows (those whose self-conditioning coin is heads), pass 2, and
+    the backward pass (twice the forward of what gets a gradient: encoder and pass 2)."""
     t = c["text_config"]
     H, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
     E, M = t["num_experts"], t["moe_intermediate_size"]
@@ -48,12 +53,14 @@ def flops_per_example(c: dict) -> float:
         kv = t["num_global_key_value_heads"] if full else t["num_key_value_heads"]
         macs_tok += H * heads * d * 2 + H * kv * d * (1 if full else 2)  # q, o; k (and v)
         macs_tok += 3 * H * I + 3 * H * M * E  # dense MLP; experts, dense dispatch (every expert)
-    macs_tok += H * V  # tied head
-    enc, dec = PROMPT + CANVAS, CANVAS
+    enc, dec = (PROMPT + CANVAS, CANVAS) if encoder_loss else (SPAN, CANVAS)
+    enc_macs = (macs_tok + (H * V if encoder_loss else 0)) * enc  # the tied head only for the encoder's loss
+    dec_macs = (macs_tok + H * V) * dec
     layers = len(t["layer_types"])
     attn = lambda q, k: 2 * q * k * t["num_attention_heads"] * hd * layers  # noqa: E731  (QK^T and PV)
-    fwd = 2 * (macs_tok * (enc + 2 * dec) + attn(enc, enc / 2) + 2 * attn(dec, enc + dec) + dec * V * H)
-    grad = 2 * 2 * (macs_tok * (enc + dec) + attn(enc, enc / 2) + attn(dec, enc + dec) + dec * V * H)
+    pass1 = dec_macs + attn(dec, enc + dec) + dec * V * H  # and the signal's soft lookup
+    fwd = 2 * (enc_macs + attn(enc, enc / 2) + pass1_share * pass1 + dec_macs + attn(dec, enc + dec))
+    grad = 2 * 2 * (enc_macs + attn(enc, enc / 2) + dec_macs + attn(dec, enc + dec) + dec * V * H)
     return fwd + grad
 
 
@@ -212,7 +219,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from mlx_dgemma.sudoku.recipe import model_config
 
-    fpe = flops_per_example(model_config())
+    fpe = flops_per_example(model_config(), encoder_loss=a.encoder_loss_weight != 0)
     peaks = {1: matmul_peak(2), 2: 2 * matmul_peak(1)}
     common = ["--iters", str(a.iters), "--work", str(a.work), "--data", str(data),
               "--encoder-loss-weight", str(a.encoder_loss_weight)]
