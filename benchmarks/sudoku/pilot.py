@@ -337,7 +337,7 @@ def run(a: argparse.Namespace, work: Path, log_row) -> Dict[str, Any]:
     targs = TrainingArgs(
         batch_size=a.batch_size, iters=a.iters, steps_per_report=math.gcd(10, a.eval_every), steps_per_eval=10**9,
         steps_per_save=10**9, adapter_file=str(work / "adapters" / "adapters.safetensors"), pad_to=1,
-        encoder_loss_weight=1.0, self_conditioning_p=0.5, grad_clip=1.0, seed=a.seed,
+        encoder_loss_weight=a.encoder_loss_weight, self_conditioning_p=0.5, grad_clip=1.0, seed=a.seed,
         corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight)
     (work / "adapters").mkdir(parents=True, exist_ok=True)
     train(model, opt, examples, None, targs, training_callback=Callback(), log=lambda *x, **k: None)
@@ -381,6 +381,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="never corrupt the givens, <turn|> and the fill (TrainingArgs.corrupt_only_free)")
     ap.add_argument("--corrupted-loss-weight", type=float, default=1.0,
                     help="weight of corrupted positions in the diffusion loss (TrainingArgs.corrupted_loss_weight)")
+    ap.add_argument("--encoder-loss-weight", type=float, default=1.0,
+                    help="weight of the encoder's next-token loss (TrainingArgs.encoder_loss_weight; 0: not computed)")
     ap.add_argument("--name", default="base", help="the run's name in the default --out")
     ap.add_argument("--note", default="", help="what else ran on the machine (goes into results.md)")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/sudoku/pilots/<n>x<n>-<name>/")
@@ -428,7 +430,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     part.replace(a.out / "curve.jsonl")
     record = dict(size=a.size, name=a.name, command=command, model=model_size(a), batch_size=a.batch_size,
                   learning_rate=a.learning_rate, warmup=a.warmup, iters=a.iters, seed=a.seed,
-                  corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight, **result,
+                  corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight,
+                  encoder_loss_weight=a.encoder_loss_weight, **result,
                   load_at_start=load_start, load_at_end=os.getloadavg()[0], machine=f"{os.cpu_count()} CPU cores",
                   note=a.note,
                   finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
