@@ -9,8 +9,8 @@ objective as tests/test_tuner_objective.py computes it).
 Every measurement runs in its own process (its own peak memory): the project's trainer
 (``mlx_dgemma.tuner.train``, the compiled step, AdamW, batch from ``iterate_batches``) for
 ``--iters`` iterations on real training lines (prompt 89 + canvas 88 = 177 tokens an
-example), reporting every iteration; the first two (compiling) are dropped and the median
-of the rest is quoted. FLOPs are counted from the shapes (matmuls only, x2 per MAC; the
+example), reporting every iteration; the median of the second half is quoted (the first
+ones compile the step, once for each count of self-conditioned rows a process meets). FLOPs are counted from the shapes (matmuls only, x2 per MAC; the
 backward pass twice the forward of what gets a gradient: encoder and pass 2; pass 1 for the
 half of the rows whose self-conditioning coin is heads; with ``--encoder-loss-weight 0`` the
 encoder over the prompt alone and without its head: ``flops_per_example``), MFU against
@@ -174,7 +174,10 @@ def measure(args_list, env_extra=None, launch: int = 1, timeout: int = 900) -> d
     if line is None:
         return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"], "load_before": load}
     r = json.loads(line[7:])
-    steady = (r["seconds"][2:] if len(r["seconds"]) > 3 else r["seconds"][1:]) or r["seconds"]
+    # the second half of the iterations: the compiled step meets each new count of
+    # self-conditioned rows once (a new shape), in the first iterations
+    secs = r["seconds"]
+    steady = secs[len(secs) // 2:] if len(secs) > 3 else (secs[1:] or secs)
     r.update(median_seconds=statistics.median(steady), load_before=round(load, 2))
     return r
 
