@@ -1,21 +1,15 @@
 import sys, time, statistics, os
 tree = sys.argv[1]
-sys.path.insert(0, tree); sys.path.insert(0, tree + "/benchmarks")
-import mlx_dgemma, mlx.core as mx, numpy as np
-from mlx_dgemma import load_model, rng
-from common import quantize, temperature
-from mlx_dgemma.drafter import DenoiseSettings, entropy_bound_mask, self_conditioning
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _setup import build, import_tree, prime
+mlx_dgemma = import_tree(tree)
+import mlx.core as mx
+from mlx_dgemma import rng
+from mlx_dgemma.drafter import DenoiseSettings, self_conditioning
 from mlx_dgemma.kernels import sample_step as sample_fn
-model, _ = load_model("/tmp/mlx_dgemma_bench/mid")
-quantize(model, 4, 64)
-if os.path.exists(tree + "/mlx_dgemma/backend.py"):
-    from mlx_dgemma import backend; backend.defaults(model)
-mx.eval(model.parameters())
+model = build(mlx_dgemma, 4)
 V, L = model.args.vocab_size, model.args.canvas_length
-prompt = mx.array(np.random.RandomState(0).randint(3, V, (1, 2048)))
-canvas = mx.array(np.random.RandomState(1).randint(3, V, (1, L)))
-c = model.make_cache(); model.encode(prompt, c); mx.eval([x.state for x in c])
-logits = model.denoise(canvas, c); mx.eval(logits)
+canvas, c, logits, _ = prime(model, 2048)
 t = 0.7
 def T(f, R=15):
     for _ in range(3): mx.eval(f())

@@ -1,15 +1,11 @@
 import sys, time, statistics
-sys.path.insert(0, sys.argv[1])
-import mlx_dgemma
-import mlx.core as mx, numpy as np
-from mlx_dgemma import load_model
-model, _ = load_model("/tmp/mlx_dgemma_bench/mid")
-V, L = model.args.vocab_size, model.args.canvas_length
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _setup import build, import_tree, prime
 P = int(sys.argv[2])
-prompt = mx.array(np.random.RandomState(0).randint(3, V, (1, P)))
-canvas = mx.array(np.random.RandomState(1).randint(3, V, (1, L)))
-c = model.make_cache(); model.encode(prompt, c); mx.eval([x.state for x in c])
-logits = model.denoise(canvas, c); sc = model.soft_embeddings(mx.softmax(logits, -1)); mx.eval(sc)
+mlx_dgemma = import_tree(sys.argv[1])  # first: it loads OpenBLAS before mlx.core
+import mlx.core as mx
+model = build(mlx_dgemma, 0)
+canvas, c, logits, sc = prime(model, P)
 for _ in range(2): mx.eval(model.denoise(canvas, c, self_conditioning_embeddings=sc))
 f = []
 for _ in range(10):

@@ -34,38 +34,25 @@ args = ap.parse_args()
 HERE = Path(__file__).resolve().parent
 tmp = Path(tempfile.mkdtemp())
 shutil.copytree(Path(args.before) / "mlx_dgemma", tmp / "mlx_dgemma_before")
-sys.path[:0] = [str(tmp), str(HERE.parents[1])]
+sys.path[:0] = [str(tmp), str(HERE.parents[1]), str(HERE)]
 
 import mlx_dgemma as A  # noqa: E402  (first: it loads OpenBLAS where present)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import mlx_dgemma_before as B  # noqa: E402
-from common import quantize  # noqa: E402
-from mlx_dgemma import backend  # noqa: E402
+
+from _setup import build, prime  # noqa: E402
 
 models = {}
 for name, pkg in ((("after", A), ("before", B)) if args.after_first else (("before", B), ("after", A))):
-    m, _ = pkg.load_model(args.checkpoint)
-    if args.bits:
-        quantize(m, args.bits, 64)
-        if name == "after":
-            backend.defaults(m)
-    mx.eval(m.parameters())
-    models[name] = m
-V, L = models["after"].args.vocab_size, models["after"].args.canvas_length
-prompt = mx.array(np.random.RandomState(0).randint(3, V, (1, args.prompt)))
-canvas = mx.array(np.random.RandomState(1).randint(3, V, (1, L)))
+    models[name] = build(pkg, args.bits, args.checkpoint)
 state = {}
 for name, m in models.items():
-    cache = m.make_cache()
-    m.encode(prompt, cache)
-    mx.eval([x.state for x in cache])
-    logits = m.denoise(canvas, cache)
-    sc = m.soft_embeddings(mx.softmax(logits, -1))
-    mx.eval(sc)
+    canvas, cache, logits, sc = prime(m, args.prompt)
     for _ in range(3):
         mx.eval(m.denoise(canvas, cache, self_conditioning_embeddings=sc))
     state[name] = (cache, sc, np.array(logits))
+V = models["after"].args.vocab_size
 print("max |after - before| logits:", float(np.abs(state["after"][2] - state["before"][2]).max()))
 
 
