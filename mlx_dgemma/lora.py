@@ -77,7 +77,8 @@ def build_parser():
     parser.description = "LoRA, DoRA, QLoRA or full fine-tuning of DiffusionGemma with its training objective."
     parser.add_argument("--lora-experts", action="store_true", default=None,
                         help="Also adapt the routed experts (LoRASwitchLinear).")
-    parser.add_argument("--encoder-loss-weight", type=float, help="Weight of the encoder's next-token loss (1.0; 0 skips computing it).")
+    parser.add_argument("--encoder-loss-weight", type=float,
+                        help="Weight of the encoder's next-token loss (1.0; 0 skips computing it).")
     parser.add_argument("--self-conditioning-p", type=float, help="Per-example self-conditioning probability (0.5).")
     parser.add_argument("--grad-clip", type=float, help="Clip the gradient norm at this value, 0 for off (1.0).")
     parser.add_argument("--warmup-steps", type=int, help="Warm-up steps of the default schedule (25).")

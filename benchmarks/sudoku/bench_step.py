@@ -10,8 +10,8 @@ Every measurement runs in its own process (its own peak memory): the project's t
 (``mlx_dgemma.tuner.train``, the compiled step, AdamW, batch from ``iterate_batches``) for
 ``--iters`` iterations on real training lines (prompt 89 + canvas 88 = 177 tokens an
 example), reporting every iteration; the median of the second half is quoted (the first
-ones compile the step, once for each count of self-conditioned rows a process meets). FLOPs are counted from the shapes (matmuls only, x2 per MAC; the
-backward pass twice the forward of what gets a gradient: encoder and pass 2; pass 1 for the
+ones compile the step, once for each count of self-conditioned rows a process meets).
+FLOPs are counted from the shapes (matmuls only, x2 per MAC; the backward pass twice the forward of what gets a gradient: encoder and pass 2; pass 1 for the
 half of the rows whose self-conditioning coin is heads; with ``--encoder-loss-weight 0`` the
 encoder over the prompt alone and without its head: ``flops_per_example``), MFU against
 the measured float32 matmul peak of the same process setup. Writes

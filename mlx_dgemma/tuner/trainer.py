@@ -33,8 +33,9 @@ from .utils import numbered_adapter_file, save_adapters, save_optimizer_state
 
 @dataclass
 class TrainingArgs(_MLXTrainingArgs):
-    encoder_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the encoder's next-token loss (0: not computed, and the encoder runs only "
-                                  "over the positions the decoder reads)."})
+    encoder_loss_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the encoder's next-token loss (0: not computed, and the encoder runs only over the "
+                "positions the decoder reads)."})
     self_conditioning_p: float = field(default=0.5, metadata={"help": "Per-example self-conditioning probability."})
     grad_clip: float = field(default=1.0, metadata={"help": "Clip the gradient norm (0: off)."})
     seed: int = field(default=0, metadata={"help": "Seed of the batch order and the objective's draws."})
