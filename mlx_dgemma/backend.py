@@ -46,7 +46,8 @@ from .models.diffusion_gemma import (
 )
 from .vision import VisionAttention
 
-EXPERTS = ("gather", "grouped", "cpu", "dense")
+EXPERTS = ("gather", "grouped", "cpu", "dense", "blocked")
+TRACEABLE_EXPERTS = ("gather", "dense", "blocked")  # the dispatches that differentiate and compile
 
 
 # -- dequantized matmuls (CPU) ---------------------------------------------------------
@@ -240,6 +241,71 @@ def dense_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array, weights: mx
     return mx.einsum("...ei,ehi->...h", act, glu.down_proj.weight)
 
 
+@mx.custom_function
+def _expert_rows(x: mx.array, token: mx.array, dest: mx.array) -> mx.array:
+    """The rows of the blocked layout: ``x`` [N, H] with a zero row appended, taken at
+    ``token`` [R] (N for a padding row). ``dest`` [N, K] (where each (token, slot) pair
+    went) serves the derivative: a gather back, not MLX's scatter-add (slow on the CPU)."""
+    return mx.concatenate([x, mx.zeros((1, x.shape[1]), x.dtype)])[token]
+
+
+@_expert_rows.vjp
+def _expert_rows_vjp(primals, cotangent, output):
+    x, token, dest = primals
+    return cotangent[dest].sum(1), mx.zeros_like(token), mx.zeros_like(dest)
+
+
+@mx.custom_function
+def _expert_slots(y: mx.array, dest: mx.array, source: mx.array) -> mx.array:
+    """The blocked layout's rows [R, H] back in (token, slot) order: ``y[dest]``. Its
+    derivative gathers through ``source`` [R] (the pair in each row, A for padding)."""
+    return y[dest]
+
+
+@_expert_slots.vjp
+def _expert_slots_vjp(primals, cotangent, output):
+    y, dest, source = primals
+    padded = mx.concatenate([cotangent, mx.zeros((1, cotangent.shape[1]), cotangent.dtype)])
+    return padded[source], mx.zeros_like(dest), mx.zeros_like(source)
+
+
+def blocked_switch_glu(glu: SwitchGLU, x: mx.array, indices: mx.array, block: int = 64) -> mx.array:
+    """SwitchGLU(x, indices) with the (token, expert) pairs laid out expert by expert in
+    blocks of ``block`` rows, each block one GEMM against its expert's weights
+    (``gather_mm`` over the blocks, sorted).
+
+    Every shape is fixed by the number of pairs (each expert's rows are padded to whole
+    blocks; the layout has room for the worst case), so it is traceable and compiles,
+    unlike ``grouped_switch_glu``; and it does the routed experts' FLOPs (plus the
+    padding) where ``dense_switch_glu`` does every expert's. The pairs move in and out of
+    the layout by gathers whose derivatives are gathers too (``_expert_rows``,
+    ``_expert_slots``). Training a 128-wide, 8-expert, top-2 model on the CPU: one layer's
+    experts, forward and backward over 1,416 tokens, 9 ms against the dense path's 25.
+    """
+    *lead, K = indices.shape
+    H = x.shape[-1]
+    E = glu.gate_proj.weight.shape[0]
+    pairs = indices.reshape(-1)
+    A = pairs.shape[0]
+    onehot = (pairs[:, None] == mx.arange(E)[None]).astype(mx.int32)  # [A, E]
+    rank = mx.take_along_axis(mx.cumsum(onehot, axis=0) - onehot, pairs[:, None], axis=1)[:, 0]
+    padded = (onehot.sum(0) + block - 1) // block * block
+    starts = mx.cumsum(padded) - padded
+    dest = starts[pairs] + rank  # each pair's row: its expert's start, then in pair order
+    R = -(-(A + E * (block - 1)) // block) * block  # the worst case of the padding
+    source = mx.zeros((R,), mx.int32).at[dest].add(mx.arange(1, A + 1, dtype=mx.int32)) - 1
+    source = mx.where(source < 0, A, source)
+    rows = _expert_rows(x.reshape(-1, H), source // K, dest.reshape(-1, K)).reshape(R // block, block, H)
+    experts = (starts[None, :] <= (mx.arange(R // block) * block)[:, None]).sum(1) - 1  # each block's
+
+    def project(lin: SwitchLinear, h: mx.array) -> mx.array:
+        return mx.gather_mm(h, lin.weight.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=True)
+
+    h = glu.activation(project(glu.up_proj, rows), project(glu.gate_proj, rows))
+    y = project(glu.down_proj, h).reshape(R, -1)
+    return _expert_slots(y, dest, source).reshape(*lead, K, y.shape[-1])
+
+
 class GroupedExperts(Experts):
     """One GEMM per used expert (``grouped_switch_glu``); quantized experts dequantized
     per expert when ``dequantize``."""
@@ -273,7 +339,21 @@ class DenseExperts(Experts):
         return dense_switch_glu(self.switch_glu, x, indices, weights)
 
 
-EXPERT_TYPES = {"gather": Experts, "grouped": GroupedExperts, "cpu": KernelExperts, "dense": DenseExperts}
+class BlockedExperts(Experts):
+    """The routed experts in fixed-shape blocks (``blocked_switch_glu``): traceable, for
+    training on the CPU."""
+
+    def __call__(self, x, indices, weights):
+        glu = self.switch_glu
+        if not isinstance(glu.gate_proj, SwitchLinear) or any(
+                "bias" in lin for lin in (glu.gate_proj, glu.up_proj, glu.down_proj)):
+            return super().__call__(x, indices, weights)
+        y = blocked_switch_glu(glu, x, indices)
+        return (y * weights[..., None].astype(y.dtype)).sum(-2)
+
+
+EXPERT_TYPES = {"gather": Experts, "grouped": GroupedExperts, "cpu": KernelExperts, "dense": DenseExperts,
+                "blocked": BlockedExperts}
 
 
 # -- the compiled decoder step (GPUs) --------------------------------------------------
@@ -344,11 +424,12 @@ def configure(model: Model, *, experts: Optional[str] = None, attention: Optiona
 
     ``experts``: "gather" (SwitchGLU's gather_mm: GPUs), "grouped" (one GEMM per used
     expert: the CPU), "cpu" (the C kernel for float32 experts, else grouped), "dense"
-    (every expert on every token: training small models on the CPU). ``attention``: the
+    (every expert on every token), "blocked" (the routed pairs in fixed-shape blocks:
+    training on the CPU). ``attention``: the
     C attention kernel (the CPU). ``host_softcap``: the soft-cap's tanh on the host.
     ``dequantize``: quantized layers as float32 BLAS matmuls (the CPU). ``compile``: the
-    decoder step through mx.compile (only with the traceable paths: gather or dense
-    experts, no C attention, no host soft-cap, no per-call dequantizing). ``fastmath``:
+    decoder step through mx.compile (only with the traceable paths: gather, dense or
+    blocked experts, no C attention, no host soft-cap, no per-call dequantizing). ``fastmath``:
     exp/tanh from multiplies and adds for float32 (the CPU; traceable): every GeGLU, and
     the attention and soft-cap that no C kernel or host path takes.
     """
@@ -360,7 +441,7 @@ def configure(model: Model, *, experts: Optional[str] = None, attention: Optiona
     if attention and not cpu_kernels.attention_available():
         raise ValueError("the C attention needs the built CPU kernel and a CBLAS sgemm (OpenBLAS) on the CPU")
     if want["compile"] and not _traceable(want):
-        raise ValueError("compile needs the traceable paths (gather or dense experts, plain attention and soft-cap, "
+        raise ValueError("compile needs the traceable paths (gather, dense or blocked experts, plain attention and soft-cap, "
                          "no per-call dequantizing)")
     fast = bool(want["fastmath"])
     for layer in model.layers:
@@ -401,14 +482,13 @@ def defaults(model: Model) -> Model:
                      host_softcap=True, dequantize=True, fastmath=True)
 
 
-def plain(model: Model, keep_dense: bool = True) -> Model:
+def plain(model: Model) -> Model:
     """The traceable paths (no host round trips, no C kernels, no per-call dequantizing):
     what training needs; on the CPU with fastmath's exp and tanh (traceable, and
-    differentiable through their own derivatives). A model set to the (traceable) dense
-    experts keeps them when ``keep_dense``: small float models train faster with them on
-    the CPU."""
+    differentiable through their own derivatives). A model set to a traceable expert
+    dispatch (gather, dense or blocked) keeps it; others take gather."""
     experts = settings(model)["experts"]
-    configure(model, experts="dense" if keep_dense and experts == "dense" else "gather", attention=False,
+    configure(model, experts=experts if experts in TRACEABLE_EXPERTS else "gather", attention=False,
               host_softcap=False, dequantize=False, compile=False, fastmath=on_cpu())
     return model
 
@@ -431,7 +511,7 @@ def settings(model: Model) -> dict:
 
 
 def _traceable(s: dict) -> bool:
-    return s["experts"] in ("gather", "dense") and not (s["attention"] or s["host_softcap"] or s["dequantize"])
+    return s["experts"] in TRACEABLE_EXPERTS and not (s["attention"] or s["host_softcap"] or s["dequantize"])
 
 
 def traceable(model: Model) -> bool:

@@ -136,12 +136,15 @@ VARIANTS = [
     dict(PLAIN, experts="grouped"),
     dict(PLAIN, experts="dense"),
     dict(PLAIN, experts="dense", compile=True),
+    dict(PLAIN, experts="blocked"),
+    dict(PLAIN, experts="blocked", compile=True),
     pytest.param(dict(PLAIN, experts="cpu"), marks=needs_cpu_attention),
     pytest.param(dict(PLAIN, experts="cpu", attention=True, host_softcap=True), marks=needs_cpu_attention),
     dict(PLAIN, host_softcap=True),
     dict(PLAIN, experts="grouped", host_softcap=True),
     dict(PLAIN, fastmath=True),
     dict(PLAIN, fastmath=True, experts="dense", compile=True),
+    dict(PLAIN, fastmath=True, experts="blocked", compile=True),
     pytest.param(dict(PLAIN, fastmath=True, experts="cpu", attention=True, host_softcap=True),
                  marks=needs_cpu_attention),
 ]
@@ -287,33 +290,39 @@ def test_grouped_experts_match_gather_mm_float_and_quantized():
     assert float(mx.abs(got - want).max()) <= 1e-4 * max(1.0, float(mx.abs(want).max()))
 
 
-def test_dense_experts_match_the_routed_sum_and_its_gradient():
-    """Every expert on every token, unrouted ones weighted 0: the routed weighted sum, and
-    the same gradients for the expert weights (exact zeros where a token was not routed)."""
+@pytest.mark.parametrize("mode", ["dense", "blocked"])
+@pytest.mark.parametrize("shape", [(2, 9), (3, 70)], ids=["one-block", "many-blocks"])
+def test_traceable_experts_match_the_routed_sum_and_its_gradient(mode, shape):
+    """Dense (every expert on every token, unrouted ones weighted 0) and blocked (the routed
+    pairs in fixed-shape blocks per expert): the routed weighted sum, and the same
+    gradients for the input and the expert weights (exact zeros for an expert no token
+    chose); compiled too, since the trainer compiles its step."""
     import mlx.nn as nn
-
-    from mlx_dgemma.backend import dense_switch_glu
 
     model = tiny_model(6)
     experts = model.layers[0].experts
-    x = mx.random.normal((2, 9, 64))
-    idx = mx.argpartition(-mx.random.normal((2, 9, 8)), kth=1, axis=-1)[..., :2]
-    w = mx.softmax(mx.random.normal((2, 9, 2)), axis=-1)
-    want = experts(x, idx, w)
-    got = dense_switch_glu(experts.switch_glu, x, idx, w)
-    assert float(mx.abs(got - want).max()) <= 1e-5 * max(1.0, float(mx.abs(want).max()))
+    x = mx.random.normal((*shape, 64))
+    scores = mx.random.normal((*shape, 8)) - 1e9 * (mx.arange(8) == 5)  # no token chooses expert 5
+    idx = mx.argpartition(-scores, kth=1, axis=-1)[..., :2]
+    w = mx.softmax(mx.random.normal((*shape, 2)), axis=-1)
 
-    def grads(mode):
-        backend.configure(model, experts=mode)
-        return nn.value_and_grad(experts, lambda x: (experts(x, idx, w) ** 2).sum())(x)[1]
+    def run(m, compiled=False):
+        backend.configure(model, experts=m)
+        f = nn.value_and_grad(experts, lambda x: (experts(x, idx, w) ** 2).sum())
+        f = mx.compile(f) if compiled else f
+        (loss, gw), gx = f(x), mx.grad(lambda x: (experts(x, idx, w) ** 2).sum())(x)
+        return experts(x, idx, w), gw, gx
 
-    g_gather, g_dense = grads("gather"), grads("dense")
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        a, b = g_gather["switch_glu"][name]["weight"], g_dense["switch_glu"][name]["weight"]
-        assert float(mx.abs(a - b).max()) <= 1e-5 * max(1.0, float(mx.abs(a).max())), name
-    unused = sorted(set(range(8)) - set(np.array(idx).ravel().tolist()))
-    if unused:  # an expert no token chose gets no gradient
-        assert float(mx.abs(g_dense["switch_glu"]["gate_proj"]["weight"][unused[0]]).max()) == 0.0
+    want, gw_want, gx_want = run("gather")
+    for compiled in (False, True):
+        got, gw, gx = run(mode, compiled)
+        assert float(mx.abs(got - want).max()) <= 1e-5 * max(1.0, float(mx.abs(want).max()))
+        assert float(mx.abs(gx - gx_want).max()) <= 1e-5 * max(1.0, float(mx.abs(gx_want).max()))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            a, b = gw_want["switch_glu"][name]["weight"], gw["switch_glu"][name]["weight"]
+            assert float(mx.abs(a - b).max()) <= 1e-5 * max(1.0, float(mx.abs(a).max())), name
+        assert float(mx.abs(gw["switch_glu"]["gate_proj"]["weight"][5]).max()) == 0.0
+    backend.configure(model, experts="gather")
 
 
 def test_decoder_step_is_rebuilt_when_the_cache_changes(model):

@@ -13,7 +13,8 @@ example), reporting every iteration; the median of the second half is quoted (th
 ones compile the step, once for each count of self-conditioned rows a process meets).
 FLOPs are counted from the shapes (matmuls only, x2 per MAC; the backward pass twice the forward of what gets a gradient: encoder and pass 2; pass 1 for the
 half of the rows whose self-conditioning coin is heads; with ``--encoder-loss-weight 0`` the
-encoder over the prompt alone and without its head: ``flops_per_example``), MFU against
+encoder over the prompt alone and without its head; the routed experts, or every expert
+with ``--experts dense``: ``flops_per_example``), MFU against
 the measured float32 matmul peak of the same process setup. Writes
 benchmarks/sudoku/results/step.json and step.md.
 """
@@ -36,12 +37,14 @@ PROMPT, CANVAS = 89, 88
 SPAN = PROMPT  # the encoder positions the decoder reads (the trainer's pad_to is 1)
 
 
-def flops_per_example(c: dict, encoder_loss: bool = True, pass1_share: float = 0.5) -> float:
+def flops_per_example(c: dict, encoder_loss: bool = True, pass1_share: float = 0.5, dense: bool = False) -> float:
     """Matmul FLOPs of one training example as the trainer computes it: the encoder (with
     ``encoder_loss``, over the whole sequence and through the head; without, over the
     ``SPAN`` positions the decoder reads and without the head), pass 1 of the decoder for
     ``pass1_share`` of the rows (those whose self-conditioning coin is heads), pass 2, and
-    the backward pass (twice the forward of what gets a gradient: encoder and pass 2)."""
+    the backward pass (twice the forward of what gets a gradient: encoder and pass 2).
+    The experts: the routed ones (top-k), or with ``dense`` every expert (what the dense
+    dispatch computes)."""
     t = c["text_config"]
     H, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
     E, M = t["num_experts"], t["moe_intermediate_size"]
@@ -52,7 +55,7 @@ def flops_per_example(c: dict, encoder_loss: bool = True, pass1_share: float = 0
         d = t["global_head_dim"] if full else hd
         kv = t["num_global_key_value_heads"] if full else t["num_key_value_heads"]
         macs_tok += H * heads * d * 2 + H * kv * d * (1 if full else 2)  # q, o; k (and v)
-        macs_tok += 3 * H * I + 3 * H * M * E  # dense MLP; experts, dense dispatch (every expert)
+        macs_tok += 3 * H * I + 3 * H * M * (E if dense else t["top_k_experts"])  # dense MLP; experts
     enc, dec = (PROMPT + CANVAS, CANVAS) if encoder_loss else (SPAN, CANVAS)
     enc_macs = (macs_tok + (H * V if encoder_loss else 0)) * enc  # the tied head only for the encoder's loss
     dec_macs = (macs_tok + H * V) * dec
@@ -84,7 +87,10 @@ def run_one(a) -> None:
     try:  # since issue 21 the backend swaps the experts; earlier trees had a model switch
         from mlx_dgemma import backend
 
-        backend.configure(model, experts="dense")
+        try:
+            backend.configure(model, experts=a.experts)
+        except ValueError:  # a tree from before the blocked dispatch
+            backend.configure(model, experts="dense")
     except ImportError:
         model.expert_dispatch = "dense"
     data = load_split(Path(a.data), tok)
@@ -189,6 +195,9 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--encoder-loss-weight", type=float, default=1.0,
                     help="the objective's encoder_loss_weight (0: the encoder's loss is not computed)")
+    ap.add_argument("--experts", choices=["blocked", "dense"], default="blocked",
+                    help="the trainer's expert dispatch (train.yaml's expert_dispatch; a tree without "
+                    "blocked takes dense)")
     ap.add_argument("--processes", default=None, help="e.g. 2: these process counts for every tree "
                     "(default: 1 and 2 for this tree, 1 for --before)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sudoku-bench-step"))
@@ -222,9 +231,9 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from mlx_dgemma.sudoku.recipe import model_config
 
-    fpe = flops_per_example(model_config(), encoder_loss=a.encoder_loss_weight != 0)
+    fpe = flops_per_example(model_config(), encoder_loss=a.encoder_loss_weight != 0, dense=a.experts == "dense")
     peaks = {1: matmul_peak(2), 2: 2 * matmul_peak(1)}
-    common = ["--iters", str(a.iters), "--work", str(a.work), "--data", str(data),
+    common = ["--iters", str(a.iters), "--work", str(a.work), "--data", str(data), "--experts", a.experts,
               "--encoder-loss-weight", str(a.encoder_loss_weight)]
     rows = []
     trees = [("after", str(ROOT))] + ([("before", str(a.before))] if a.before else [])

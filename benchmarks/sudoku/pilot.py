@@ -304,7 +304,7 @@ def run(a: argparse.Namespace, work: Path, log_row) -> Dict[str, Any]:
     model, tok = load(write_initial_model(work / "init", n, a.seed, model_size(a)))
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     setup_fine_tuning(model, "full")
-    backend.configure(model, experts="dense")
+    backend.configure(model, experts="blocked")
     examples = [chat_example(tok, prompt_messages(p, n, s), source=f"train:{k}") for k, (p, s) in enumerate(train_pairs)]
     vocab = vocabulary(n)
     for ex, (p, _) in zip(examples, train_pairs):  # what evaluation pins: the givens, <turn|>, the fill

@@ -292,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     model, tok = load(init)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     setup_fine_tuning(model, "full")
-    backend.configure(model, experts=cfg.get("expert_dispatch", "dense"))
+    backend.configure(model, experts=cfg.get("expert_dispatch", "blocked"))
     # the trainer's adapter folder (full fine-tuning: every trained weight), so that
     # load(init, adapter_path=...) and python -m mlx_dgemma.fuse read it as any other
     if rank == 0:

@@ -68,8 +68,8 @@ class Loss(NamedTuple):
 def prepare_for_training(model: Model) -> Model:
     """Switch the model to its traceable paths (``backend.plain``): the CPU
     inference defaults go through the host or C kernels and cannot be differentiated or
-    compiled. Both give the same numbers within float rounding. A model set to the
-    (traceable) "dense" expert dispatch keeps it: small models train faster with it here."""
+    compiled. Both give the same numbers within float rounding. A model set to a
+    traceable expert dispatch keeps it ("blocked" or "dense": faster to train on the CPU)."""
     backend.plain(model)
     return model
 

@@ -27,7 +27,7 @@ ap.add_argument("weights", nargs="+", help="NAME=PATH of a saved adapters file")
 a = ap.parse_args()
 model, tok = load(a.run / "init")
 setup_fine_tuning(model, "full")
-backend.configure(model, experts="dense")
+backend.configure(model, experts="blocked")
 val = load_split(a.run / "data" / "valid.jsonl", tok)
 args = TrainingArgs(batch_size=16, corrupt_only_free=True, seed=0, val_batches=-1)
 for arm, path in (w.split("=", 1) for w in a.weights):
