@@ -346,8 +346,10 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
 
     import yaml
 
+    from mlx_dgemma import load
     from mlx_dgemma.sudoku import solve_details
     from mlx_dgemma.sudoku.train import CONFIG, main, read_config, schedule
+    from mlx_dgemma.tuner import WeightAverage, setup_fine_tuning
 
     cfg = dict(TINY_RECIPE)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
@@ -357,6 +359,11 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     curve = [json.loads(r) for r in (tmp_path / "record" / "curve.jsonl").read_text().splitlines()]
     evals = [r for r in curve if "val_solve_rate" in r]
     assert [r["iteration"] for r in evals] == [2, 4] and all(0 <= r["val_blank_accuracy"] <= 1 for r in evals)
+    # the weight average (train.yaml's weight_average_decay) is scored beside the weights and saved with them
+    assert TINY_RECIPE["weight_average_decay"] > 0 and all(0 <= r["average_val_blank_accuracy"] <= 1 for r in evals)
+    average = tmp_path / "work" / "adapters" / "average.safetensors"
+    model = setup_fine_tuning(load(tmp_path / "work" / "init")[0], "full")  # what trains: all but the router
+    assert WeightAverage.iteration_of(average) == 4 and WeightAverage.load(average, model).updates == 4
     # an untrained model is under the bar: written beside the run's weights, not shipped
     assert not (tmp_path / "ship").exists() and (tmp_path / "work" / "model" / "config.json").is_file()
     assert json.loads((tmp_path / "record" / "record.json").read_text())["shipped"] is False
@@ -377,6 +384,12 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     assert sorted(f.name[:7] for f in adapters.glob("0*_adapters.safetensors")) == ["0000002", "0000004", "0000006"]
     record = json.loads((tmp_path / "record" / "record.json").read_text())
     assert record["iterations"] == 6 and record["runs"] == 2 and record["shipped"] is True
+    assert record["weights"] in ("weight average", "last step")
+    # the average saved at 4 did not belong to the save resumed from (2): a new one, of 4 updates;
+    # a resume from its own save (6) restores it and goes on
+    assert WeightAverage.load(average, model).updates == 4
+    assert main(args + ["--resume", "--iters", "7"]) == 0
+    assert WeightAverage.iteration_of(average) == 7 and WeightAverage.load(average, model).updates == 5
     res = solve_details([EXAMPLE], model=str(tmp_path / "ship"))
     assert len(res[0].grid) == 81 and set(res[0].grid) <= set("0123456789") and res[0].passes >= 1
     # the resumed rate starts low again and rejoins the curve

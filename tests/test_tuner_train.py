@@ -430,3 +430,53 @@ def test_validation_draws_follow_val_seed(tiny):
     assert losses[(7, 1)] == losses[(0, None)]  # seed 7, validation seed 1 = seed 0's default
     assert losses[(7, None)] == losses[(0, 8)]
     assert losses[(7, None)] != losses[(0, None)], "the seeds draw the same noise: the test could not fail"
+
+
+def test_weight_average_follows_every_update_and_round_trips(tiny, tmp_path):
+    """``train(weight_average=...)`` folds in the weights after every optimizer update (with
+    TensorFlow's warm-up of the decay), ``applied`` swaps the average in and back, and a
+    saved average loads back with its count; a file for another model is a one-line error."""
+    import mlx.optimizers as optim
+
+    from mlx_dgemma.tuner import TrainingArgs, WeightAverage, WeightAverageError, setup_fine_tuning, train
+
+    model, tok = mlx_dgemma.load(tiny)
+    setup_fine_tuning(model, "full")
+    start = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.trainable_parameters())}
+    avg = WeightAverage(model, 0.9)
+    snaps = []
+    train(model, optim.AdamW(1e-2), examples(tok, 4), None,
+          TrainingArgs(batch_size=2, iters=4, steps_per_save=1, adapter_file=str(tmp_path / "a.safetensors")),
+          log=lambda *a, **k: None, weight_average=avg,
+          on_save=lambda total: snaps.append(dict(tree_flatten(model.trainable_parameters()))))
+    assert avg.updates == 4 and len(snaps) == 5  # every iteration, and the final save
+    want = dict(start)
+    for n, snap in enumerate(snaps[:4]):
+        d = min(0.9, (1 + n) / (10 + n))
+        want = {k: d * v + (1 - d) * np.array(snap[k], dtype=np.float64) for k, v in want.items()}
+    key = "model.decoder.layers.0.mlp.down_proj.weight"
+    for k, v in want.items():
+        assert np.abs(np.array(avg.params[k]) - v).max() <= 1e-6 * max(1.0, np.abs(v).max()), k
+    assert np.abs(np.array(avg.params[key]) - np.array(snaps[-1][key])).max() > 1e-6  # not the last weights
+
+    own = np.array(dict(tree_flatten(model.parameters()))[key])
+    with avg.applied(model):
+        np.testing.assert_array_equal(np.array(dict(tree_flatten(model.parameters()))[key]), np.array(avg.params[key]))
+    np.testing.assert_array_equal(np.array(dict(tree_flatten(model.parameters()))[key]), own)
+
+    path = tmp_path / "average.safetensors"
+    avg.save(path, iteration=4)
+    back = WeightAverage.load(path, model)
+    assert (back.updates, back.decay, WeightAverage.iteration_of(path)) == (4, 0.9, 4)
+    np.testing.assert_array_equal(np.array(back.params[key]), np.array(avg.params[key]))
+    assert WeightAverage.iteration_of(tmp_path / "none.safetensors") is None
+    assert not list(tmp_path.glob("*.tmp.*"))
+
+    mx.save_safetensors(str(tmp_path / "other.safetensors"), {key: mx.zeros((3,))},
+                        metadata={"format": "mlx_dgemma weight average", "decay": "0.9", "updates": "1"})
+    with pytest.raises(WeightAverageError, match="no average for the trained weight"):
+        WeightAverage.load(tmp_path / "other.safetensors", model)
+    with pytest.raises(WeightAverageError, match="not a weight-average file"):
+        WeightAverage.load(tmp_path / "a.safetensors", model)
+    with pytest.raises(ValueError, match=r"decay must be in \(0, 1\)"):
+        WeightAverage(model, 1.0)

@@ -22,11 +22,17 @@ schedule); without it, with fresh moments warmed up again. ``--processes 2`` (or
 ``processes`` in the config) trains data-parallel in two processes on MLX's ring backend,
 one BLAS thread each (MLX's CPU element-wise work is single-threaded, so one process leaves
 a core idle for much of a step; measured slower so far: benchmarks/sudoku/README.md).
+With ``weight_average_decay`` the run keeps a moving average of its weights
+(``tuner.weight_average``, saved as ``OUT/adapters/average.safetensors`` with every save and
+restored by ``--resume`` from that folder; the committed checkpoint has no room for it, so a
+resume from the tree starts a new one); the solve-rate curve scores both, and the final
+folder takes whichever solved more.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -40,6 +46,8 @@ CONFIG = HERE / "train.yaml"
 RECORD = HERE.parents[1] / "benchmarks" / "sudoku" / "training"
 CHECKPOINT = HERE.parents[1] / "benchmarks" / "sudoku" / "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
+AVERAGE_FILE = "average.safetensors"  # the weight average (weight_average_decay), beside the run's saves
+AVERAGE = "average_"  # the prefix of the weight average's figures in the curve
 
 
 def read_config(path: Path) -> Dict[str, Any]:
@@ -229,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from mlx_lm.tuner.callbacks import TrainingCallback
 
     from .. import backend, load
-    from ..tuner import TrainingArgs, setup_fine_tuning, train
+    from ..tuner import TrainingArgs, WeightAverage, setup_fine_tuning, train
     from ..tuner.utils import load_optimizer_state, numbered_adapter_file, save_adapter_config
     from ..tuner.datasets import load_split
     from . import blanks_right, solve_details
@@ -323,6 +331,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             write_atomic(curve_path, _kept_rows(curve_path, offset))
     elif curve_path.exists() and rank == 0:
         curve_path.unlink()
+    average, average_file = None, adapters / AVERAGE_FILE
+    decay = float(cfg.get("weight_average_decay", 0.0))
+    if decay > 0:
+        if args.resume and WeightAverage.iteration_of(average_file) == offset:
+            average = WeightAverage.load(average_file, model, decay)
+        else:  # a new average (a fresh run, or a resume from a checkpoint without one): from these weights
+            average = WeightAverage(model, decay)
+        if rank == 0:
+            print(f"weight average (decay {decay}) {'restored' if average.updates else 'started'} "
+                  f"at iteration {offset}", flush=True)
     remaining = int(cfg["iters"]) - offset
     if remaining <= 0:
         raise SystemExit(f"error: nothing left to train ({offset} of {cfg['iters']} iterations done)")
@@ -348,7 +366,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def saved(total: int) -> None:
         # called by the trainer after each save (process 0): progress.json names the last one
+        if average is not None:
+            average.save(average_file, total)
         (out / "progress.json").write_text(json.dumps({"iteration": total}))
+
+    def solve_eval(it: int, prefix: str = "") -> Dict[str, Any]:
+        t = time.perf_counter()
+        res = solve_details([p for p, _ in puzzles], model=(model, tok))
+        blanks = [b for (p, sol), r in zip(puzzles, res) for b in blanks_right(p, r.grid, sol)]
+        e = {f"{prefix}val_solve_rate": sum(r.solved for r in res) / len(res),
+             f"{prefix}val_blank_accuracy": sum(blanks) / max(len(blanks), 1),
+             f"{prefix}val_passes": sum(r.passes for r in res) / len(res),
+             f"{prefix}eval_seconds": time.perf_counter() - t}
+        print(f"Iter {it}: {'weight average: ' if prefix else ''}solve rate {e[prefix + 'val_solve_rate']:.3f}, "
+              f"blanks right {e[prefix + 'val_blank_accuracy']:.3f} on {len(res)} validation puzzles", flush=True)
+        return e
 
     class Callback(TrainingCallback):
         def on_train_loss_report(self, info):
@@ -356,14 +388,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(dict(info, iteration=it, examples=it * int(cfg["batch_size"])))
             if rank == 0 and (it % int(cfg["steps_per_solve_eval"]) == 0 or info["iteration"] == remaining):
                 model.eval()
-                t = time.perf_counter()
-                res = solve_details([p for p, _ in puzzles], model=(model, tok))
-                blanks = [b for (p, sol), r in zip(puzzles, res) for b in blanks_right(p, r.grid, sol)]
-                e = {"iteration": it, "val_solve_rate": sum(r.solved for r in res) / len(res),
-                     "val_blank_accuracy": sum(blanks) / max(len(blanks), 1),
-                     "val_passes": sum(r.passes for r in res) / len(res), "eval_seconds": time.perf_counter() - t}
-                print(f"Iter {it}: solve rate {e['val_solve_rate']:.3f}, blanks right {e['val_blank_accuracy']:.3f} "
-                      f"on {len(res)} validation puzzles", flush=True)
+                e = dict(iteration=it, **solve_eval(it))
+                if average is not None:
+                    with average.applied(model):
+                        e.update(solve_eval(it, AVERAGE))
                 log(e)
                 last_eval.update(e)
                 model.train()
@@ -383,7 +411,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         corrupted_loss_weight=float(cfg.get("corrupted_loss_weight", 1.0)),
     )
     try:
-        train(model, opt, train_set, val_set, targs, training_callback=Callback(), on_save=saved)
+        train(model, opt, train_set, val_set, targs, training_callback=Callback(), on_save=saved,
+              weight_average=average)
     except KeyboardInterrupt:
         if rank == 0:
             print(f"interrupted: --resume continues from the save {out / 'progress.json'} names "
@@ -402,10 +431,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     model.eval()
     # the package ships the model once it solves; a weaker one goes beside the run's weights
     bar = float(cfg.get("ship_solve_rate", 0.8))
-    solved = last_eval.get("val_solve_rate", 0.0)
+    # the weights that solved more at the last evaluation: the average's, or the last step's
+    use_average = average is not None and last_eval.get(AVERAGE + "val_solve_rate", -1.0) >= last_eval.get(
+        "val_solve_rate", 0.0)
+    prefix = AVERAGE if use_average else ""
+    solved = last_eval.get(prefix + "val_solve_rate", 0.0)
     dst = args.ship if solved >= bar else out / "model"
-    record.update(val_solve_rate=solved, val_blank_accuracy=last_eval.get("val_blank_accuracy"), shipped=dst == args.ship)
-    write_shipped(model, model_config(**cfg["model"]), dst, model_card(cfg, record))
+    record.update(val_solve_rate=solved, val_blank_accuracy=last_eval.get(prefix + "val_blank_accuracy"),
+                  shipped=dst == args.ship, weights="weight average" if use_average else "last step")
+    with average.applied(model) if use_average else contextlib.nullcontext():
+        write_shipped(model, model_config(**cfg["model"]), dst, model_card(cfg, record))
     (rec / "record.json").write_text(json.dumps(record, indent=2))
     plot_curve(curve_path, rec / "curve.png")
     print(f"wrote {dst} ({record['train_seconds'] / 60:.1f} min of training); curves in {rec}", flush=True)

@@ -29,6 +29,7 @@ from ..model import Model
 from .datasets import BatchSpec, Example, iterate_batches
 from .objective import objective, prefix_span, prepare_for_training
 from .utils import numbered_adapter_file, save_adapters, save_optimizer_state
+from .weight_average import WeightAverage
 
 
 @dataclass
@@ -108,6 +109,7 @@ def train(
     training_callback: Optional[TrainingCallback] = None,
     log=print,
     on_save: Optional[Callable[[int], None]] = None,
+    weight_average: Optional[WeightAverage] = None,
 ) -> List[dict]:
     """Train ``model``'s trainable parameters; returns the reports (train and validation).
 
@@ -116,7 +118,8 @@ def train(
     the end; ``args.optimizer_file`` gets the optimizer state with each. Ctrl-C saves them
     (numbered too), says where, and raises ``KeyboardInterrupt`` again. ``on_save(total
     iteration)`` runs after every save (process 0), so a caller can record which save is
-    the last one on disk.
+    the last one on disk. ``weight_average`` takes in the weights after every optimizer
+    update (every process; the caller saves it, e.g. from ``on_save``).
     """
     world = mx.distributed.init()
     size, rank = world.size(), world.rank()
@@ -198,10 +201,12 @@ def train(
             # from here ``state`` holds this iteration's update (lazily: a Ctrl-C during the
             # eval below still saves it, since saving evaluates it)
             done = it
+            if weight_average is not None and grad_accum is None:  # an update happened
+                weight_average.update(model)
             sums = sums + parts
             n_tokens = n_tokens + batch["lengths"].sum()
             steps += 1
-            mx.eval(state, sums, n_tokens, grad_accum)
+            mx.eval(state, sums, n_tokens, grad_accum, weight_average.params if weight_average else None)
             train_time += time.perf_counter() - tic
 
             if at % args.steps_per_report == 0 or it == args.iters:
