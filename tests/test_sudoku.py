@@ -485,3 +485,71 @@ def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
         assert (targs.corrupt_only_free, targs.corrupted_loss_weight) == ((True, 4.0) if on else (False, 1.0))
         assert ('pinned' in stamp.read_text()) == on
         assert all(len(ex.pinned) >= 22 + 7 for ex in train_set)  # the writer always writes the pins
+
+
+def test_grown_model_computes_what_it_was_grown_from(tmp_path):
+    """recipe.grow_layers: a 6-layer model grown to 11 (the sliding stack repeated, the full
+    layer last, the added layers' post-norms at zero) gives the same encoder and decoder
+    logits, with the grown initial model's frozen routers; Adam's moments grow with zeros;
+    another layer count is a one-line error."""
+    from mlx.utils import tree_flatten
+
+    from mlx_dgemma import load
+    from mlx_dgemma.sudoku.recipe import grow_layers, layer_count, write_initial_model
+
+    size = dict(TINY_RECIPE["model"], num_hidden_layers=6)
+    small, _ = load(write_initial_model(tmp_path / "six", seed=3, **size))
+    trained = {k: v if ".router." in k else v * (1 + 0.1 * mx.random.normal(v.shape))
+               for k, v in tree_flatten(small.parameters())}
+    small.load_weights(list(trained.items()))  # moved off the initial values, as training would
+    grown_init = write_initial_model(tmp_path / "eleven", seed=3, **dict(size, num_hidden_layers=11, grown_from=6))
+    big, _ = load(grown_init)
+    routers = {k: v for k, v in tree_flatten(big.parameters()) if ".router." in k}
+    big.load_weights(list(grow_layers({k: v for k, v in trained.items() if ".router." not in k}, 6, 11).items()),
+                     strict=False)
+    assert len(big.layers) == 11 and [big.args.is_full(i) for i in range(11)] == [False] * 10 + [True]
+    init6 = dict(tree_flatten(load(tmp_path / "six")[0].parameters()))
+    for i, src in enumerate([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]):  # the frozen routers follow their layers
+        np.testing.assert_array_equal(np.array(routers[f"model.decoder.layers.{i}.router.proj.weight"]),
+                                      np.array(init6[f"model.decoder.layers.{src}.router.proj.weight"]))
+    tokens = mx.array([[2, 5, 30, 31, 40, 7, 9, 11, 60, 61, 62, 63, 64, 65]])
+    for m in (small, big):
+        cache = m.make_cache()
+        m.__dict__.setdefault("_out", []).append(m.encode(tokens, cache, return_logits=True))
+        m._out.append(m.denoise(mx.array([[70, 71, 72, 73, 74, 75, 76, 77]]), cache))
+    for a, b in zip(small._out, big._out):
+        assert float(mx.abs(a - b).max()) <= 1e-5 * max(1.0, float(mx.abs(a).max()))
+    moments = {f"{k}.m": mx.ones_like(v) for k, v in trained.items()}
+    grown = grow_layers(moments, 6, 11, fresh="zeros")
+    assert layer_count(grown) == 11
+    assert float(grown["model.decoder.layers.7.mlp.up_proj.weight.m"].sum()) == 0.0  # added: zero
+    assert float(grown["model.decoder.layers.10.self_attn.q_proj.weight.m"].min()) == 1.0  # the full layer's, moved
+    with pytest.raises(ValueError, match="hold 6 layers, expected 5"):
+        grow_layers(trained, 5, 11)
+
+
+def test_train_command_resumes_a_save_into_a_grown_model(tmp_path):
+    """`--resume` with train.yaml's model grown (num_hidden_layers up, grown_from the old
+    count) grows the save, its Adam moments and starts a new weight average; a save of
+    another count is a one-line error."""
+    import json
+
+    import yaml
+
+    from mlx_dgemma import load
+    from mlx_dgemma.sudoku.train import main
+
+    cfg = dict(TINY_RECIPE)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["-c", str(tmp_path / "train.yaml"), "--out", str(tmp_path / "work"), "--ship", str(tmp_path / "ship"),
+            "--record", str(tmp_path / "record"), "--checkpoint", str(tmp_path / "no-checkpoint")]
+    assert main(args) == 0
+    cfg["model"] = dict(cfg["model"], num_hidden_layers=3, grown_from=2)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(args + ["--resume", "--iters", "6"]) == 0
+    assert len(load(tmp_path / "work" / "model")[0].layers) == 3
+    assert json.loads((tmp_path / "work" / "progress.json").read_text()) == {"iteration": 6}
+    cfg["model"] = dict(cfg["model"], num_hidden_layers=4, grown_from=2)  # the saves now hold 3
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match=r"^error: --resume: .* holds 3 layers, the config's model has 4"):
+        main(args + ["--resume", "--iters", "8"])

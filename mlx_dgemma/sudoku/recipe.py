@@ -43,6 +43,7 @@ Design (why each choice; the numbers behind them are in benchmarks/sudoku/README
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -119,8 +120,10 @@ def model_config(
     num_experts: int = 8,
     top_k_experts: int = 2,
     moe_intermediate_size: int = 64,
+    grown_from: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """config.json of the Sudoku model (the converted layout, ``model_type: diffusion_gemma``)."""
+    """config.json of the Sudoku model (the converted layout, ``model_type: diffusion_gemma``).
+    ``grown_from`` (a layer count) changes only how the weights start (``grow_layers``)."""
     from ..config import small_model_config
 
     ids = dict(eos_token_id=[TURN_CLOSE, EOS], pad_token_id=PAD, bos_token_id=BOS)
@@ -185,6 +188,55 @@ def structured_cell_embeddings(embed: mx.array) -> mx.array:
     return mx.array(E)
 
 
+_LAYER = re.compile(r"^(model\.decoder\.layers\.)(\d+)(\..*)$")
+
+
+def layer_count(weights: Dict[str, mx.array]) -> int:
+    """How many decoder layers a flat weight (or optimizer-state) dict holds."""
+    return 1 + max((int(m.group(2)) for m in map(_LAYER.match, weights) if m), default=-1)
+
+
+def grow_layers(weights: Dict[str, mx.array], old: int, new: int, fresh: str = "copy") -> Dict[str, mx.array]:
+    """A ``new``-layer model's flat weights from an ``old``-layer one's, computing the same
+    function: the recipe's layers are ``old - 1`` sliding ones and a full one last, so the
+    sliding stack is repeated (new layer ``i`` in ``old - 1 .. new - 2`` is a copy of
+    sliding layer ``(i - old + 1) % (old - 1)``) and the full layer moves to the end.
+
+    ``fresh="copy"``: the added layers start as copies with their two post-norm weights
+    (after attention, after the feed-forward sum) at zero, so each adds nothing to the
+    residual stream until training grows those weights; the norm's gradient is its
+    normalised input, so they grow smoothly (zeroing the projections instead would make
+    the norm of a near-zero vector jump to full size at the first step) and their output
+    scalars at 1 (they scale the residual stream too). ``fresh="zeros"``:
+    the added layers' entries are zeros (Adam's moments of weights never trained). Keys
+    outside the layers are kept. Progressive stacking, as BERT's was grown (Gong et al. 2019).
+    """
+    if not 1 < old < new:
+        raise ValueError(f"grow_layers: can grow {old} layers only to more, not {new}")
+    if fresh not in ("copy", "zeros"):
+        raise ValueError(f"grow_layers: fresh must be 'copy' or 'zeros', got {fresh!r}")
+    if layer_count(weights) != old:
+        raise ValueError(f"grow_layers: the weights hold {layer_count(weights)} layers, expected {old}")
+    source = list(range(old - 1)) + [(i - old + 1) % (old - 1) for i in range(old - 1, new - 1)] + [old - 1]
+    by_layer: Dict[int, Dict[str, mx.array]] = {}
+    out: Dict[str, mx.array] = {}
+    for k, v in weights.items():
+        m = _LAYER.match(k)
+        if m:
+            by_layer.setdefault(int(m.group(2)), {})[m.group(3)] = v
+        else:
+            out[k] = v
+    for i, src in enumerate(source):
+        added = old - 1 <= i < new - 1
+        for rest, v in by_layer[src].items():
+            if added and (fresh == "zeros" or rest.startswith((".post_attention_layernorm.", ".post_feedforward_layernorm."))):
+                v = mx.zeros_like(v)
+            elif added and rest in (".layer_scalar", ".encoder_layer_scalar"):  # scales the whole output
+                v = mx.ones_like(v)
+            out[f"model.decoder.layers.{i}{rest}"] = v
+    return out
+
+
 def write_initial_model(path, seed: int = 0, readme: Optional[str] = None, **size) -> Path:
     """A freshly initialised (untrained) Sudoku model folder: the trainer's starting point.
 
@@ -193,14 +245,23 @@ def write_initial_model(path, seed: int = 0, readme: Optional[str] = None, **siz
     U(+-1/sqrt(fan_in)), norms and layer scalars at 1; the cell tokens'
     embeddings are built from their digit's and their units' (``structured_cell_embeddings``).
     """
-    from ..small_model import write_small_model
+    from mlx.utils import tree_flatten
+
+    from ..small_model import small_model, write_small_model
 
     def init(args, params):
         key = "model.decoder.embed_tokens.weight"
         return {**params, key: structured_cell_embeddings(params[key])}
 
+    params = None
+    if size.get("grown_from"):  # the smaller recipe's initial model, grown: its frozen routers included
+        old = int(size["grown_from"])
+        base = small_model(model_config(**dict(size, num_hidden_layers=old, grown_from=None)), seed)
+        params = grow_layers(init(base.args, dict(tree_flatten(base.parameters()))), old,
+                             int(size.get("num_hidden_layers", 6)))
     return write_small_model(
-        path, model_config(**size), seed=seed, init=init, tokenizer=write_tokenizer, chat_template=CHAT_TEMPLATE,
+        path, model_config(**size), seed=seed, init=init, params=params, tokenizer=write_tokenizer,
+        chat_template=CHAT_TEMPLATE,
         generation_config=dict(GENERATION_CONFIG),
         readme=readme or "# DiffusionGemma Sudoku (initial, untrained)\n\nBuilt by `mlx_dgemma.sudoku.recipe`.\n",
     )

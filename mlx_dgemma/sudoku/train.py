@@ -128,6 +128,29 @@ Architecture: {json.dumps(cfg["model"])}. Training: {record.get("iterations")} i
 """
 
 
+def _before_growth(model: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The model settings a grown recipe (``grown_from``) was grown from, else None."""
+    if not model.get("grown_from"):
+        return None
+    base = {k: v for k, v in model.items() if k != "grown_from"}
+    return dict(base, num_hidden_layers=int(model["grown_from"]))
+
+
+def _growth(saved, model: Dict[str, Any], path: Path):
+    """``grow(flat, fresh)`` when the save at ``path`` holds the layers the config's model
+    was grown from (``recipe.grow_layers``), None when it holds the config's; a one-line
+    error for any other count."""
+    from .recipe import grow_layers, layer_count
+
+    have, want = layer_count(saved), int(model.get("num_hidden_layers", 6))
+    if have == want:
+        return None
+    if have != int(model.get("grown_from") or 0):
+        raise SystemExit(f"error: --resume: {path} holds {have} layers, the config's model has {want}"
+                         + (f" (grown from {model['grown_from']})" if model.get("grown_from") else ""))
+    return lambda flat, fresh: grow_layers(flat, have, want, fresh)
+
+
 def _progress(folder: Path) -> Optional[int]:
     """The iteration ``folder/progress.json`` names (None: no such file)."""
     f = Path(folder) / "progress.json"
@@ -233,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"error: --processes must be at least 1, got {processes}")
     import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.tuner.callbacks import TrainingCallback
 
     from .. import backend, load
@@ -242,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..tuner.datasets import load_split
     from . import blanks_right, solve_details
     from .data import chat_line, write_atomic, write_training_data
-    from .recipe import model_config, write_initial_model
+    from .recipe import layer_count, model_config, write_initial_model
 
     world = mx.distributed.init() if args.worker else None
     rank = world.rank() if world is not None else 0
@@ -278,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ck = args.checkpoint
                 theirs_cfg = json.loads((ck / "config.json").read_text()) if (ck / "config.json").is_file() else {}
                 for key in ("model", "data"):  # other weights or other data: not a continuation
-                    if key in theirs_cfg and theirs_cfg[key] != cfg[key]:
+                    if key in theirs_cfg and theirs_cfg[key] not in (cfg[key], _before_growth(cfg[key])):
                         raise SystemExit(f"error: --resume: {ck / 'config.json'} was trained with {key} "
                                          f"{theirs_cfg[key]}, {args.config} has {cfg[key]}")
                 adapters.mkdir(parents=True, exist_ok=True)
@@ -306,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if rank == 0:
         save_adapter_config({"fine_tune_type": "full", "num_layers": -1, "model": str(init)}, model,
                             adapters / "adapter_config.json")
-    offset = 0
+    offset, grow = 0, None
     b1, b2 = cfg["betas"]
     opt = optim.AdamW(learning_rate=schedule(cfg), betas=[b1, b2], weight_decay=float(cfg["weight_decay"]))
     if args.resume:
@@ -317,14 +340,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         weights = numbered if numbered.is_file() else adapter_file
         if not weights.is_file():
             raise SystemExit(f"error: --resume: neither {numbered} nor {adapter_file} exists")
-        model.load_weights(str(weights), strict=False)
+        saved = mx.load(str(weights))
+        grow = _growth(saved, cfg["model"], weights)
+        model.load_weights(list((grow(saved, "copy") if grow else saved).items()), strict=False)
         opt_file = adapters / OPTIMIZER_FILE
         exact = opt_file.is_file() and mx.load(str(opt_file), return_metadata=True)[1].get("iteration") == str(offset)
         if exact:  # Adam's moments and step of that save: the schedule goes on from its step
             load_optimizer_state(opt, opt_file)
+            if grow:  # the moments of the layers kept move with them; the added layers' start at zero
+                opt.state = tree_unflatten(list(grow(dict(tree_flatten(opt.state)), "zeros").items()))
         else:  # fresh moments, warmed up again
             opt = optim.AdamW(learning_rate=schedule(cfg, offset), betas=[b1, b2],
                               weight_decay=float(cfg["weight_decay"]))
+        if grow and rank == 0:
+            print(f"grew the save of iteration {offset} from {layer_count(saved)} to "
+                  f"{cfg['model']['num_hidden_layers']} layers (recipe.grow_layers)", flush=True)
         if rank == 0:
             print(f"resuming after iteration {offset} ({'with' if exact else 'without'} its optimizer state)",
                   flush=True)
@@ -334,7 +364,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     average, average_file = None, adapters / AVERAGE_FILE
     decay = float(cfg.get("weight_average_decay", 0.0))
     if decay > 0:
-        if args.resume and WeightAverage.iteration_of(average_file) == offset:
+        if args.resume and WeightAverage.iteration_of(average_file) == offset and not grow:
             average = WeightAverage.load(average_file, model, decay)
         else:  # a new average (a fresh run, or a resume from a checkpoint without one): from these weights
             average = WeightAverage(model, decay)
