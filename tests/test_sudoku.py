@@ -427,6 +427,11 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
                                                      "progress.json", "weights.safetensors"]
     assert json.loads((ck / "progress.json").read_text()) == {"iteration": 4}
     assert sum(f.stat().st_size for f in ck.iterdir()) < 20e6
+    # over the budget, the optimizer state stays out (a resume then warms fresh moments up)
+    from mlx_dgemma.sudoku.train import export_checkpoint
+
+    lean = export_checkpoint(tmp_path / "a", tmp_path / "ra", tmp_path / "lean", budget=1)
+    assert sorted(f.name for f in lean.iterdir()) == ["config.json", "curve.jsonl", "progress.json", "weights.safetensors"]
     # a checkpoint of another model is refused, in one line
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(dict(cfg, model=dict(cfg["model"], hidden_size=64))))

@@ -46,6 +46,7 @@ CONFIG = HERE / "train.yaml"
 RECORD = HERE.parents[1] / "benchmarks" / "sudoku" / "training"
 CHECKPOINT = HERE.parents[1] / "benchmarks" / "sudoku" / "checkpoint"
 OPTIMIZER_FILE = "optimizer.safetensors"
+CHECKPOINT_BYTES = 20_000_000  # the committed checkpoint's budget in the tree
 AVERAGE_FILE = "average.safetensors"  # the weight average (weight_average_decay), beside the run's saves
 AVERAGE = "average_"  # the prefix of the weight average's figures in the curve
 
@@ -175,10 +176,12 @@ def _kept_rows(curve: Path, upto: int) -> List[str]:
     return kept
 
 
-def export_checkpoint(out: Path, record: Path, dst: Path) -> Path:
+def export_checkpoint(out: Path, record: Path, dst: Path, budget: int = CHECKPOINT_BYTES) -> Path:
     """The save ``out/progress.json`` names, as the checkpoint a fresh clone resumes from:
     ``weights.safetensors`` (float32), ``optimizer.safetensors`` (its moments in bfloat16,
-    when the run saved the state of that very iteration), ``progress.json`` and the curve."""
+    when the run saved the state of that very iteration and the whole stays within
+    ``budget`` bytes: without it a resume warms fresh moments up again), ``progress.json``
+    and the curve."""
     import mlx.core as mx
 
     from ..tuner.utils import atomic_write, numbered_adapter_file
@@ -193,15 +196,23 @@ def export_checkpoint(out: Path, record: Path, dst: Path) -> Path:
         raise SystemExit(f"error: --export-checkpoint: {weights} does not exist")
     dst.mkdir(parents=True, exist_ok=True)
     atomic_write(dst / "weights.safetensors", lambda tmp: mx.save_safetensors(tmp, mx.load(str(weights))))
-    opt = adapters / OPTIMIZER_FILE
+    rows = _kept_rows(record / "curve.jsonl", it)
+    opt, kept = adapters / OPTIMIZER_FILE, False
     if opt.is_file():
         state, meta = mx.load(str(opt), return_metadata=True)
         if meta.get("iteration") == str(it):
             low = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 and v.ndim else v for k, v in state.items()}
-            atomic_write(dst / OPTIMIZER_FILE, lambda tmp: mx.save_safetensors(tmp, low, metadata=meta))
-        elif (dst / OPTIMIZER_FILE).is_file():
-            (dst / OPTIMIZER_FILE).unlink()  # an older state would not match these weights
-    write_atomic(dst / "curve.jsonl", _kept_rows(record / "curve.jsonl", it))
+            size = (dst / "weights.safetensors").stat().st_size + sum(v.nbytes for v in low.values()) + sum(
+                len(r) + 1 for r in rows)
+            kept = size <= budget
+            if kept:
+                atomic_write(dst / OPTIMIZER_FILE, lambda tmp: mx.save_safetensors(tmp, low, metadata=meta))
+            else:
+                print(f"the optimizer state left out: with it the checkpoint would take {size / 1e6:.1f} MB, "
+                      f"over {budget / 1e6:.0f} MB (a resume warms fresh moments up)", flush=True)
+    if not kept and (dst / OPTIMIZER_FILE).is_file():
+        (dst / OPTIMIZER_FILE).unlink()  # an older state would not match these weights
+    write_atomic(dst / "curve.jsonl", rows)
     for name in ("config.json",):
         if (out / name).is_file():
             (dst / name).write_text((out / name).read_text())
