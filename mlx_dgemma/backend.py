@@ -441,8 +441,8 @@ def configure(model: Model, *, experts: Optional[str] = None, attention: Optiona
     if attention and not cpu_kernels.attention_available():
         raise ValueError("the C attention needs the built CPU kernel and a CBLAS sgemm (OpenBLAS) on the CPU")
     if want["compile"] and not _traceable(want):
-        raise ValueError("compile needs the traceable paths (gather, dense or blocked experts, plain attention and soft-cap, "
-                         "no per-call dequantizing)")
+        raise ValueError("compile needs the traceable paths (gather, dense or blocked experts, plain attention and "
+                         "soft-cap, no per-call dequantizing)")
     fast = bool(want["fastmath"])
     for layer in model.layers:
         _swap(layer.experts, EXPERT_TYPES[want["experts"]])

@@ -431,7 +431,8 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
     from mlx_dgemma.sudoku.train import export_checkpoint
 
     lean = export_checkpoint(tmp_path / "a", tmp_path / "ra", tmp_path / "lean", budget=1)
-    assert sorted(f.name for f in lean.iterdir()) == ["config.json", "curve.jsonl", "progress.json", "weights.safetensors"]
+    assert sorted(f.name for f in lean.iterdir()) == ["config.json", "curve.jsonl", "progress.json",
+                                                      "weights.safetensors"]
     # a checkpoint of another model is refused, in one line
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(dict(cfg, model=dict(cfg["model"], hidden_size=64))))

@@ -30,9 +30,9 @@ ap.add_argument("saves", nargs="+", help="comma-separated iterations of numbered
 a = ap.parse_args()
 
 model, tok = load(a.run / "init")
-lines = (HERE.parent / "heldout_easy.txt").read_text().splitlines()
+lines = [ln for ln in (HERE.parent / "heldout_easy.txt").read_text().splitlines() if ln.strip() and ln[0] != "#"]
 sets = {"validation 64": validation_puzzles(64),
-        f"held-out easy {a.easy}": [tuple(ln.split()[:2]) for ln in lines if ln.strip() and not ln.startswith("#")][: a.easy]}
+        f"held-out easy {a.easy}": [tuple(ln.split()[:2]) for ln in lines][: a.easy]}
 
 
 def weights(it: int):
