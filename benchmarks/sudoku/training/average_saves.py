@@ -26,10 +26,14 @@ from mlx_dgemma.sudoku.train import validation_puzzles  # noqa: E402
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--run", type=Path, required=True)
 ap.add_argument("--easy", type=int, default=128, help="held-out easy puzzles to score (of 300)")
+ap.add_argument("--init", type=Path, default=None,
+                help="the initial model the saves were trained from (default RUN/init; a run grown since "
+                     "needs the smaller one: python -c 'from mlx_dgemma.sudoku.recipe import write_initial_model; "
+                     "write_initial_model(\"/tmp/init6\")')")
 ap.add_argument("saves", nargs="+", help="comma-separated iterations of numbered saves to average")
 a = ap.parse_args()
 
-model, tok = load(a.run / "init")
+model, tok = load(a.init or a.run / "init")
 lines = [ln for ln in (HERE.parent / "heldout_easy.txt").read_text().splitlines() if ln.strip() and ln[0] != "#"]
 sets = {"validation 64": validation_puzzles(64),
         f"held-out easy {a.easy}": [tuple(ln.split()[:2]) for ln in lines][: a.easy]}
