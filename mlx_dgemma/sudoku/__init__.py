@@ -129,6 +129,23 @@ def solve_details(
     return out
 
 
+class Score(NamedTuple):
+    """How a model did on (puzzle, solution) pairs (``score``)."""
+
+    solved: float  # the share of puzzles solved
+    blanks_right: float  # the share of all their blanks holding the solution's digit
+    passes: float  # decoder passes a puzzle, on average
+
+
+def score(pairs: Sequence[tuple], **solve_kwargs) -> Score:
+    """:func:`solve_details` over the puzzles of ``pairs`` (``(puzzle, solution)``), scored
+    against the solutions; ``solve_kwargs`` go to ``solve_details`` (``model``, ``steps``, ...)."""
+    res = solve_details([p for p, _ in pairs], **solve_kwargs)
+    right = [b for (p, s), r in zip(pairs, res) for b in blanks_right(p, r.grid, s)]
+    return Score(sum(r.solved for r in res) / max(len(res), 1), sum(right) / max(len(right), 1),
+                 sum(r.passes for r in res) / max(len(res), 1))
+
+
 def solve(
     puzzles: Union[str, Sequence[str]],
     steps: Optional[int] = None,
@@ -163,5 +180,5 @@ def solve(
     return grids[0] if single else grids
 
 
-__all__ = ["MODEL_DIR", "Solved", "SudokuInputError", "blanks_right", "draw", "givens", "is_solution", "load_model", "model_path",
-           "parse", "rate", "solve", "solve_details"]
+__all__ = ["MODEL_DIR", "Score", "Solved", "SudokuInputError", "blanks_right", "draw", "givens", "is_solution", "load_model", "model_path",
+           "parse", "rate", "score", "solve", "solve_details"]

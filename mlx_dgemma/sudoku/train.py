@@ -274,7 +274,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..tuner import TrainingArgs, WeightAverage, setup_fine_tuning, train
     from ..tuner.utils import load_optimizer_state, numbered_adapter_file, save_adapter_config
     from ..tuner.datasets import load_split
-    from . import blanks_right, solve_details
+    from . import score
     from .data import chat_line, write_atomic, write_training_data
     from .recipe import layer_count, model_config, write_initial_model
 
@@ -413,14 +413,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def solve_eval(it: int, prefix: str = "") -> Dict[str, Any]:
         t = time.perf_counter()
-        res = solve_details([p for p, _ in puzzles], model=(model, tok))
-        blanks = [b for (p, sol), r in zip(puzzles, res) for b in blanks_right(p, r.grid, sol)]
-        e = {f"{prefix}val_solve_rate": sum(r.solved for r in res) / len(res),
-             f"{prefix}val_blank_accuracy": sum(blanks) / max(len(blanks), 1),
-             f"{prefix}val_passes": sum(r.passes for r in res) / len(res),
-             f"{prefix}eval_seconds": time.perf_counter() - t}
-        print(f"Iter {it}: {'weight average: ' if prefix else ''}solve rate {e[prefix + 'val_solve_rate']:.3f}, "
-              f"blanks right {e[prefix + 'val_blank_accuracy']:.3f} on {len(res)} validation puzzles", flush=True)
+        got = score(puzzles, model=(model, tok))
+        e = {f"{prefix}val_solve_rate": got.solved, f"{prefix}val_blank_accuracy": got.blanks_right,
+             f"{prefix}val_passes": got.passes, f"{prefix}eval_seconds": time.perf_counter() - t}
+        print(f"Iter {it}: {'weight average: ' if prefix else ''}solve rate {got.solved:.3f}, "
+              f"blanks right {got.blanks_right:.3f} on {len(puzzles)} validation puzzles", flush=True)
         return e
 
     class Callback(TrainingCallback):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parents[2]))
 import mlx_dgemma  # noqa: E402,F401  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 from mlx_dgemma import load  # noqa: E402
-from mlx_dgemma.sudoku import blanks_right, solve_details  # noqa: E402
+from mlx_dgemma.sudoku import score as score_pairs  # noqa: E402
 from mlx_dgemma.sudoku.train import validation_puzzles  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,10 +47,8 @@ def score(name: str, params) -> None:
     model.load_weights(list(params.items()), strict=False)
     row = {"arm": name, "run": str(a.run), "date": time.strftime("%Y-%m-%d %H:%M")}
     for label, puzzles in sets.items():
-        res = solve_details([p for p, _ in puzzles], model=(model, tok))
-        right = [b for (p, s), r in zip(puzzles, res) for b in blanks_right(p, r.grid, s)]
-        row[label] = {"solved": round(sum(r.solved for r in res) / len(res), 4),
-                      "blanks_right": round(sum(right) / len(right), 4)}
+        got = score_pairs(puzzles, model=(model, tok))
+        row[label] = {"solved": round(got.solved, 4), "blanks_right": round(got.blanks_right, 4)}
     print(json.dumps(row), flush=True)
     with open(HERE / "average-saves.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
