@@ -480,3 +480,44 @@ def test_weight_average_follows_every_update_and_round_trips(tiny, tmp_path):
         WeightAverage.load(tmp_path / "a.safetensors", model)
     with pytest.raises(ValueError, match=r"decay must be in \(0, 1\)"):
         WeightAverage(model, 1.0)
+
+
+def test_training_keeps_freed_buffers_for_the_next_step(tiny, tmp_path):
+    """On the CPU, ``train`` raises MLX's buffer cache (32 MB by default: a step's freed
+    activations went back to malloc and the kernel) to the memory limit for the run, and
+    puts the caller's limit back afterwards, also when the run stops with an error."""
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    from mlx_dgemma.tuner import TrainingArgs, setup_fine_tuning, train
+
+    def cache_limit() -> int:
+        limit = mx.set_cache_limit(0)
+        mx.set_cache_limit(limit)
+        return limit
+
+    class Record(TrainingCallback):
+        seen = []
+
+        def on_train_loss_report(self, info):
+            self.seen.append(cache_limit())
+
+    class Stop(TrainingCallback):
+        def on_train_loss_report(self, info):
+            raise RuntimeError("stop")
+
+    model, tok = mlx_dgemma.load(tiny)
+    setup_fine_tuning(model, "full")
+    args = TrainingArgs(batch_size=2, iters=2, steps_per_report=1, adapter_file=str(tmp_path / "a.safetensors"))
+    before = mx.set_cache_limit(12 << 20)
+    try:
+        train(model, optim.AdamW(1e-3), examples(tok, 4), None, args, training_callback=Record(),
+              log=lambda *a, **k: None)
+        assert Record.seen == [mx.get_memory_limit()] * 2
+        assert cache_limit() == 12 << 20
+        with pytest.raises(RuntimeError, match="stop"):
+            train(model, optim.AdamW(1e-3), examples(tok, 4), None, args, training_callback=Stop(),
+                  log=lambda *a, **k: None)
+        assert cache_limit() == 12 << 20
+    finally:
+        mx.set_cache_limit(before)

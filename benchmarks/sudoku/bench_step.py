@@ -100,8 +100,13 @@ def run_one(a) -> None:
                               adapter_file=str(Path(a.work) / f"ad-{world.rank()}.safetensors")),
                  log=lambda *x, **k: None)
     if world.rank() == 0:
+        import resource
+
         secs = [1 / h["iterations_per_second"] for h in hist if "iterations_per_second" in h]
+        # peak_gb: MLX's peak of live arrays; rss_gb: the process's resident peak (with MLX's
+        # buffer cache, the libraries and the data), what PyTorch's row reports as its peak
         print("RESULT " + json.dumps({"seconds": secs, "peak_gb": max(h["peak_memory"] for h in hist),
+                                      "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                                       "processes": world.size()}), flush=True)
 
 
@@ -155,7 +160,8 @@ def torch_step(a) -> None:
         secs.append(time.perf_counter() - t)
     import resource
 
-    print("RESULT " + json.dumps({"seconds": secs, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print("RESULT " + json.dumps({"seconds": secs, "peak_gb": rss, "rss_gb": rss,
                                   "processes": 1}), flush=True)
 
 
@@ -266,16 +272,16 @@ def main() -> int:
               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "step.json").write_text(json.dumps(result, indent=1))
-    lines = ["| framework | code | processes | batch | s/step (median) | examples/s | tokens/s | peak GB | GFLOP/s "
-             "| MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| framework | code | processes | batch | s/step (median) | examples/s | tokens/s | peak GB | max RSS GB "
+             "| GFLOP/s | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "median_seconds" not in r:
             lines.append(f"| {r['framework']} | {r['code']} | {r['processes']} | {r['batch']} | failed: {r['error']} |")
             continue
         lines.append(f"| {r['framework']} | {r['code']} | {r['processes']} | {r['batch']} | {r['median_seconds']:.2f} "
                      f"| {r['examples_per_second']:.1f} | {r['tokens_per_second']:.0f} | {r['peak_gb']:.2f} "
-                     f"| {r['gflops']:.1f} | {r['mfu']:.1%} |")
+                     f"| {r.get('rss_gb', float('nan')):.2f} | {r['gflops']:.1f} | {r['mfu']:.1%} |")
     (a.out / "step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -12,10 +12,11 @@ gradient norm is clipped, saves are atomic, and Ctrl-C saves before it stops.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -100,6 +101,26 @@ def evaluate(model: Model, dataset: Sequence[Example], batch_size: int, num_batc
     return p
 
 
+@contextmanager
+def buffer_cache_for_training() -> Iterator[None]:
+    """Let MLX's CPU allocator keep what a training step frees, for the next step.
+
+    MLX 0.32's CPU allocator caches at most 32 MB of freed buffers (on Metal the limit is
+    the memory limit). A training step frees and reallocates its activations every
+    iteration (0.47 GB a process for the Sudoku recipe), so past 32 MB they went back to
+    malloc, the large ones to the kernel (mmap, page faults, zeroed pages): ~10% of a
+    step (benchmarks/sudoku/README.md). The cache holds only buffers the step has freed, so
+    it stays under the step's own peak. The limit is restored afterwards."""
+    if mx.default_device() != mx.cpu:
+        yield
+        return
+    before = mx.set_cache_limit(max(mx.get_memory_limit(), 32 << 20))
+    try:
+        yield
+    finally:
+        mx.set_cache_limit(before)
+
+
 def train(
     model: Model,
     optimizer: optim.Optimizer,
@@ -119,8 +140,16 @@ def train(
     (numbered too), says where, and raises ``KeyboardInterrupt`` again. ``on_save(total
     iteration)`` runs after every save (process 0), so a caller can record which save is
     the last one on disk. ``weight_average`` takes in the weights after every optimizer
-    update (every process; the caller saves it, e.g. from ``on_save``).
+    update (every process; the caller saves it, e.g. from ``on_save``). On the CPU, MLX's
+    buffer cache is raised for the run (``buffer_cache_for_training``).
     """
+    with buffer_cache_for_training():
+        return _train(model, optimizer, train_dataset, val_dataset, args, training_callback, log, on_save,
+                      weight_average)
+
+
+def _train(model, optimizer, train_dataset, val_dataset, args, training_callback, log, on_save,
+           weight_average) -> List[dict]:
     world = mx.distributed.init()
     size, rank = world.size(), world.rank()
     prepare_for_training(model)
