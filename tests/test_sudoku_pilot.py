@@ -3,6 +3,7 @@ training iterations and the evaluation's numbers."""
 
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def test_a_few_iterations_train_and_evaluate(pilot, tmp_path):
     assert record["command"].startswith("python benchmarks/sudoku/pilot.py --size 4")
     assert "--note" not in record["command"] and record["note"] == "a quiet machine"  # it describes, not reproduces
     assert "| 4 | 64 |" in (out / "results.md").read_text()
+    assert record["nice"] == os.nice(0) and f"at nice {os.nice(0)}," in (out / "results.md").read_text()
     assert not (out / "curve.jsonl.part").exists()
 
 

@@ -355,7 +355,7 @@ def table(record: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
              f"{record['batch_size']}, peak learning rate {record['learning_rate']}, {record['train_puzzles']:,} "
              f"training puzzles, {record['heldout_puzzles']} held-out puzzles ({GIVENS[record['size']][0]}-"
              f"{GIVENS[record['size']][1]} givens). Training {record['train_seconds'] / 60:.1f} min wall "
-             f"(evaluations included) at nice 15, load average {record['load_at_start']:.1f} at the start and "
+             f"(evaluations included) at nice {record.get('nice', 'unknown')}, load average {record['load_at_start']:.1f} at the start and "
              f"{record['load_at_end']:.1f} at the end. {record['note']}", "",
              "| iteration | examples seen | train loss | blanks right | puzzles solved | passes | wall s |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -433,6 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight,
                   encoder_loss_weight=a.encoder_loss_weight, **result,
                   load_at_start=load_start, load_at_end=os.getloadavg()[0], machine=f"{os.cpu_count()} CPU cores",
+                  nice=os.nice(0),  # this process's niceness, for the results table
                   note=a.note,
                   finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     (a.out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
