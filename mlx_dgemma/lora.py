@@ -61,6 +61,7 @@ CONFIG_DEFAULTS = {
     "encoder_loss_weight": 1.0,
     "self_conditioning_p": 0.5,
     "grad_clip": 1.0,
+    "weight_average_decay": 0.0,  # off; e.g. 0.998 keeps a moving average of the weights (tuner.weight_average)
     "plot": True,
     "report_to": None,
     "project_name": None,
@@ -82,6 +83,10 @@ def build_parser():
     parser.add_argument("--self-conditioning-p", type=float, help="Per-example self-conditioning probability (0.5).")
     parser.add_argument("--grad-clip", type=float, help="Clip the gradient norm at this value, 0 for off (1.0).")
     parser.add_argument("--warmup-steps", type=int, help="Warm-up steps of the default schedule (25).")
+    parser.add_argument("--weight-average-decay", type=float,
+                        help="Also keep a moving average of the trained weights with this decay (e.g. 0.998; 0: off), "
+                             "saved with every save as the adapter folder ADAPTER_PATH/average: give that folder "
+                             "to --adapter-path of generate, fuse or --test to use it.")
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
                         help="Write loss.png (and losses.json) beside the adapters (default: on).")
     return parser
@@ -128,6 +133,8 @@ def check_args(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.self_conditioning_p <= 1:
         raise UsageError(f"--self-conditioning-p must be in [0, 1], got {args.self_conditioning_p}")
+    if not 0 <= args.weight_average_decay < 1:
+        raise UsageError(f"--weight-average-decay must be in [0, 1) (0: off), got {args.weight_average_decay}")
     if args.fine_tune_type not in ("lora", "dora", "full"):
         raise UsageError(f"--fine-tune-type must be lora, dora or full, got {args.fine_tune_type!r}")
     if args.resume_adapter_file is not None and not Path(args.resume_adapter_file).is_file():
@@ -270,10 +277,12 @@ def run(args) -> int:
         if rank == 0:
             save_adapter_config(vars(args), model, adapter_path / "adapter_config.json")
         optimizer = build_optimizer(args, math.ceil(args.iters / args.grad_accumulation_steps))
+        average, on_save = _weight_average(args, model, adapter_path, rank)
         say("Training", flush=True)
         history: List[dict] = []
         try:
-            train(model, optimizer, train_set, valid_set or None, targs, _callback(args, history))
+            train(model, optimizer, train_set, valid_set or None, targs, _callback(args, history), on_save=on_save,
+                  weight_average=average)
         except KeyboardInterrupt:
             if args.plot and rank == 0:
                 write_plot(history, adapter_path)
@@ -292,6 +301,30 @@ def run(args) -> int:
         say(f"Test loss {r['loss']:.3f} (diffusion {r['diffusion']:.3f}, encoder {r['encoder']:.3f}), "
             f"Test ppl {math.exp(min(r['loss'], 50)):.3f}.")
     return 0
+
+
+def _weight_average(args, model, adapter_path: Path, rank: int):
+    """The moving average of the weights (``--weight-average-decay``) and the save hook that
+    writes it, with every save of the weights, as an adapter folder of its own
+    (ADAPTER_PATH/average: the run's adapter_config.json and the averaged tensors), so that
+    everything that reads adapters reads it. A resumed run starts a new average."""
+    if not args.weight_average_decay:
+        return None, None
+    from .tuner import WeightAverage
+    from .tuner.utils import ADAPTER_FILE, CONFIG_FILE, atomic_write
+
+    average = WeightAverage(model, args.weight_average_decay)
+    folder = adapter_path / "average"
+
+    def save(total: int) -> None:
+        if rank != 0:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        config = (adapter_path / CONFIG_FILE).read_text()
+        atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config))
+        average.save(folder / ADAPTER_FILE, iteration=total)
+
+    return average, save
 
 
 def _callback(args, history: List[dict]):

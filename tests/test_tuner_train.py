@@ -521,3 +521,31 @@ def test_training_keeps_freed_buffers_for_the_next_step(tiny, tmp_path):
         assert cache_limit() == 12 << 20
     finally:
         mx.set_cache_limit(before)
+
+
+def test_lora_weight_average_is_an_adapter_folder(tiny, tmp_path, capsys):
+    """``--weight-average-decay`` keeps the moving average beside the weights and writes it,
+    with every save, as the adapter folder ADAPTER_PATH/average: load, generate and fuse read
+    it like any adapters; it is the average (not the last weights), at the saved iteration."""
+    from mlx_dgemma.tuner import WeightAverage
+
+    data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS])
+    ad = tmp_path / "ad"
+    assert run_lora("--model", tiny, "--train", "--data", data, "--iters", 4, "--batch-size", 2, "--save-every", 2,
+                    "--learning-rate", "5e-2", "--weight-average-decay", 0.5, "--adapter-path", ad, "--no-plot") == 0
+    avg = ad / "average"
+    assert json.loads((avg / "adapter_config.json").read_text()) == json.loads((ad / "adapter_config.json").read_text())
+    assert WeightAverage.iteration_of(avg / "adapters.safetensors") == 4
+    last, mean = mx.load(str(ad / "adapters.safetensors")), mx.load(str(avg / "adapters.safetensors"))
+    assert sorted(last) == sorted(mean)
+    assert max(np.abs(np.array(last[k]) - np.array(mean[k])).max() for k in last) > 1e-4  # not the last weights
+    model, _ = mlx_dgemma.load(tiny, adapter_path=avg)
+    with_avg = decoder_logits(model)
+    assert np.abs(with_avg - decoder_logits(mlx_dgemma.load(tiny, adapter_path=ad)[0])).max() > 1e-4
+    assert fuse.main(["--model", str(tiny), "--adapter-path", str(avg), "--save-path", str(tmp_path / "f")]) == 0
+    np.testing.assert_allclose(decoder_logits(mlx_dgemma.load(tmp_path / "f")[0]), with_avg,
+                               atol=1e-4 * np.abs(with_avg).max())
+    capsys.readouterr()
+    for bad in ("1", "-0.1"):
+        rc = run_lora("--model", tiny, "--train", "--data", data, "--weight-average-decay", bad)
+        one_line_error(capsys, rc, "--weight-average-decay", bad)
