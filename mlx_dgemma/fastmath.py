@@ -48,27 +48,12 @@ def _horner(coefficients, x: mx.array) -> mx.array:
     return p
 
 
-def _estrin(coefficients, x: mx.array) -> mx.array:
-    """The polynomial with ``coefficients`` (highest power first) at ``x``, in Estrin's
-    order: pairs ``c_i + c_(i+1) x``, then pairs of those with ``x^2``, and so on. Horner's
-    chain is one multiply-add per degree deep; ``mx.compile`` fuses at most 11 ops in a row
-    into one kernel, so Horner's degree-7 exp ran as several kernels, each writing its
-    intermediate out (Estrin's: an exp 1.6x, a softmax 1.17x faster; benchmarks/sudoku/README.md).
-    tanh keeps Horner's order: Eigen's clamp gives exactly +-1 with it, 1 - 4e-7 with this."""
-    c = list(reversed(coefficients))  # lowest power first
-    p = x
-    while len(c) > 1:
-        c = [c[i] + c[i + 1] * p if i + 1 < len(c) else c[i] for i in range(0, len(c), 2)]
-        p = p * p
-    return c[0]
-
-
 def _exp(x: mx.array) -> mx.array:
     x = mx.clip(x, -88.0, 88.0)  # e^88 is finite; at -88, n = -127 below makes 2^n exactly 0
     n = mx.round(x * _LOG2E)
     r = (x - n * _LN2_HI) - n * _LN2_LO
     two_n = mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)
-    return _estrin(_EXP_C, r) * two_n
+    return _horner(_EXP_C, r) * two_n
 
 
 def _tanh(x: mx.array) -> mx.array:
