@@ -10,7 +10,7 @@ import pytest
 
 from mlx_dgemma import Model, ModelArgs, backend
 from mlx_dgemma.kernels import cpu as cpu_kernels
-from mlx_dgemma.model import decoder_prefixes
+from mlx_dgemma.model import ImageMask, decoder_prefixes
 from tests.fixtures import tiny
 from tests.reference.compare import assert_same_network_output
 
@@ -414,3 +414,50 @@ def test_backend_defaults_then_plain_keep_the_parameters():
     backend.configure(model, host_softcap=True)
     with pytest.raises(ValueError, match="compile needs the traceable paths"):
         backend.configure(model, compile=True)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_causal_halves_equal_one_pass_with_gradients(window):
+    """The encoder's attention over a whole sequence in two query halves (backend.causal_halves,
+    what FastAttention runs from CAUSAL_SPLIT_MIN tokens) gives one pass's values and
+    gradients: the scores it leaves out are the ones the causal mask hides."""
+    from mlx_dgemma import fastmath
+    from mlx_dgemma.models.diffusion_gemma import encoder_mask
+
+    L = max(backend.CAUSAL_SPLIT_MIN, 81)
+    q = mx.random.normal((2, 4, L, 16), key=mx.random.key(0))
+    k, v = (mx.random.normal((2, 2, L, 16), key=mx.random.key(i)) for i in (1, 2))  # grouped KV heads
+    mask = encoder_mask(L, 0, L, window)
+    w = mx.random.normal((2, 4, L, 16), key=mx.random.key(3))
+
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v) * w).sum()
+
+    whole = lambda q, k, v: fastmath.attention(q, k, v, 1.0, mask)  # noqa: E731
+    halves = lambda q, k, v: backend.causal_halves(q, k, v, mask)  # noqa: E731
+    close(np.array(halves(q, k, v)), np.array(whole(q, k, v)))
+    for a, b in zip(mx.grad(loss(halves), argnums=(0, 1, 2))(q, k, v), mx.grad(loss(whole), argnums=(0, 1, 2))(q, k, v)):
+        close(np.array(a), np.array(b))
+    assert (mask == "causal") if window is None else mask.shape == (L, L)
+
+
+def test_fast_attention_splits_whole_causal_sequences_only(model, monkeypatch):
+    """FastAttention takes the halves for a whole sequence from CAUSAL_SPLIT_MIN tokens (the
+    training encoder), and one pass for short ones, prefill chunks after a prefix and image masks."""
+    calls = []
+    real = backend.causal_halves
+    monkeypatch.setattr(backend, "causal_halves", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    attn = model.layers[0].self_attn
+    cls = type(attn)
+    try:
+        attn.__class__ = backend.FastAttention
+        n = backend.CAUSAL_SPLIT_MIN
+        q = mx.random.normal((1, attn.n_heads, n, attn.head_dim))
+        kv = mx.random.normal((1, attn.n_kv_heads, n, attn.head_dim))
+        attn.encoder_attention(q, kv, kv, "causal", 0)
+        attn.encoder_attention(q[:, :, :n - 1], kv[:, :, :n - 1], kv[:, :, :n - 1], "causal", 0)
+        attn.encoder_attention(q[:, :, -8:], kv, kv, mx.ones((8, n), dtype=mx.bool_), n - 8)
+        attn.encoder_attention(q, kv, kv, ImageMask(mx.ones((n, n), dtype=mx.bool_)), 0)
+    finally:
+        attn.__class__ = cls
+    assert calls == [n]

@@ -23,7 +23,7 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from mlx_dgemma import load_model
+from mlx_dgemma import backend, load_model
 from mlx_dgemma.tuner.draws import make_draws
 from mlx_dgemma.tuner.objective import objective, prefix_span
 from tests.reference.hf_reference import build_reference, save_checkpoint, tiny_config
@@ -121,8 +121,22 @@ def pair(tmp_path_factory):
     return ref, model
 
 
+@pytest.fixture(params=["one pass", "causal halves"])
+def encoder_attention(request, monkeypatch):
+    """The encoder's attention as one pass, or in causal halves (backend.causal_halves, which
+    the CPU path takes for whole sequences from CAUSAL_SPLIT_MIN tokens: lowered here so
+    that these short sequences take it too)."""
+    calls = []
+    if request.param == "causal halves":
+        monkeypatch.setattr(backend, "CAUSAL_SPLIT_MIN", 4)
+        real = backend.causal_halves
+        monkeypatch.setattr(backend, "causal_halves", lambda *a: calls.append(1) or real(*a))
+    yield request.param
+    assert bool(calls) == (request.param == "causal halves"), "the halves were not taken: the test tests nothing"
+
+
 @pytest.mark.parametrize("sc", [True, False])
-def test_loss_matches_reference(pair, sc):
+def test_loss_matches_reference(pair, sc, encoder_attention):
     ref, model = pair
     batch = make_batch(seed=4)
     assert batch["self_condition"].any() and (batch["corrupt"].mean() > 0.1), "draws too tame to test anything"
@@ -215,7 +229,7 @@ def close(ours_g, ref_g, what):
     assert err <= 1e-3 * scale, f"{what}: max |diff| {err:.3e} > 1e-3 x max |grad| {scale:.3e}"
 
 
-def test_gradients_match_reference(tmp_path):
+def test_gradients_match_reference(tmp_path, encoder_attention):
     """LoRA A/B, a dense MLP weight and an expert weight (full fine-tuning), with
     self-conditioning on; the router's gradient exists but training never applies it
     (see test_tuner_train.py::test_router_is_frozen)."""
