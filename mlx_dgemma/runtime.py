@@ -109,6 +109,13 @@ def _setup_malloc() -> None:
     _state["malloc"] = "heap reuse (no mmap per large block)" if ok else "system (mallopt refused)"
 
 
+def cpu_allocator() -> bool:
+    """Whether MLX allocates with its CPU allocator (a build without Metal or CUDA)."""
+    import mlx.core as mx
+
+    return not (mx.metal.is_available() or mx.cuda.is_available())
+
+
 def _setup_buffer_cache() -> None:
     """Raise MLX's CPU cache of freed buffers from 32 MB to a quarter of the memory limit
     (after ``_setup_blas``: this imports mlx.core). Not on GPU builds (their allocators
@@ -121,7 +128,7 @@ def _setup_buffer_cache() -> None:
         return
     import mlx.core as mx
 
-    if mx.metal.is_available() or mx.cuda.is_available():
+    if not cpu_allocator():
         _state["buffer_cache"] = "MLX's default (GPU build)"
         return
     limit = max(mx.get_memory_limit() // 4, MLX_CPU_CACHE_DEFAULT)
@@ -191,5 +198,5 @@ def state() -> Dict[str, Optional[str]]:
     return dict(_state)
 
 
-__all__: List[str] = ["ENV_BLAS", "ENV_MALLOC", "announce", "describe", "fast_blas", "find_openblas", "setup", "state",
-                      "warn_if_slow"]
+__all__: List[str] = ["ENV_BLAS", "ENV_MALLOC", "announce", "cpu_allocator", "describe", "fast_blas", "find_openblas",
+                      "setup", "state", "warn_if_slow"]

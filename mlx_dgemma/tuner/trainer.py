@@ -26,6 +26,7 @@ from mlx.utils import tree_map
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import TrainingArgs as _MLXTrainingArgs
 
+from .. import runtime
 from ..model import Model
 from .datasets import BatchSpec, Example, iterate_batches
 from .objective import objective, prefix_span, prepare_for_training
@@ -113,10 +114,10 @@ def buffer_cache_for_training() -> Iterator[None]:
     cache against 0.75-0.81 s with this one (benchmarks/sudoku/README.md). The step's shapes
     repeat, so its cache holds what the next step reuses and stays under the step's own
     peak. The limit is restored afterwards."""
-    if mx.default_device() != mx.cpu:
+    if not runtime.cpu_allocator():
         yield
         return
-    before = mx.set_cache_limit(max(mx.get_memory_limit(), 32 << 20))
+    before = mx.set_cache_limit(max(mx.get_memory_limit(), runtime.MLX_CPU_CACHE_DEFAULT))
     try:
         yield
     finally:
