@@ -265,6 +265,34 @@ def test_givens_hold_under_every_step_budget(initial, steps):
         assert all(r.passes <= steps for r in res)
 
 
+def test_scores_of_shards_add_up_to_the_whole(tmp_path, initial):
+    """``score`` counts what it averages: the shards of a list, each solved with the seeds the
+    whole list gives its puzzles (puzzle i: seed i), merge through ``Score.counts`` into the
+    whole list's score (the trainer's evaluation, split over its processes). One puzzle a
+    batch, so that no shard changes another's arithmetic; the run's checkpoint in the tree
+    as the model, since an untrained one gets no blank right."""
+    import json
+
+    import mlx.core as mx
+
+    from mlx_dgemma import load
+    from mlx_dgemma.sudoku import Score, score
+    from mlx_dgemma.sudoku.train import CHECKPOINT
+
+    cfg = json.loads((CHECKPOINT / "config.json").read_text())
+    model, tok = load(recipe.write_initial_model(tmp_path / "m", **cfg["model"]))
+    model.load_weights(list(mx.load(str(CHECKPOINT / "weights.safetensors")).items()), strict=False)
+    pairs = read_pairs(HELDOUT_EASY, 5)
+    whole = score(pairs, steps=6, model=(model, tok), batch_size=1)
+    parts = [score(pairs[:2], seed=0, steps=6, model=(model, tok), batch_size=1),
+             score(pairs[2:], seed=2, steps=6, model=(model, tok), batch_size=1)]
+    merged = Score.from_counts([sum(c) for c in zip(*(p.counts() for p in parts))])
+    assert (merged.puzzles, merged.blanks) == (whole.puzzles, whole.blanks) == (5, sum(p.count("0") for p, _ in pairs))
+    assert merged == pytest.approx(whole)
+    assert 0 < whole.blanks_right < 1  # an untrained model: some blanks right, not all
+    assert score([], model=initial) == Score(0.0, 0.0, 0.0, 0, 0)
+
+
 def test_unpinned_model_reads_the_prompt(shipped):
     """Without pins the puzzle reaches the model only through the prompt: it must still
     solve most easy puzzles (transformers' generate sees the same)."""
@@ -444,6 +472,8 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
     assert main(fresh + ["--resume", "--processes", "2"]) == 0
     rows = [json.loads(r) for r in (tmp_path / "rb" / "curve.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    # the two processes solved a puzzle each, and the curve counts both
+    assert [r["val_puzzles"] for r in rows if r.get("iteration", 0) > 4 and "val_puzzles" in r] == [2]
     assert json.loads((tmp_path / "b" / "progress.json").read_text()) == {"iteration": 6}
     # the uninterrupted run's rates at 5 and 6
     whole = common + ["--out", str(tmp_path / "c"), "--record", str(tmp_path / "rc"), "--checkpoint", str(ck)]

@@ -135,15 +135,30 @@ class Score(NamedTuple):
     solved: float  # the share of puzzles solved
     blanks_right: float  # the share of all their blanks holding the solution's digit
     passes: float  # decoder passes a puzzle, on average
+    puzzles: int = 0  # how many puzzles
+    blanks: int = 0  # how many blanks they had
+
+    def counts(self) -> List[float]:
+        """[solved, blanks right, blanks, passes, puzzles] as sums (what ``from_counts``
+        reads back): scores of several shards add up as these."""
+        return [self.solved * self.puzzles, self.blanks_right * self.blanks, self.blanks, self.passes * self.puzzles,
+                self.puzzles]
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[float]) -> "Score":
+        solved, right, blanks, passes, puzzles = (round(c) for c in counts)
+        return cls(solved / max(puzzles, 1), right / max(blanks, 1), passes / max(puzzles, 1), puzzles, blanks)
 
 
 def score(pairs: Sequence[tuple], **solve_kwargs) -> Score:
     """:func:`solve_details` over the puzzles of ``pairs`` (``(puzzle, solution)``), scored
     against the solutions; ``solve_kwargs`` go to ``solve_details`` (``model``, ``steps``, ...)."""
+    if not pairs:
+        return Score(0.0, 0.0, 0.0)
     res = solve_details([p for p, _ in pairs], **solve_kwargs)
     right = [b for (p, s), r in zip(pairs, res) for b in blanks_right(p, r.grid, s)]
-    return Score(sum(r.solved for r in res) / max(len(res), 1), sum(right) / max(len(right), 1),
-                 sum(r.passes for r in res) / max(len(res), 1))
+    return Score(sum(r.solved for r in res) / len(res), sum(right) / max(len(right), 1),
+                 sum(r.passes for r in res) / len(res), len(res), len(right))
 
 
 def solve(

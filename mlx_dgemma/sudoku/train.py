@@ -274,12 +274,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..tuner import TrainingArgs, WeightAverage, setup_fine_tuning, train
     from ..tuner.utils import load_optimizer_state, numbered_adapter_file, save_adapter_config
     from ..tuner.datasets import load_split
-    from . import score
+    from . import Score, score
     from .data import chat_line, write_atomic, write_training_data
     from .recipe import layer_count, model_config, write_initial_model
 
     world = mx.distributed.init() if args.worker else None
     rank = world.rank() if world is not None else 0
+    size = world.size() if world is not None else 1
     out, rec = args.out, args.record
     t_start = time.perf_counter()
     record: Dict[str, Any] = {"config": cfg, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -412,19 +413,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         (out / "progress.json").write_text(json.dumps({"iteration": total}))
 
     def solve_eval(it: int, prefix: str = "") -> Dict[str, Any]:
+        # every process solves its share of the puzzles (a process alone left the other
+        # core idle: two evaluations of 64 took 110-300 s every 200 iterations), with the
+        # seeds the whole list would give them (puzzle i: seed i); the counts add up
         t = time.perf_counter()
-        got = score(puzzles, model=(model, tok))
+        lo, hi = rank * len(puzzles) // size, (rank + 1) * len(puzzles) // size
+        got = score(puzzles[lo:hi], seed=lo, model=(model, tok))
+        if size > 1:
+            got = Score.from_counts(mx.distributed.all_sum(mx.array(got.counts()), stream=mx.cpu).tolist())
         e = {f"{prefix}val_solve_rate": got.solved, f"{prefix}val_blank_accuracy": got.blanks_right,
-             f"{prefix}val_passes": got.passes, f"{prefix}eval_seconds": time.perf_counter() - t}
-        print(f"Iter {it}: {'weight average: ' if prefix else ''}solve rate {got.solved:.3f}, "
-              f"blanks right {got.blanks_right:.3f} on {len(puzzles)} validation puzzles", flush=True)
+             f"{prefix}val_passes": got.passes, f"{prefix}val_puzzles": got.puzzles,
+             f"{prefix}eval_seconds": time.perf_counter() - t}
+        if rank == 0:
+            print(f"Iter {it}: {'weight average: ' if prefix else ''}solve rate {got.solved:.3f}, "
+                  f"blanks right {got.blanks_right:.3f} on {got.puzzles} validation puzzles", flush=True)
         return e
 
     class Callback(TrainingCallback):
         def on_train_loss_report(self, info):
             it = info["iteration"] + offset
             log(dict(info, iteration=it, examples=it * int(cfg["batch_size"])))
-            if rank == 0 and (it % int(cfg["steps_per_solve_eval"]) == 0 or info["iteration"] == remaining):
+            if it % int(cfg["steps_per_solve_eval"]) == 0 or info["iteration"] == remaining:  # every process
                 model.eval()
                 e = dict(iteration=it, **solve_eval(it))
                 if average is not None:
