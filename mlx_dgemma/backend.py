@@ -25,7 +25,8 @@ What each buys is measured in benchmarks/README.md. The defaults (``defaults``):
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -501,6 +502,20 @@ def defaults(model: Model) -> Model:
     kernel = cpu_kernels.attention_available()
     return configure(model, compile=False, experts="cpu" if kernel else "grouped", attention=kernel,
                      host_softcap=True, dequantize=True, fastmath=True)
+
+
+@contextmanager
+def fastest_paths(model: Model) -> Iterator[Model]:
+    """The device's fastest paths (``defaults``) inside the block, the model's own settings
+    after it: a training run that evaluates by generating (it trains on the plain paths;
+    on this CPU the C kernels solve the Sudoku validation puzzles 1.7x faster, with the
+    same results)."""
+    before = settings(model)
+    defaults(model)
+    try:
+        yield model
+    finally:
+        configure(model, **before)
 
 
 def plain(model: Model) -> Model:

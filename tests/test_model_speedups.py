@@ -461,3 +461,19 @@ def test_fast_attention_splits_whole_causal_sequences_only(model, monkeypatch):
     finally:
         attn.__class__ = cls
     assert calls == [n]
+
+
+def test_fastest_paths_inside_the_block_and_the_models_own_after(model):
+    """backend.fastest_paths: the device's defaults inside the block (a training run's
+    evaluation by generation), then exactly the settings the model had, even after an error."""
+    backend.configure(model, **dict(PLAIN, experts="blocked", fastmath=True))
+    before = backend.settings(model)
+    want = backend.settings(backend.defaults(model))
+    backend.configure(model, **before)
+    assert want != before
+    with pytest.raises(RuntimeError):
+        with backend.fastest_paths(model):
+            assert backend.settings(model) == want
+            raise RuntimeError
+    assert backend.settings(model) == before
+    backend.configure(model, **PLAIN)

@@ -435,10 +435,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(dict(info, iteration=it, examples=it * int(cfg["batch_size"])))
             if it % int(cfg["steps_per_solve_eval"]) == 0 or info["iteration"] == remaining:  # every process
                 model.eval()
-                e = dict(iteration=it, **solve_eval(it))
-                if average is not None:
-                    with average.applied(model):
-                        e.update(solve_eval(it, AVERAGE))
+                with backend.fastest_paths(model):  # the inference kernels; training's paths after
+                    e = dict(iteration=it, **solve_eval(it))
+                    if average is not None:
+                        with average.applied(model):
+                            e.update(solve_eval(it, AVERAGE))
                 log(e)
                 last_eval.update(e)
                 model.train()
