@@ -151,6 +151,41 @@ def test_chat_line_tokenizes_to_prompt_and_reply(tmp_path):
     assert len(v) == recipe.VOCAB_SIZE and len(set(v.values())) == recipe.VOCAB_SIZE
 
 
+def test_tokenized_examples_come_back_from_their_cache(tmp_path):
+    """data.load_examples: the first load tokenizes and leaves NAME.examples.npz beside the
+    file; the next one reads it back to the same examples (tokens, pins, sources); a changed
+    file, or a cache that cannot be read, is tokenized again."""
+    import os
+
+    from mlx_lm.tokenizer_utils import load as load_tok
+
+    from mlx_dgemma.sudoku.data import load_examples
+    from mlx_dgemma.tuner.datasets import load_split
+
+    recipe.write_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(recipe.CHAT_TEMPLATE)
+    tok = load_tok(tmp_path)
+    path = tmp_path / "train.jsonl"
+    pairs = read_pairs(HELDOUT_EASY, 3)
+    path.write_text("".join(chat_line(p, s, pinned=i != 1) + "\n" for i, (p, s) in enumerate(pairs)))
+    want = [(e.prompt, e.response, e.pinned, e.source) for e in load_split(path, tok)]
+    cache = tmp_path / "train.examples.npz"
+
+    def got():
+        return [(e.prompt, e.response, e.pinned, e.source) for e in load_examples(path, tok, tmp_path)]
+
+    assert got() == want and cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+    assert got() == want and cache.stat().st_mtime_ns == stamp  # read back, not written again
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[::-1]) + "\n")  # another file of the same size: only its time tells
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
+    changed = [(e.prompt, e.response, e.pinned, e.source) for e in load_split(path, tok)]
+    assert changed != want and got() == changed
+    cache.write_bytes(b"not an npz")
+    assert got() == changed
+
+
 def test_cell_embeddings_start_as_their_digit_and_units():
     """The initial cell-token embeddings read as their digit and share a component within a
     row, column or box (recipe.structured_cell_embeddings)."""

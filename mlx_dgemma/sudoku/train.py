@@ -273,9 +273,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .. import backend, load
     from ..tuner import TrainingArgs, WeightAverage, setup_fine_tuning, train
     from ..tuner.utils import load_optimizer_state, numbered_adapter_file, save_adapter_config
-    from ..tuner.datasets import load_split
     from . import Score, score
-    from .data import chat_line, write_atomic, write_training_data
+    from .data import chat_line, load_examples, write_atomic, write_training_data
     from .recipe import layer_count, model_config, write_initial_model
 
     world = mx.distributed.init() if args.worker else None
@@ -388,8 +387,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"error: nothing left to train ({offset} of {cfg['iters']} iterations done)")
 
     t_data = time.perf_counter()
-    train_set = load_split(data_dir / "train.jsonl", tok)
-    val_set = load_split(data_dir / "valid.jsonl", tok)
+    train_set = load_examples(data_dir / "train.jsonl", tok, init)  # tokenized once, then from a cache
+    val_set = load_examples(data_dir / "valid.jsonl", tok, init)
     puzzles = validation_puzzles(int(cfg["eval_puzzles"]))
     if rank == 0:
         print(f"{n_params} parameters; {len(train_set)} training, {len(val_set)} validation examples "
