@@ -1,5 +1,6 @@
-"""MLX's CPU cache of freed buffers: a denoising step with MLX 0.32's 32 MB against the
-limit ``import mlx_dgemma`` sets (a quarter of MLX's memory limit, ``mlx_dgemma/runtime.py``).
+"""MLX's CPU cache of freed buffers: a denoising step with MLX 0.32's 32 MB against a quarter
+of MLX's memory limit (what a reverted change to ``mlx_dgemma/runtime.py`` set at import:
+it made 4-bit steps slower).
 
     python benchmarks/bench_buffer_cache.py [--config mid] [--bits 0,4] [--rounds 2]
 
@@ -28,8 +29,7 @@ sys.path.insert(0, {bench!r})
 import mlx_dgemma  # noqa: F401  (the runtime's setup, OpenBLAS first)
 import mlx.core as mx
 limit = int(sys.argv[1])
-if limit:
-    mx.set_cache_limit(limit)
+mx.set_cache_limit(limit if limit > 0 else mx.get_memory_limit() // 4)
 sys.argv = ["worker.py"] + sys.argv[2:]
 import runpy
 runpy.run_path({worker!r}, run_name="__main__")
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     if not (ckpt / "config.json").is_file():
         subprocess.run([sys.executable, str(HERE / "worker.py"), "build", "--config", a.config, "--ckpt", str(ckpt)],
                        check=True, cwd=HERE.parent, capture_output=True)
-    arms = {"32 MB (MLX's default)": SMALL, "import mlx_dgemma's": 0}
+    arms = {"32 MB (MLX's default)": SMALL, "a quarter of the memory limit": 0}
     rows = {(b, arm): [] for b in map(int, a.bits.split(",")) for arm in arms}
     for _ in range(a.rounds):
         for (bits, arm) in rows:

@@ -154,8 +154,9 @@ def causal_halves(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
 class FastAttention(Attention):
     """Attention with fastmath's softmax: differentiable and traceable, unlike the C kernel,
     and 3x faster than the softmax of MLX's CPU SDPA fallback. The encoder's attention over
-    a whole sequence (training) runs in causal halves (``causal_halves``: the compiled
-    training step of the Sudoku recipe 6% faster)."""
+    a whole sequence (training) runs in causal halves (``causal_halves``: the loss and
+    gradient of a Sudoku batch of 8, one thread, 680 against 722 ms; the two-process step
+    within its noise)."""
 
     def encoder_attention(self, q, k, v, mask, offset: int) -> mx.array:
         if not q.dtype == k.dtype == mx.float32:

@@ -8,20 +8,18 @@ Two things decide how fast MLX runs on a Linux CPU, and neither is MLX's default
   symbol scope BEFORE that (what ``LD_PRELOAD`` does) wins. We load the system OpenBLAS
   that way when mlx_dgemma is imported first. When ``mlx.core`` was imported earlier
   it is too late: the note says so (``LD_PRELOAD`` then still works).
-- **Memory reuse.** MLX 0.32's CPU allocator keeps at most 32 MB of freed buffers for
-  reuse (on Metal, up to the memory limit); everything else goes back to ``malloc``. A
-  denoising step frees and allocates the same large arrays every time (logits, the
-  dequantized weights of 4-bit layers), so we raise that cache to a quarter of MLX's
-  memory limit: a 4-bit step of the mid benchmark model took 581-608 ms against 696-722
-  with 32 MB (benchmarks/sudoku/README.md); training raises it further for its run
-  (``tuner.trainer.buffer_cache_for_training``). What still reaches ``malloc`` stays in
-  glibc's heap (``mallopt``: no mmap, no trimming): glibc serves every allocation over
-  32 MB with a fresh ``mmap`` otherwise, ~8,000 page faults (~40 ms here) for a [256, 32768]
-  float32 result before a byte is computed. The process keeps its peak size instead of
-  returning it to the system between steps.
+- **malloc.** MLX 0.32's CPU allocator keeps only 32 MB of freed buffers for reuse, and
+  glibc serves every allocation over 32 MB with a fresh ``mmap``: each [256, 32768]
+  float32 result then cost ~8,000 page faults (~40 ms here) before a byte was computed,
+  every time. We let glibc keep large blocks in its heap for reuse (``mallopt``: no mmap,
+  no trimming): the process keeps its peak size instead of returning it to the system
+  between steps. (Raising MLX's own cache as well made a 4-bit denoising step of the mid
+  benchmark model slower, 664 against 568 ms, and a float32 one no faster:
+  ``benchmarks/bench_buffer_cache.py``; training raises it for its run,
+  ``tuner.trainer.buffer_cache_for_training``.)
 
 ``MLX_DGEMMA_BLAS`` = a library path (any BLAS with the CBLAS interface), or ``bundled``
-to keep MLX's own; ``MLX_DGEMMA_MALLOC=system`` keeps glibc's and MLX's defaults. ``describe()``
+to keep MLX's own; ``MLX_DGEMMA_MALLOC=system`` keeps glibc's defaults. ``describe()``
 names what is in use; the CLI and the server print it once on stderr (``announce``).
 """
 
@@ -48,7 +46,7 @@ OPENBLAS_PATHS = (
 HOW_TO_GET = ("install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread; Fedora: dnf install "
               "openblas) or point MLX_DGEMMA_BLAS at a CBLAS library")
 
-_state: Dict[str, Optional[str]] = {"blas": None, "blas_path": None, "malloc": None, "buffer_cache": None}
+_state: Dict[str, Optional[str]] = {"blas": None, "blas_path": None, "malloc": None}
 MLX_CPU_CACHE_DEFAULT = 32 << 20  # MLX 0.32's CPU allocator
 _announced = False
 
@@ -116,37 +114,12 @@ def cpu_allocator() -> bool:
     return not (mx.metal.is_available() or mx.cuda.is_available())
 
 
-def _setup_buffer_cache() -> None:
-    """Raise MLX's CPU cache of freed buffers from 32 MB to a quarter of the memory limit
-    (after ``_setup_blas``: this imports mlx.core). Not on GPU builds (their allocators
-    cache by themselves), not when the process already set another limit. A quarter, not
-    Metal's whole limit: the CPU allocator never frees its cache to make room, so a
-    long-running process that meets many shapes (a server, a test run) must not hold
-    most of the memory in unused buffers."""
-    if os.environ.get(ENV_MALLOC, "").strip() == "system":
-        _state["buffer_cache"] = "MLX's default (MLX_DGEMMA_MALLOC=system)"
-        return
-    import mlx.core as mx
-
-    if not cpu_allocator():
-        _state["buffer_cache"] = "MLX's default (GPU build)"
-        return
-    limit = max(mx.get_memory_limit() // 4, MLX_CPU_CACHE_DEFAULT)
-    before = mx.set_cache_limit(limit)
-    if before != MLX_CPU_CACHE_DEFAULT:  # the process chose its own: keep it
-        mx.set_cache_limit(before)
-        _state["buffer_cache"] = f"{before / 2**30:.1f} GiB (set before mlx_dgemma's import)"
-        return
-    _state["buffer_cache"] = f"{limit / 2**30:.1f} GiB (MLX's CPU cache of freed buffers, from 32 MB)"
-
-
 def setup() -> None:
     """Idempotent; a no-op off Linux (macOS: Accelerate and Metal need none of this)."""
     if _state["blas"] is not None or not sys.platform.startswith("linux"):
         return
     _setup_blas()
     _setup_malloc()
-    _setup_buffer_cache()
 
 
 def fast_blas() -> bool:

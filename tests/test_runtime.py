@@ -51,28 +51,6 @@ def test_bundled_on_request_and_too_late_after_mlx():
     assert "mlx was imported before mlx_dgemma" in out and "import mlx_dgemma first" in out
 
 
-CACHE_PROBE = """
-import mlx.core as mx
-{before}
-import mlx_dgemma
-from mlx_dgemma import runtime
-print(mx.set_cache_limit(0), mx.get_memory_limit(), runtime.state()["buffer_cache"].split()[0])
-"""
-
-
-@linux
-def test_import_raises_mlxs_cpu_buffer_cache_unless_told_otherwise():
-    """MLX's CPU allocator keeps 32 MB of freed buffers; importing mlx_dgemma raises that to a
-    quarter of the memory limit, but not with MLX_DGEMMA_MALLOC=system, nor over a limit
-    the process set itself before the import."""
-    limit, memory = map(int, run(CACHE_PROBE.format(before="")).split()[:2])
-    assert limit == max(memory // 4, 32 << 20) > 32 << 20
-    limit, _, said = run(CACHE_PROBE.format(before=""), MLX_DGEMMA_MALLOC="system").split()
-    assert (int(limit), said) == (32 << 20, "MLX's")
-    limit, _, said = run(CACHE_PROBE.format(before="mx.set_cache_limit(123456)")).split()
-    assert int(limit) == 123456
-
-
 @linux
 def test_missing_blas_says_how_to_get_it():
     out = run("import mlx_dgemma\nfrom mlx_dgemma import runtime\nprint(runtime.describe())",

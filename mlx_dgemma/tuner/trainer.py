@@ -107,13 +107,13 @@ def buffer_cache_for_training() -> Iterator[None]:
     """Let MLX's CPU allocator keep what a training step frees, for the next step.
 
     MLX 0.32's CPU allocator caches at most 32 MB of freed buffers (on Metal the limit is
-    the memory limit); importing mlx_dgemma raises that to a quarter of the memory limit
-    (``runtime``). A training step frees and reallocates its activations every iteration
-    (0.47 GB a process for the Sudoku recipe, far more for a large model), and what the
-    cache cannot hold goes back to malloc: the Sudoku step took 0.84-0.86 s with the 32 MB
-    cache against 0.75-0.81 s with this one (benchmarks/sudoku/README.md). The step's shapes
-    repeat, so its cache holds what the next step reuses and stays under the step's own
-    peak. The limit is restored afterwards."""
+    the memory limit). A training step frees and reallocates its activations every
+    iteration (0.47 GB a process for the Sudoku recipe), so past 32 MB they went back to
+    malloc: glibc's ``_int_malloc`` was 5% of a training process's samples, 2.6% with
+    this. The Sudoku step, two trees in one sitting: 0.75 / 0.81 s against 0.86 / 0.84 s
+    in the first sittings, the same within 3% in the last ones (benchmarks/sudoku/README.md).
+    The step's shapes repeat, so its cache holds what the next step reuses and stays under
+    the step's own peak. The limit is restored afterwards."""
     if not runtime.cpu_allocator():
         yield
         return
