@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         med = {k: statistics.median(r[k] for r in runs) for k in KEYS}
         rss = max(r["peak_rss_gb"] for r in runs)
         result.append(dict(bits=bits, cache=arm, runs=runs, **med, peak_rss_gb=rss))
-        table.append(f"| {bits or 'float32'} | {arm} | " + " | ".join(f"{med[k]:.0f}" for k in KEYS) + f" | {rss:.2f} |")
+        cells = " | ".join(f"{med[k]:.0f}" for k in KEYS)
+        table.append(f"| {bits or 'float32'} | {arm} | {cells} | {rss:.2f} |")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "buffer_cache.json").write_text(json.dumps(
         {"command": "python benchmarks/bench_buffer_cache.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -355,7 +355,8 @@ def table(record: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
              f"{record['batch_size']}, peak learning rate {record['learning_rate']}, {record['train_puzzles']:,} "
              f"training puzzles, {record['heldout_puzzles']} held-out puzzles ({GIVENS[record['size']][0]}-"
              f"{GIVENS[record['size']][1]} givens). Training {record['train_seconds'] / 60:.1f} min wall "
-             f"(evaluations included) at nice {record.get('nice', 'unknown')}, load average {record['load_at_start']:.1f} at the start and "
+             f"(evaluations included) at nice {record.get('nice', 'unknown')}, load average "
+             f"{record['load_at_start']:.1f} at the start and "
              f"{record['load_at_end']:.1f} at the end. {record['note']}", "",
              "| iteration | examples seen | train loss | blanks right | puzzles solved | passes | wall s |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
