@@ -47,7 +47,6 @@ HOW_TO_GET = ("install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pth
               "openblas) or point MLX_DGEMMA_BLAS at a CBLAS library")
 
 _state: Dict[str, Optional[str]] = {"blas": None, "blas_path": None, "malloc": None}
-MLX_CPU_CACHE_DEFAULT = 32 << 20  # MLX 0.32's CPU allocator
 _announced = False
 
 

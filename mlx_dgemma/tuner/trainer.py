@@ -117,7 +117,7 @@ def buffer_cache_for_training() -> Iterator[None]:
     if not runtime.cpu_allocator():
         yield
         return
-    before = mx.set_cache_limit(max(mx.get_memory_limit(), runtime.MLX_CPU_CACHE_DEFAULT))
+    before = mx.set_cache_limit(mx.get_memory_limit())
     try:
         yield
     finally:
