@@ -526,7 +526,8 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
 
 
 def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
-    """train.yaml's corrupt_only_free (on: the 4x4 pilots' pick) and corrupted_loss_weight (1) reach
+    """train.yaml's corrupt_only_free (on: the 4x4 pilots' pick), corrupted_loss_weight (1) and
+    min_corruption_level (0.8: the 6x6 pilots' pick; absent: the published 1e-3) reach
     TrainingArgs, and switching corrupt_only_free on remakes a data folder whose lines
     carry the pins (a folder made with it off serves the published objective as it is)."""
     import json
@@ -536,7 +537,8 @@ def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
     import mlx_dgemma.tuner as tuner
     from mlx_dgemma.sudoku.train import CONFIG, main, read_config
 
-    assert (read_config(CONFIG)["corrupt_only_free"], read_config(CONFIG)["corrupted_loss_weight"]) == (True, 1.0)
+    recipe = read_config(CONFIG)
+    assert (recipe["corrupt_only_free"], recipe["corrupted_loss_weight"], recipe["min_corruption_level"]) == (True, 1.0, 0.8)
     seen = []
     real = tuner.train
     def spy(model, opt, tr, va, args, **kw):
@@ -549,11 +551,15 @@ def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
             "--record", str(tmp_path / "record"), "--checkpoint", str(tmp_path / "no-checkpoint")]
     stamp = tmp_path / "work" / "data" / "stamp"
     for on in (False, True):
-        cfg_path.write_text(yaml.safe_dump(dict(TINY_RECIPE, iters=2, steps_per_solve_eval=2, corrupt_only_free=on,
-                                                corrupted_loss_weight=4.0 if on else 1.0)))
+        cfg = dict(TINY_RECIPE, iters=2, steps_per_solve_eval=2, corrupt_only_free=on,
+                   corrupted_loss_weight=4.0 if on else 1.0, min_corruption_level=0.5)
+        if not on:
+            del cfg["min_corruption_level"]  # absent: the published levels
+        cfg_path.write_text(yaml.safe_dump(cfg))
         assert main(args) == 0
         targs, train_set = seen[-1]
-        assert (targs.corrupt_only_free, targs.corrupted_loss_weight) == ((True, 4.0) if on else (False, 1.0))
+        assert (targs.corrupt_only_free, targs.corrupted_loss_weight, targs.min_corruption_level) == (
+            (True, 4.0, 0.5) if on else (False, 1.0, 1e-3))
         assert ('pinned' in stamp.read_text()) == on
         assert all(len(ex.pinned) >= 22 + 7 for ex in train_set)  # the writer always writes the pins
 

@@ -1,9 +1,11 @@
-"""The trainer's two recipe knobs (issue 19, item 2), both off by default:
+"""The trainer's recipe knobs (issue 19, item 2), all off by default:
 
 - ``corrupt_only_free``: an example's pinned reply positions (its JSONL ``pinned`` field:
   what inference pins in the canvas) are never corrupted;
 - ``corrupted_loss_weight``: the diffusion term is sum(w_i ce_i) / sum(w_i), w_i that
-  weight where corrupted and 1 where clean.
+  weight where corrupted and 1 where clean;
+- ``min_corruption_level``: the corruption levels are drawn uniform over [this, 1)
+  instead of [1e-3, 1).
 
 The defaults are the published objective: its draws and denominators are checked here
 against ``make_draws`` directly, and the loss against transformers' model in
@@ -142,6 +144,24 @@ def test_weighted_denominators_are_global_over_processes_and_micro_batches():
                 assert h["denominators"][0] == want
                 assert np.array_equal(h["corrupt"], b["corrupt"][r::2])
                 assert np.array_equal(h["noise"], b["noise"][r::2])
+
+
+def test_min_corruption_level_raises_every_level_and_keeps_the_other_draws():
+    exs = examples()
+    more = 0
+    for it in range(1, 30):
+        base = {k: np.array(v) for k, v in make_batch(exs, [0, 1, 2], it, spec(), exs).items()}
+        high = {k: np.array(v) for k, v in make_batch(exs, [0, 1, 2], it, spec(min_corruption_level=0.6), exs).items()}
+        d = make_draws(7, it, [0, 1, 2], [1, 2, 2], L, V, eps=0.6)
+        assert (d["t"] >= 0.6).all()
+        for k in ("blocks", "corrupt", "noise", "self_condition"):
+            assert np.array_equal(high[k], d[k]), k
+        for k in ("tokens", "blocks", "noise", "self_condition", "denominators"):
+            assert np.array_equal(high[k], base[k]), k
+        # the same uniform draws against a higher level: a position corrupted before still is
+        assert not (base["corrupt"] & ~high["corrupt"]).any()
+        more += int((high["corrupt"] & ~base["corrupt"]).sum())
+    assert more > 20, "the levels barely moved: the test could not fail"
 
 
 def test_a_pin_past_the_replys_canvases_is_a_data_error():

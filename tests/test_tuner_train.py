@@ -432,6 +432,28 @@ def test_validation_draws_follow_val_seed(tiny):
     assert losses[(7, None)] != losses[(0, None)], "the seeds draw the same noise: the test could not fail"
 
 
+def test_validation_keeps_the_published_corruption_levels(tiny):
+    """``min_corruption_level`` shapes the training draws only: validation draws at the
+    published levels, so runs with different levels report losses that compare; a level
+    outside (0, 1) is a one-line error."""
+    from mlx_dgemma.tuner import TrainingArgs
+    from mlx_dgemma.tuner.datasets import iterate_batches
+    from mlx_dgemma.tuner.trainer import batch_spec, evaluate
+
+    model, tok = mlx_dgemma.load(tiny)
+    data = examples(tok, 8)
+    val = [evaluate(model, data, 4, -1, TrainingArgs(batch_size=4, min_corruption_level=m))["diffusion"]
+           for m in (1e-3, 0.7)]
+    assert val[0] == val[1]
+    high = batch_spec(model, TrainingArgs(batch_size=4, min_corruption_level=0.7))
+    low = batch_spec(model, TrainingArgs(batch_size=4))
+    (b_high, _), (b_low, _) = (next(iterate_batches(data, 4, s)) for s in (high, low))
+    assert int(b_high["corrupt"].sum()) > int(b_low["corrupt"].sum()), "the level changed nothing: could not fail"
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match=rf"^min_corruption_level must be in \(0, 1\), got {bad}$"):
+            batch_spec(model, TrainingArgs(min_corruption_level=bad))
+
+
 def test_weight_average_follows_every_update_and_round_trips(tiny, tmp_path):
     """``train(weight_average=...)`` folds in the weights after every optimizer update (with
     TensorFlow's warm-up of the decay), ``applied`` swaps the average in and back, and a

@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from mlx_dgemma.sudoku import recipe  # noqa: E402
+from mlx_dgemma.tuner.draws import EPS  # noqa: E402
 
 BOXES = {4: (2, 2), 6: (2, 3)}  # grid size -> (box rows, box columns)
 GIVENS = {4: (4, 8), 6: (8, 16)}  # the givens range of the puzzles, per size
@@ -338,7 +339,8 @@ def run(a: argparse.Namespace, work: Path, log_row) -> Dict[str, Any]:
         batch_size=a.batch_size, iters=a.iters, steps_per_report=math.gcd(10, a.eval_every), steps_per_eval=10**9,
         steps_per_save=10**9, adapter_file=str(work / "adapters" / "adapters.safetensors"), pad_to=1,
         encoder_loss_weight=a.encoder_loss_weight, self_conditioning_p=0.5, grad_clip=1.0, seed=a.seed,
-        corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight)
+        corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight,
+        min_corruption_level=a.min_corruption_level)
     (work / "adapters").mkdir(parents=True, exist_ok=True)
     train(model, opt, examples, None, targs, training_callback=Callback(), log=lambda *x, **k: None)
     return {"parameters": int(n_params), "train_puzzles": len(train_pairs), "heldout_puzzles": len(heldout),
@@ -382,6 +384,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="never corrupt the givens, <turn|> and the fill (TrainingArgs.corrupt_only_free)")
     ap.add_argument("--corrupted-loss-weight", type=float, default=1.0,
                     help="weight of corrupted positions in the diffusion loss (TrainingArgs.corrupted_loss_weight)")
+    ap.add_argument("--min-corruption-level", type=float, default=EPS,
+                    help="corruption levels uniform over [this, 1) (TrainingArgs.min_corruption_level)")
     ap.add_argument("--encoder-loss-weight", type=float, default=1.0,
                     help="weight of the encoder's next-token loss (TrainingArgs.encoder_loss_weight; 0: not computed)")
     ap.add_argument("--name", default="base", help="the run's name in the default --out")
@@ -404,6 +408,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         ap.error(f"--top-k {a.top_k} is more than --experts {a.experts}")
     if not a.corrupted_loss_weight > 0:
         ap.error(f"--corrupted-loss-weight must be positive, got {a.corrupted_loss_weight}")
+    if not 0 < a.min_corruption_level < 1:
+        ap.error(f"--min-corruption-level must be in (0, 1), got {a.min_corruption_level}")
     if not a.learning_rate > 0 or a.warmup < 0:
         ap.error("--learning-rate must be positive and --warmup at least 0")
     if a.out is None:
@@ -432,6 +438,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     record = dict(size=a.size, name=a.name, command=command, model=model_size(a), batch_size=a.batch_size,
                   learning_rate=a.learning_rate, warmup=a.warmup, iters=a.iters, seed=a.seed,
                   corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight,
+                  min_corruption_level=a.min_corruption_level,
                   encoder_loss_weight=a.encoder_loss_weight, **result,
                   load_at_start=load_start, load_at_end=os.getloadavg()[0], machine=f"{os.cpu_count()} CPU cores",
                   nice=os.nice(0),  # this process's niceness, for the results table

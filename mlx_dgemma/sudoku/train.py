@@ -272,6 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .. import backend, load
     from ..tuner import TrainingArgs, WeightAverage, setup_fine_tuning, train
+    from ..tuner.draws import EPS
     from ..tuner.utils import load_optimizer_state, numbered_adapter_file, save_adapter_config
     from . import Score, score
     from .data import chat_line, load_examples, write_atomic, write_training_data
@@ -456,6 +457,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         optimizer_file=str(adapters / OPTIMIZER_FILE),
         corrupt_only_free=bool(cfg.get("corrupt_only_free", False)),
         corrupted_loss_weight=float(cfg.get("corrupted_loss_weight", 1.0)),
+        min_corruption_level=float(cfg.get("min_corruption_level", EPS)),
     )
     try:
         train(model, opt, train_set, val_set, targs, training_callback=Callback(), on_save=saved,

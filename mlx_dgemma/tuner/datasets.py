@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .draws import make_draws
+from .draws import EPS, make_draws
 from ..errors import DataError  # noqa: F401  (raised here; defined with the others)
 
 SPLITS = ("train", "valid", "test")
@@ -278,6 +278,7 @@ class BatchSpec:
     pad_to: int = 32
     corrupt_only_free: bool = False  # never corrupt an example's pinned positions
     corrupted_loss_weight: float = 1.0  # the diffusion loss's weight on corrupted positions (clean: 1)
+    min_corruption_level: float = EPS  # corruption levels are drawn uniform over [this, 1)
 
 
 def draw_batch(examples: Sequence[Example], ids: Sequence[int], iteration: int,
@@ -287,7 +288,7 @@ def draw_batch(examples: Sequence[Example], ids: Sequence[int], iteration: int,
     its corruption mask (every other draw unchanged: the same keys)."""
     L = spec.canvas_length
     d = make_draws(spec.seed, iteration, ids, [num_blocks(e, L) for e in examples], L, spec.vocab_size,
-                   spec.self_conditioning_p)
+                   spec.self_conditioning_p, eps=spec.min_corruption_level)
     if spec.corrupt_only_free:
         for b, (e, block) in enumerate(zip(examples, d["blocks"])):
             at = [p - block * L for p in e.pinned if block * L <= p < (block + 1) * L]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -29,6 +29,7 @@ from mlx_lm.tuner.trainer import TrainingArgs as _MLXTrainingArgs
 from .. import runtime
 from ..model import Model
 from .datasets import BatchSpec, Example, iterate_batches
+from .draws import EPS
 from .objective import objective, prefix_span, prepare_for_training
 from .utils import numbered_adapter_file, save_adapters, save_optimizer_state
 from .weight_average import WeightAverage
@@ -56,6 +57,9 @@ class TrainingArgs(_MLXTrainingArgs):
     corrupted_loss_weight: float = field(default=1.0, metadata={
         "help": "Weight of a corrupted position's cross-entropy in the diffusion mean (clean positions: 1; "
                 "1 is the published token mean)."})
+    min_corruption_level: float = field(default=EPS, metadata={
+        "help": "Draw each example's corruption level uniform over [this, 1) (the published objective: "
+                "1e-3); validation keeps the published levels, so its losses compare across settings."})
     optimizer_file: Optional[str] = field(default=None, metadata={
         "help": "Also save the optimizer state (Adam's moments and step) here at every save, "
                 "for a resume that continues exactly (tuner.utils.load_optimizer_state)."})
@@ -66,8 +70,11 @@ def batch_spec(model: Model, args: TrainingArgs, seed: Optional[int] = None) -> 
     eos = args.fill_token_id if args.fill_token_id is not None else (a.eos_token_ids or [1])[0]
     if not args.corrupted_loss_weight > 0:
         raise ValueError(f"corrupted_loss_weight must be positive, got {args.corrupted_loss_weight}")
+    if not 0 < args.min_corruption_level < 1:
+        raise ValueError(f"min_corruption_level must be in (0, 1), got {args.min_corruption_level}")
     return BatchSpec(a.canvas_length, a.vocab_size, eos, a.pad_token_id, args.seed if seed is None else seed,
-                     args.self_conditioning_p, args.pad_to, args.corrupt_only_free, args.corrupted_loss_weight)
+                     args.self_conditioning_p, args.pad_to, args.corrupt_only_free, args.corrupted_loss_weight,
+                     args.min_corruption_level)
 
 
 def _parts(sums) -> Dict[str, float]:
@@ -81,8 +88,9 @@ def evaluate(model: Model, dataset: Sequence[Example], batch_size: int, num_batc
     draws: the same batches and noise at every evaluation, so the numbers compare."""
     model.eval()
     world = mx.distributed.init()
-    # noise independent of the training draws, and the same at every evaluation
-    spec = batch_spec(model, args, seed=args.seed + 1 if args.val_seed is None else args.val_seed)
+    # noise independent of the training draws, the same at every evaluation, at the published levels
+    spec = replace(batch_spec(model, args, seed=args.seed + 1 if args.val_seed is None else args.val_seed),
+                   min_corruption_level=EPS)
     sc = args.self_conditioning_p > 0
     sums = mx.zeros((4,))
     batches = iterate_batches(dataset, batch_size, spec, shuffle=False, comm_group=world)
