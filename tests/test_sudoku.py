@@ -538,7 +538,8 @@ def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
     from mlx_dgemma.sudoku.train import CONFIG, main, read_config
 
     recipe = read_config(CONFIG)
-    assert (recipe["corrupt_only_free"], recipe["corrupted_loss_weight"], recipe["min_corruption_level"]) == (True, 1.0, 0.8)
+    knobs = ("corrupt_only_free", "corrupted_loss_weight", "min_corruption_level")
+    assert tuple(recipe[k] for k in knobs) == (True, 1.0, 0.8)
     seen = []
     real = tuner.train
     def spy(model, opt, tr, va, args, **kw):
