@@ -21,6 +21,7 @@ import mlx_dgemma  # noqa: E402,F401  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 from mlx_dgemma import load  # noqa: E402
 from mlx_dgemma.sudoku import score as score_pairs  # noqa: E402
+from mlx_dgemma.sudoku.data import read_pairs  # noqa: E402
 from mlx_dgemma.sudoku.train import validation_puzzles  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,9 +35,8 @@ ap.add_argument("saves", nargs="+", help="comma-separated iterations of numbered
 a = ap.parse_args()
 
 model, tok = load(a.init or a.run / "init")
-lines = [ln for ln in (HERE.parent / "heldout_easy.txt").read_text().splitlines() if ln.strip() and ln[0] != "#"]
 sets = {"validation 64": validation_puzzles(64),
-        f"held-out easy {a.easy}": [tuple(ln.split()[:2]) for ln in lines][: a.easy]}
+        f"held-out easy {a.easy}": read_pairs(HERE.parent / "heldout_easy.txt")[: a.easy]}
 
 
 def weights(it: int):

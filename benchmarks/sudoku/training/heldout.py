@@ -22,10 +22,7 @@ import mlx_dgemma  # noqa: E402,F401  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 from mlx_dgemma import load  # noqa: E402
 from mlx_dgemma.sudoku import score, solve  # noqa: E402
-
-
-def read_pairs(path: Path):
-    return [tuple(ln.split()[:2]) for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+from mlx_dgemma.sudoku.data import read_pairs  # noqa: E402
 
 
 def main() -> int:
@@ -44,15 +41,14 @@ def main() -> int:
     progress = a.run / "progress.json"
     if progress.exists() and a.weights is None:
         record["iteration"] = json.loads(progress.read_text()).get("iteration")
-    sets = HERE.parent
-    for name in ("easy", "medium"):
-        pairs = read_pairs(sets / f"heldout_{name}.txt")
+    sets = {name: read_pairs(HERE.parent / f"heldout_{name}.txt") for name in ("easy", "medium")}
+    for name, pairs in sets.items():
         tic = time.perf_counter()
         s = score(pairs, model=(model, tok))
         record[name] = {"puzzles": s.puzzles, "solved": round(s.solved, 4), "blanks_right": round(s.blanks_right, 4),
                         "passes": round(s.passes, 2), "seconds": round(time.perf_counter() - tic, 1)}
         print(name, record[name], flush=True)
-    puzzle = read_pairs(sets / "heldout_easy.txt")[0][0]
+    puzzle = sets["easy"][0][0]
     solve(puzzle, model=(model, tok))  # warm-up
     times = []
     for _ in range(5):
