@@ -3,17 +3,20 @@ puzzles solved on the 64 validation puzzles (the trainer's own curve set) of one
 save, against the step budget, the entropy bound and greedy acceptance.
 
     python benchmarks/sudoku/decode_settings.py --run /work/sudoku-run3 --weights 0001223_adapters.safetensors
+    python benchmarks/sudoku/decode_settings.py --run /work/fork-enc0 --weights average.safetensors \
+        --heldout easy --settings '[{}, {"greedy": true}]' --name decode_settings-15300
 
 ``--run`` is a training folder of ``python -m mlx_dgemma.sudoku.train`` (its ``init`` model
 and ``adapters/``). A smaller entropy bound and more steps commit fewer, surer cells a
 step (the entropy-bound sampler accepts the lowest-entropy positions first); greedy takes
-each accepted cell's most likely digit. Writes decode_settings.json and .md under --out.
+each accepted cell's most likely digit. Writes NAME.json and NAME.md under --out (``--name``, default decode_settings).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from mlx_dgemma import load  # noqa: E402
 from mlx_dgemma.sudoku import blanks_right, solve_details  # noqa: E402
+from mlx_dgemma.sudoku.data import read_pairs  # noqa: E402
 from mlx_dgemma.sudoku.train import validation_puzzles  # noqa: E402
 
 SETTINGS = [{}, {"steps": 48}, {"steps": 96}, {"steps": 96, "entropy_bound": 0.01}, {"steps": 96, "greedy": True},
@@ -34,14 +38,19 @@ def main() -> int:
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--weights", default="adapters.safetensors", help="a file in RUN/adapters")
     ap.add_argument("--puzzles", type=int, default=64)
+    ap.add_argument("--heldout", choices=("easy", "medium"), default=None,
+                    help="score a held-out set (heldout_SET.txt) instead of the validation puzzles")
+    ap.add_argument("--settings", type=json.loads, default=SETTINGS,
+                    help="a JSON list of solve() keyword sets (default: the six above)")
+    ap.add_argument("--name", default="decode_settings", help="the records' file name, without suffix")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
     model, tok = load(a.run / "init")
     model.load_weights(str(a.run / "adapters" / a.weights), strict=False)
     model.eval()
-    puzzles = validation_puzzles(a.puzzles)
+    puzzles = read_pairs(HERE / f"heldout_{a.heldout}.txt") if a.heldout else validation_puzzles(a.puzzles)
     rows = []
-    for kw in SETTINGS:
+    for kw in a.settings:
         t = time.perf_counter()
         res = solve_details([p for p, _ in puzzles], model=(model, tok), **kw)
         right = [b for (p, s), r in zip(puzzles, res) for b in blanks_right(p, r.grid, s)]
@@ -50,13 +59,13 @@ def main() -> int:
                          seconds=time.perf_counter() - t))
         print(json.dumps(rows[-1]), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/sudoku/decode_settings.py " + " ".join(sys.argv[1:])
-    (a.out / "decode_settings.json").write_text(json.dumps({"command": cmd, "weights": a.weights, "rows": rows}, indent=1))
+    cmd = "python benchmarks/sudoku/decode_settings.py " + shlex.join(sys.argv[1:])
+    (a.out / f"{a.name}.json").write_text(json.dumps({"command": cmd, "weights": a.weights, "rows": rows}, indent=1))
     lines = [f"`{cmd}`", "", "| settings | blanks right | solved | passes (mean) |", "| --- | --- | --- | --- |"]
     for r in rows:
         s = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults (24 steps, bound 0.1)"
         lines.append(f"| {s} | {r['blanks_right']:.1%} | {r['solved']}/{r['puzzles']} | {r['passes']:.1f} |")
-    (a.out / "decode_settings.md").write_text("\n".join(lines) + "\n")
+    (a.out / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
