@@ -1,6 +1,7 @@
 """Does easier-first decoding rescue a partly trained Sudoku model? Blanks right and
-puzzles solved on the 64 validation puzzles (the trainer's own curve set) of one training
-save, against the step budget, the entropy bound and greedy acceptance.
+puzzles solved on the 64 validation puzzles (the trainer's own curve set) or a held-out set
+(``--heldout``) of one training save, against the step budget, the entropy bound and greedy
+acceptance.
 
     python benchmarks/sudoku/decode_settings.py --run /work/sudoku-run3 --weights 0001223_adapters.safetensors
     python benchmarks/sudoku/decode_settings.py --run /work/fork-enc0 --weights average.safetensors \
@@ -25,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from mlx_dgemma import load  # noqa: E402
+from mlx_dgemma.generate import make_settings  # noqa: E402
 from mlx_dgemma.sudoku import blanks_right, solve_details  # noqa: E402
 from mlx_dgemma.sudoku.data import read_pairs  # noqa: E402
 from mlx_dgemma.sudoku.train import validation_puzzles  # noqa: E402
@@ -62,8 +64,10 @@ def main() -> int:
     cmd = "python benchmarks/sudoku/decode_settings.py " + shlex.join(sys.argv[1:])
     (a.out / f"{a.name}.json").write_text(json.dumps({"command": cmd, "weights": a.weights, "rows": rows}, indent=1))
     lines = [f"`{cmd}`", "", "| settings | blanks right | solved | passes (mean) |", "| --- | --- | --- | --- |"]
+    base = make_settings(model)  # the model's generation_config: what {} decodes with
+    defaults = f"defaults ({base.max_denoising_steps} steps, bound {base.entropy_bound})"
     for r in rows:
-        s = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults (24 steps, bound 0.1)"
+        s = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or defaults
         lines.append(f"| {s} | {r['blanks_right']:.1%} | {r['solved']}/{r['puzzles']} | {r['passes']:.1f} |")
     (a.out / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
