@@ -188,9 +188,13 @@ def test_without_the_encoder_loss_the_encoder_runs_over_the_span_alone(pair):
     (v1, g1), (v2, g2) = nn.value_and_grad(model, full)(model, as_mx(batch)), short(model, as_mx(batch))
     g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
     assert rel(float(v2), float(v1)) < 1e-5 and g1.keys() == g2.keys() and len(g1) > 10
+    # Relative to each gradient, plus a floor from the largest one: a gradient that sums to
+    # almost nothing (a layer scalar's, ~1e-7 of the largest) keeps the rounding of the terms
+    # that cancelled, which scale with the whole gradient (1e-7 apart on AMD with OpenBLAS).
+    largest = max(float(mx.abs(g).max()) for g in g1.values())
     for k in g1:
         scale = float(mx.abs(g1[k]).max())
-        assert float(mx.abs(g1[k] - g2[k]).max()) <= 1e-4 * max(scale, 1e-6), k
+        assert float(mx.abs(g1[k] - g2[k]).max()) <= 1e-4 * scale + 1e-6 * largest, k
 
 
 LORA_LAYERS, SCALE, RANK = (1, 2), 2.0, 4
