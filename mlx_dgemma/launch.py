@@ -12,12 +12,19 @@ What changes: the ranks' stdin is left out of the wait (nothing is forwarded to 
 stdin), and the launcher's own stdin becomes a pipe that never has data, so both loops
 sleep until a rank writes. Across machines mlx.launch works as well; this matters where the
 launcher shares the machine with its ranks.
+
+A SIGINT does not end the launcher: its ranks on this machine are in its process group and
+got the same signal (a terminal's Ctrl-C, or ``sudoku.train``'s relay), and a trainer's ranks
+then finish their step and save (``tuner.stop``); the launcher relays their output until
+they exit. (In mlx.launch 0.32 the ``KeyboardInterrupt`` ends the loop that writes the ranks'
+output.) The handler does nothing rather than ignore the signal: ignoring would pass to the ranks.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
 from typing import List, Optional
 
@@ -34,6 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not hasattr(launch, "select"):  # another MLX: its launcher as it is
         return launch.main()
     launch.select = _wait_for_output
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # the ranks decide
     idle, _keep_open = os.pipe()  # the write end stays open: reads would block, select waits
     os.dup2(idle, 0)
     sys.stdin = os.fdopen(0, "r")

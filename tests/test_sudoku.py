@@ -525,6 +525,62 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
     assert [(a.seed, a.val_seed) for a in seen] == [(0, 1), (0, 1), (4, 1)]
 
 
+def _processes_naming(path: Path) -> list:
+    """The processes whose command line names ``path`` (Linux's /proc)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(path).encode() in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+            except OSError:  # ended meanwhile
+                pass
+    return found
+
+
+def test_a_signal_to_the_command_stops_its_two_processes_after_one_step_with_a_save(tmp_path):
+    """A SIGTERM to `python -m mlx_dgemma.sudoku.train` training in two ring processes, started
+    as a background job is (SIGINT ignored): the command relays it, both ranks stop after the
+    same step, rank 0 saves that step and progress.json names it, every process of the run
+    ends and the command exits with 130."""
+    import signal
+
+    import yaml
+
+    if not Path("/proc/self/cmdline").exists():
+        pytest.skip("finds the run's processes in /proc (Linux)")
+    cfg = dict(TINY_RECIPE, iters=1_000_000, steps_per_eval=1_000_000, steps_per_solve_eval=1_000_000,
+               steps_per_report=1, processes=2)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "work"
+    cmd = [sys.executable, "-m", "mlx_dgemma.sudoku.train", "-c", str(tmp_path / "train.yaml"), "--out", str(out),
+           "--ship", str(tmp_path / "ship"), "--record", str(tmp_path / "record"),
+           "--checkpoint", str(tmp_path / "no-checkpoint")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "progress.json").is_file():  # the first save (iteration 2): the ranks train
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never saved"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=180)
+    finally:
+        left = _processes_naming(out)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    assert left == [], "processes of the run outlived it"
+    assert proc.returncode == 130, text
+    stopped = json.loads((out / "progress.json").read_text())["iteration"]
+    assert stopped >= 2 and f"Stopped after iteration {stopped} (SIGINT)" in text, text
+    assert (out / "adapters" / f"{stopped:07d}_adapters.safetensors").is_file()
+    trained = [int(line.split(":")[0][5:]) for line in text.splitlines() if line.startswith("Iter ")
+               and "Train loss" in line]
+    assert max(trained) <= stopped and "Traceback" not in text, text
+
+
 def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
     """train.yaml's corrupt_only_free (on: the 4x4 pilots' pick), corrupted_loss_weight (1) and
     min_corruption_level (0.8: the 6x6 pilots' pick; absent: the published 1e-3) reach

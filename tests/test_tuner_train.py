@@ -247,14 +247,16 @@ def first_loss(stdout):
     return float(line.split("Train loss ")[1].split()[0])
 
 
-def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path, sig):
+    """SIGINT (Ctrl-C, ``kill -INT``) or SIGTERM stops a run after its step with a save, also
+    where SIGINT came ignored (a job a non-interactive shell started in the background: Python
+    then installs no KeyboardInterrupt handler of its own); the save resumes."""
     data = write_data(tmp_path / "d", [chat(p, r) for p, r in PAIRS])
     ad = tmp_path / "ad"
-    # SIGINT at its default in the child: a test run in the background (`cmd &`) inherits
-    # SIG_IGN, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen(lora_cmd(tiny, data, ad, "--iters", 100000, "-c", _constant(tmp_path)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:  # the child never outlives the test: killed on a timeout or a failed assertion
         out = []
         lines = queue.Queue()
@@ -264,7 +266,7 @@ def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path):
         while (line := lines.get(timeout=max(deadline - time.monotonic(), 0.01))) is not None:
             out.append(line)
             if line.startswith("Iter 30: Train loss"):
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(sig)
                 break
         proc.wait(timeout=120)
         while (line := lines.get(timeout=30)) is not None:
@@ -276,7 +278,7 @@ def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path):
     out = "".join(out)
     assert proc.returncode == 130, out
     saved = ad / "adapters.safetensors"
-    assert f"adapter weights saved to {saved}" in out
+    assert f"({signal.Signals(sig).name}): adapter weights saved to {saved}" in out
     assert "Traceback" not in out
     weights = mx.load(str(saved))
     assert weights and all(k.endswith(("lora_a", "lora_b")) for k in weights)
@@ -396,6 +398,40 @@ def test_a_stop_saves_the_last_completed_iteration_and_the_optimizer_state(tiny,
     assert int(fresh.state["step"]) == 3 == int(opt.state["step"])
     a, b = dict(tree_flatten(opt.state)), dict(tree_flatten(fresh.state))
     assert sorted(a) == sorted(b) and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_stop_signal_ends_the_run_after_its_step_and_a_second_at_once(tiny, tmp_path, signals):
+    """A SIGTERM during iteration 3's report: the run trains iteration 4 (the stop is agreed
+    once a step, with the step), saves it and raises KeyboardInterrupt; two signals stop at
+    once, after 3. The handlers are the caller's again afterwards."""
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    from mlx_dgemma.tuner import TrainingArgs, setup_fine_tuning, train
+    from mlx_dgemma.tuner.utils import numbered_adapter_file
+
+    class SignalAt3(TrainingCallback):
+        def on_train_loss_report(self, info):
+            if info["iteration"] == 3:
+                for _ in range(signals):
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+    model, tok = mlx_dgemma.load(tiny)
+    setup_fine_tuning(model, "full")
+    saves, ad, lines = [], tmp_path / "a.safetensors", []
+    args = TrainingArgs(batch_size=2, iters=10, adapter_file=str(ad), steps_per_report=1, steps_per_save=5,
+                        start_iteration=10)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, optim.AdamW(1e-3), examples(tok, 4), None, args, training_callback=SignalAt3(),
+              log=lambda *a, **k: lines.append(a[0]), on_save=saves.append)
+    last = 14 if signals == 1 else 13
+    assert saves == [last] and numbered_adapter_file(ad, last).is_file()
+    assert [ln.split(":")[0] for ln in lines if "Train loss" in ln][-1] == f"Iter {min(last, 13)}"
+    if signals == 1:
+        assert any(ln.startswith("\nStopped after iteration 14 (SIGTERM)") for ln in lines)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_a_resumed_run_reports_on_the_uninterrupted_runs_grid(tiny, tmp_path):

@@ -18,7 +18,9 @@ trainer's adapter folder ``OUT/adapters``: ``python -m mlx_dgemma.fuse --model O
 (``benchmarks/sudoku/checkpoint``: the weights, the optimizer state and the curve, under 20
 MB); ``--export-checkpoint`` writes that checkpoint from ``--out``'s last save. With the
 optimizer state of that save the run continues exactly (Adam's moments and step, the
-schedule); without it, with fresh moments warmed up again. ``--processes 2`` (or
+schedule); without it, with fresh moments warmed up again. Ctrl-C, or ``kill`` (SIGTERM or
+SIGINT) of the command, stops the training after its current step with a save, in every
+process (``tuner.stop``). ``--processes 2`` (or
 ``processes`` in the config) trains data-parallel in two processes on MLX's ring backend,
 one BLAS thread each (MLX's CPU element-wise work is single-threaded, so one process leaves
 a core idle for much of a step; measured slower so far: benchmarks/sudoku/README.md).
@@ -223,8 +225,12 @@ def export_checkpoint(out: Path, record: Path, dst: Path, budget: int = CHECKPOI
 def _launch(argv: List[str], processes: int) -> int:
     """This command again in ``processes`` ring processes on this machine (mlx.launch's code,
     through ``mlx_dgemma.launch``: without its polling, which takes the ranks' cores), one
-    BLAS thread each."""
+    BLAS thread each. The launcher and its ranks run in a process group of their own, to
+    which a SIGINT or SIGTERM of this process goes on as SIGINT: the ranks stop after the
+    same step and save (``tuner.stop``), however the signal came (a terminal's Ctrl-C, a
+    ``kill`` of this process or of its group); a second one stops them at once."""
     import random
+    import signal
     import subprocess
 
     root = str(HERE.parents[1])
@@ -232,7 +238,21 @@ def _launch(argv: List[str], processes: int) -> int:
     cmd = [sys.executable, "-m", "mlx_dgemma.launch", "-n", str(processes), "--backend", "ring", "--starting-port",
            str(random.randint(20000, 40000)), "--env", "OPENBLAS_NUM_THREADS=1", "--env", f"PYTHONPATH={root}",
            "--python", sys.executable, "--", "-m", "mlx_dgemma.sudoku.train", *argv, "--worker"]
-    return subprocess.run(cmd, env=env).returncode
+    ranks = subprocess.Popen(cmd, env=env, start_new_session=True)
+    relayed = []
+
+    def relay(signum, frame):
+        relayed.append(signum)
+        with contextlib.suppress(ProcessLookupError):  # they have just ended
+            os.killpg(ranks.pid, signal.SIGINT)
+
+    before = {s: signal.signal(s, relay) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = ranks.wait()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    return 130 if relayed else code
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -466,7 +486,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rank == 0:
             print(f"interrupted: --resume continues from the save {out / 'progress.json'} names "
                   f"(iteration {_progress(out)})", file=sys.stderr)
-        return 130
+        # a rank's error makes mlx.launch end the other ranks; the process that launched them says 130
+        return 0 if args.worker else 130
     if rank != 0:
         return 0
     (out / "progress.json").write_text(json.dumps({"iteration": int(cfg["iters"])}))

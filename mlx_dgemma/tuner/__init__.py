@@ -3,7 +3,7 @@
 ``objective`` is the loss, ``make_draws`` its randomness, ``datasets`` turns mlx-lm's JSONL
 formats (or ``Example`` lists) into batches, ``train`` runs mlx-lm's loop with them and
 ``utils`` says what trains and reads/writes adapter files, ``weight_average`` keeps a
-moving average of the trained weights.
+moving average of the trained weights, ``stop`` ends a run on a signal with a save.
 """
 
 from .datasets import DataError, Example, iterate_batches, load_dataset

@@ -6,7 +6,8 @@ validation, reports and saves every so many steps; the same ``TrainingArgs`` and
 ``TrainingCallback``). It differs where mlx-lm's loop cannot serve: the loss has two
 parts that are reported apart, the token means are taken over the whole optimizer step
 on every process (so two processes with half a batch each equal one with all of it), the
-gradient norm is clipped, saves are atomic, and Ctrl-C saves before it stops.
+gradient norm is clipped, saves are atomic, and a stop signal (Ctrl-C, SIGTERM) ends the
+run after the current step on every process, with a save (``stop``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..model import Model
 from .datasets import BatchSpec, Example, iterate_batches
 from .draws import EPS
 from .objective import objective, prefix_span, prepare_for_training
+from .stop import StopRequest, stop_requests
 from .utils import numbered_adapter_file, save_adapters, save_optimizer_state
 from .weight_average import WeightAverage
 
@@ -147,20 +149,22 @@ def train(
 
     Adapters are saved (atomically) to ``args.adapter_file`` every ``steps_per_save``
     iterations (counted with ``start_iteration``), with a numbered copy beside it, and at
-    the end; ``args.optimizer_file`` gets the optimizer state with each. Ctrl-C saves them
-    (numbered too), says where, and raises ``KeyboardInterrupt`` again. ``on_save(total
+    the end; ``args.optimizer_file`` gets the optimizer state with each. SIGINT (Ctrl-C) or
+    SIGTERM stops the run after the current step, on every process at the same one
+    (``tuner.stop``): it saves them (numbered too), says where, and raises
+    ``KeyboardInterrupt``; a second signal stops at once, with a save. ``on_save(total
     iteration)`` runs after every save (process 0), so a caller can record which save is
     the last one on disk. ``weight_average`` takes in the weights after every optimizer
     update (every process; the caller saves it, e.g. from ``on_save``). On the CPU, MLX's
     buffer cache is raised for the run (``buffer_cache_for_training``).
     """
-    with buffer_cache_for_training():
+    with buffer_cache_for_training(), stop_requests() as stop:
         return _train(model, optimizer, train_dataset, val_dataset, args, training_callback, log, on_save,
-                      weight_average)
+                      weight_average, stop)
 
 
 def _train(model, optimizer, train_dataset, val_dataset, args, training_callback, log, on_save,
-           weight_average) -> List[dict]:
+           weight_average, stop: StopRequest) -> List[dict]:
     world = mx.distributed.init()
     size, rank = world.size(), world.rank()
     prepare_for_training(model)
@@ -227,6 +231,7 @@ def _train(model, optimizer, train_dataset, val_dataset, args, training_callback
     sums, n_tokens, steps, train_time, trained_tokens = mx.zeros((4,)), mx.array(0), 0, 0.0, 0
     grad_accum = None
     it = done = 0  # done: the last iteration whose update is in the weights
+    stopped = False
     batches = iterate_batches(train_dataset, args.batch_size, spec, loop=True, comm_group=world,
                               accumulation_steps=accum)
     try:
@@ -246,8 +251,12 @@ def _train(model, optimizer, train_dataset, val_dataset, args, training_callback
             sums = sums + parts
             n_tokens = n_tokens + batch["lengths"].sum()
             steps += 1
-            mx.eval(state, sums, n_tokens, grad_accum, weight_average.params if weight_average else None)
+            stopping = stop.agreed(world)
+            mx.eval(state, sums, n_tokens, grad_accum, weight_average.params if weight_average else None, stopping)
             train_time += time.perf_counter() - tic
+            if stopping.item() > 0 and it < args.iters:
+                stopped = True
+                break
 
             if at % args.steps_per_report == 0 or it == args.iters:
                 total = mx.distributed.all_sum(mx.concatenate([sums, n_tokens[None].astype(mx.float32)]),
@@ -287,6 +296,14 @@ def _train(model, optimizer, train_dataset, val_dataset, args, training_callback
         log(f"\nInterrupted at iteration {total}: adapter weights saved to {adapter_file} and "
             f"{numbered_adapter_file(adapter_file, total)}.", flush=True)
         raise
+    if stopped:
+        save(done, numbered=True)
+        if size > 1:  # no process leaves before the save is written (a launcher may end the others)
+            mx.eval(mx.distributed.all_sum(mx.array(0.0), group=world, stream=mx.cpu))
+        total = done + args.start_iteration
+        log(f"\nStopped after iteration {total} ({stop.name}): adapter weights saved to {adapter_file} and "
+            f"{numbered_adapter_file(adapter_file, total)}.", flush=True)
+        raise KeyboardInterrupt
     save(it, numbered=(it + args.start_iteration) % args.steps_per_save != 0)
     log(f"Saved final weights to {adapter_file}.", flush=True)
     return history

@@ -1,0 +1,67 @@
+"""Stopping a training run on a signal: after the current step, on every process at the same
+step, with a save.
+
+SIGINT (Ctrl-C, ``kill -INT``) or SIGTERM (``kill``, a scheduler's end of job) asks the run
+to stop; the trainer finishes the step it is in, saves and raises ``KeyboardInterrupt``
+(what a Ctrl-C always did). A second signal stops at once (``KeyboardInterrupt`` where the
+run is). Why not Python's own Ctrl-C alone:
+
+- a job started in the background by a non-interactive shell inherits SIGINT *ignored*, and
+  Python then installs no handler: ``kill -INT`` did nothing, and SIGTERM killed the run
+  without a save;
+- in a data-parallel run (``mx.distributed``) a ``KeyboardInterrupt`` lands in each process
+  at its own point: one can stop while another waits in a gradient sum it never gets. The
+  request is summed over the processes once a step instead, so all stop after the same one.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import mlx.core as mx
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest:
+    """Set by the first stop signal; ``agreed()`` says whether any process has one."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # the second: now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def agreed(self, world: mx.distributed.Group) -> mx.array:
+        """Whether any process was asked to stop (lazy: evaluate it with the step, so the
+        sum adds no wait of its own). Each process calls it once per step, at the same point,
+        so they agree on the step they stop after."""
+        mine = mx.array(float(self.signal is not None))
+        return mine if world.size() == 1 else mx.distributed.all_sum(mine, group=world, stream=mx.cpu)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else "none"
+
+
+@contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """Install the stop handlers for SIGINT and SIGTERM for the ``with`` block (also where
+    SIGINT was inherited ignored), then restore the previous ones. Off the main thread, where
+    Python cannot set handlers, the request is never set and the signals act as before."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    before = {s: signal.signal(s, request._handle) for s in SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in before.items():
+            if handler is not None:  # None: a handler set outside Python, which cannot be put back
+                signal.signal(s, handler)
