@@ -151,6 +151,15 @@ def test_chat_line_tokenizes_to_prompt_and_reply(tmp_path):
     assert len(v) == recipe.VOCAB_SIZE and len(set(v.values())) == recipe.VOCAB_SIZE
 
 
+def test_training_puzzles_do_not_depend_on_the_worker_count():
+    """Each chunk of puzzles has its own seed: a machine with more cores makes the same data
+    (what lets a resume on it use a config with more ``data.workers``)."""
+    from mlx_dgemma.sudoku.data import TRAIN_EASY, make_puzzles
+
+    one = make_puzzles(TRAIN_EASY, 6, "search", "random", seed=5, workers=1, chunk=2)
+    assert len(one) == 6 and one == make_puzzles(TRAIN_EASY, 6, "search", "random", seed=5, workers=3, chunk=2)
+
+
 def test_tokenized_examples_come_back_from_their_cache(tmp_path):
     """data.load_examples: the first load tokenizes and leaves NAME.examples.npz beside the
     file; the next one reads it back to the same examples (tokens, pins, sources); a changed
@@ -502,9 +511,12 @@ def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path
     with pytest.raises(SystemExit, match=r"^error: --resume: .*config.json was trained with model"):
         main(["-c", str(other), "--out", str(tmp_path / "x"), "--record", str(tmp_path / "rx"), "--checkpoint", str(ck),
               "--resume"])
-    # a fresh folder: everything comes from the checkpoint
+    # a fresh folder: everything comes from the checkpoint (the data made by more workers is
+    # the same data: a config that changes only that resumes)
+    cfg_path.write_text(yaml.safe_dump(dict(cfg, data=dict(cfg["data"], workers=3))))
     fresh = common + ["--out", str(tmp_path / "b"), "--record", str(tmp_path / "rb"), "--checkpoint", str(ck)]
     assert main(fresh + ["--resume", "--processes", "2"]) == 0
+    cfg_path.write_text(yaml.safe_dump(cfg))
     rows = [json.loads(r) for r in (tmp_path / "rb" / "curve.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
     # the two processes solved a puzzle each, and the curve counts both

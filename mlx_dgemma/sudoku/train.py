@@ -139,6 +139,12 @@ def _before_growth(model: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return dict(base, num_hidden_layers=int(model["grown_from"]))
 
 
+def _same_data(data: Dict[str, Any]) -> Dict[str, Any]:
+    """What makes the data what it is: not ``workers`` (each chunk of puzzles has its own
+    seed, so any count of processes makes the same lines), which a bigger machine raises."""
+    return {k: v for k, v in data.items() if k != "workers"}
+
+
 def _growth(saved, model: Dict[str, Any], path: Path):
     """``grow(flat, fresh)`` when the save at ``path`` holds the layers the config's model
     was grown from (``recipe.grow_layers``), None when it holds the config's; a one-line
@@ -313,11 +319,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.worker:  # the workers find all of this ready
         out.mkdir(parents=True, exist_ok=True)
         rec.mkdir(parents=True, exist_ok=True)
-        # the settings and one line in the current format: a change to either remakes the data
+        # the settings (but the workers) and one line in the current format: a change to either
+        # remakes the data
         # (the lines' 'pinned' field counts only when corrupt_only_free reads it: a folder
         # without it serves the published objective and is not remade for it)
         line = chat_line("1" + "0" * 80, "1" * 81, pinned=bool(cfg.get("corrupt_only_free", False)))
-        stamp = json.dumps(dict(cfg["data"], format=line), sort_keys=True)
+        stamp = json.dumps(dict(_same_data(cfg["data"]), format=line), sort_keys=True)
         if not (data_dir / "train.jsonl").is_file() or (data_dir / "stamp").read_text() != stamp:
             print("making the training data ...", flush=True)
             record["data"] = write_training_data(data_dir, **cfg["data"])
@@ -332,6 +339,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if mine is None:  # a fresh folder (a clone, another machine): start from the committed checkpoint
                 ck = args.checkpoint
                 theirs_cfg = json.loads((ck / "config.json").read_text()) if (ck / "config.json").is_file() else {}
+                if "data" in theirs_cfg and _same_data(theirs_cfg["data"]) == _same_data(cfg["data"]):
+                    theirs_cfg["data"] = cfg["data"]
                 for key in ("model", "data"):  # other weights or other data: not a continuation
                     if key in theirs_cfg and theirs_cfg[key] not in (cfg[key], _before_growth(cfg[key])):
                         raise SystemExit(f"error: --resume: {ck / 'config.json'} was trained with {key} "
