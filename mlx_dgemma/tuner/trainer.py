@@ -254,7 +254,7 @@ def _train(model, optimizer, train_dataset, val_dataset, args, training_callback
             stopping = stop.agreed(world)
             mx.eval(state, sums, n_tokens, grad_accum, weight_average.params if weight_average else None, stopping)
             train_time += time.perf_counter() - tic
-            if stopping.item() > 0 and it < args.iters:
+            if stopping.item() > 0 and grad_accum is None and it < args.iters:  # after an update
                 stopped = True
                 break
 
