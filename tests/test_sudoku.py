@@ -550,11 +550,12 @@ def _processes_naming(path: Path) -> list:
     return found
 
 
-def test_a_signal_to_the_command_stops_its_two_processes_after_one_step_with_a_save(tmp_path):
-    """A SIGTERM to `python -m mlx_dgemma.sudoku.train` training in two ring processes, started
-    as a background job is (SIGINT ignored): the command relays it, both ranks stop after the
-    same step, rank 0 saves that step and progress.json names it, every process of the run
-    ends and the command exits with 130."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_command_stops_its_two_processes_after_one_step_with_a_save(tmp_path, sig):
+    """A SIGTERM (or the SIGHUP of a closed terminal) to `python -m mlx_dgemma.sudoku.train`
+    training in two ring processes, started as a background job is (SIGINT ignored): the
+    command relays it, both ranks stop after the same step, rank 0 saves that step and
+    progress.json names it, every process of the run ends and the command exits with 130."""
     import signal
 
     import yaml
@@ -569,14 +570,18 @@ def test_a_signal_to_the_command_stops_its_two_processes_after_one_step_with_a_s
            "--ship", str(tmp_path / "ship"), "--record", str(tmp_path / "record"),
            "--checkpoint", str(tmp_path / "no-checkpoint")]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    def as_a_background_job():  # SIGINT ignored; SIGHUP as a terminal leaves it (not as nohup, or CI, may)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                            preexec_fn=as_a_background_job)
     try:
         deadline = time.monotonic() + 300
         while not (out / "progress.json").is_file():  # the first save (iteration 2): the ranks train
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never saved"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, sig))
         text, _ = proc.communicate(timeout=180)
     finally:
         left = _processes_naming(out)

@@ -232,9 +232,10 @@ def _launch(argv: List[str], processes: int) -> int:
     """This command again in ``processes`` ring processes on this machine (mlx.launch's code,
     through ``mlx_dgemma.launch``: without its polling, which takes the ranks' cores), one
     BLAS thread each. The launcher and its ranks run in a process group of their own, to
-    which a SIGINT or SIGTERM of this process goes on as SIGINT: the ranks stop after the
-    same step and save (``tuner.stop``), however the signal came (a terminal's Ctrl-C, a
-    ``kill`` of this process or of its group); a second one stops them at once."""
+    which a SIGINT, SIGTERM or SIGHUP of this process goes on as SIGINT: the ranks stop after
+    the same step and save (``tuner.stop``), however the signal came (a terminal's Ctrl-C or
+    its closing, a ``kill`` of this process or of its group); a second one stops them at once.
+    A SIGHUP that ``nohup`` set ignored stays ignored."""
     import random
     import signal
     import subprocess
@@ -252,7 +253,8 @@ def _launch(argv: List[str], processes: int) -> int:
         with contextlib.suppress(ProcessLookupError):  # they have just ended
             os.killpg(ranks.pid, signal.SIGINT)
 
-    before = {s: signal.signal(s, relay) for s in (signal.SIGINT, signal.SIGTERM)}
+    hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else []
+    before = {s: signal.signal(s, relay) for s in (signal.SIGINT, signal.SIGTERM, *hangup)}
     try:
         code = ranks.wait()
     finally:
