@@ -11,7 +11,8 @@ run is). Why not Python's own Ctrl-C alone:
   without a save;
 - in a data-parallel run (``mx.distributed``) a ``KeyboardInterrupt`` lands in each process
   at its own point: one can stop while another waits in a gradient sum it never gets. The
-  request is summed over the processes once a step instead, so all stop after the same one.
+  request is summed over the processes after the same steps instead (the trainer: every 10
+  updates), so all stop after the same one.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ class StopRequest:
         self.signal = signum
 
     def agreed(self, world: mx.distributed.Group) -> mx.array:
-        """Whether any process was asked to stop (lazy: evaluate it with the step, so the
-        sum adds no wait of its own). Each process calls it once per step, at the same point,
-        so they agree on the step they stop after."""
+        """Whether any process was asked to stop (lazy: evaluate it with the step). Every
+        process calls it after the same steps, so they agree on the step they stop after."""
         mine = mx.array(float(self.signal is not None))
         return mine if world.size() == 1 else mx.distributed.all_sum(mine, group=world, stream=mx.cpu)
 
