@@ -240,6 +240,8 @@ def _launch(argv: List[str], processes: int) -> int:
     import signal
     import subprocess
 
+    from ..tuner.stop import handling
+
     root = str(HERE.parents[1])
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "mlx_dgemma.launch", "-n", str(processes), "--backend", "ring", "--starting-port",
@@ -254,12 +256,8 @@ def _launch(argv: List[str], processes: int) -> int:
             os.killpg(ranks.pid, signal.SIGINT)
 
     hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else []
-    before = {s: signal.signal(s, relay) for s in (signal.SIGINT, signal.SIGTERM, *hangup)}
-    try:
+    with handling((signal.SIGINT, signal.SIGTERM, *hangup), relay):
         code = ranks.wait()
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
     return 130 if relayed else code
 
 

@@ -58,10 +58,17 @@ def stop_requests() -> Iterator[StopRequest]:
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
-    before = {s: signal.signal(s, request._handle) for s in SIGNALS}
-    try:
+    with handling(SIGNALS, request._handle):
         yield request
+
+
+@contextmanager
+def handling(signals, handler) -> Iterator[None]:
+    """``handler`` for ``signals`` in the ``with`` block, the previous handlers after it."""
+    before = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
     finally:
-        for s, handler in before.items():
-            if handler is not None:  # None: a handler set outside Python, which cannot be put back
-                signal.signal(s, handler)
+        for s, previous in before.items():
+            if previous is not None:  # None: a handler set outside Python, which cannot be put back
+                signal.signal(s, previous)
