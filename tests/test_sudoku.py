@@ -462,6 +462,12 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     assert WeightAverage.load(average, model).updates == 4
     assert main(args + ["--resume", "--iters", "7"]) == 0
     assert WeightAverage.iteration_of(average) == 7 and WeightAverage.load(average, model).updates == 5
+    # that resume kept Adam's state of 6, whose step counts from the resume at 2 (4 updates):
+    # the rate of 7 is still the uninterrupted curve's, not the one of its 5th step
+    rate = {r["iteration"]: r["learning_rate"] for r in map(json.loads, (tmp_path / "record" / "curve.jsonl")
+                                                           .read_text().splitlines()) if "train_loss" in r}
+    whole = schedule(dict(cfg, iters=7), 0)
+    assert rate[7] == pytest.approx(whole(6).item(), rel=1e-6) and whole(6).item() != pytest.approx(whole(4).item())
     res = solve_details([EXAMPLE], model=str(tmp_path / "ship"))
     assert len(res[0].grid) == 81 and set(res[0].grid) <= set("0123456789") and res[0].passes >= 1
     # the resumed rate starts low again and rejoins the curve

@@ -388,6 +388,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         exact = opt_file.is_file() and mx.load(str(opt_file), return_metadata=True)[1].get("iteration") == str(offset)
         if exact:  # Adam's moments and step of that save: the schedule goes on from its step
             load_optimizer_state(opt, opt_file)
+            counted = int(opt.state["step"].item())
+            if counted != offset:
+                # Adam counts from the moments' start: a save of a run that began from a
+                # checkpoint without them counts from that resume, so its curve goes on
+                # shifted by the same iterations (schedule(cfg) alone read the peak again)
+                state, opt = opt.state, optim.AdamW(learning_rate=schedule(cfg, offset - counted),
+                                                    betas=[b1, b2], weight_decay=float(cfg["weight_decay"]))
+                opt.state = state
             if grow:  # the moments of the layers kept move with them; the added layers' start at zero
                 opt.state = tree_unflatten(list(grow(dict(tree_flatten(opt.state)), "zeros").items()))
         else:  # fresh moments, warmed up again
