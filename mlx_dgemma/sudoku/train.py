@@ -372,7 +372,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                             adapters / "adapter_config.json")
     offset, grow = 0, None
     b1, b2 = cfg["betas"]
-    opt = optim.AdamW(learning_rate=schedule(cfg), betas=[b1, b2], weight_decay=float(cfg["weight_decay"]))
+
+    def adamw(shift: int = 0):
+        return optim.AdamW(learning_rate=schedule(cfg, shift), betas=[b1, b2], weight_decay=float(cfg["weight_decay"]))
+
+    opt = adamw()
     if args.resume:
         offset = _progress(out)
         # The numbered save of that iteration: adapters.safetensors can be newer (Ctrl-C
@@ -385,22 +389,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         grow = _growth(saved, cfg["model"], weights)
         model.load_weights(list((grow(saved, "copy") if grow else saved).items()), strict=False)
         opt_file = adapters / OPTIMIZER_FILE
-        exact = opt_file.is_file() and mx.load(str(opt_file), return_metadata=True)[1].get("iteration") == str(offset)
-        if exact:  # Adam's moments and step of that save: the schedule goes on from its step
-            load_optimizer_state(opt, opt_file)
-            counted = int(opt.state["step"].item())
-            if counted != offset:
-                # Adam counts from the moments' start: a save of a run that began from a
-                # checkpoint without them counts from that resume, so its curve goes on
-                # shifted by the same iterations (schedule(cfg) alone read the peak again)
-                state, opt = opt.state, optim.AdamW(learning_rate=schedule(cfg, offset - counted),
-                                                    betas=[b1, b2], weight_decay=float(cfg["weight_decay"]))
+        # Adam's moments and step of that save, if the state file is of this iteration
+        exact = opt_file.is_file() and load_optimizer_state(opt, opt_file) == offset
+        # Adam's step counts from when its moments began (0 for fresh ones, which warm up
+        # again): the schedule goes on shifted by the iterations before that, so a save of a
+        # run that began from a checkpoint without them does not read the peak rate again
+        counted = int(opt.state["step"].item()) if exact else 0
+        if counted != offset:
+            state, opt = opt.state, adamw(offset - counted)
+            if exact:
                 opt.state = state
-            if grow:  # the moments of the layers kept move with them; the added layers' start at zero
-                opt.state = tree_unflatten(list(grow(dict(tree_flatten(opt.state)), "zeros").items()))
-        else:  # fresh moments, warmed up again
-            opt = optim.AdamW(learning_rate=schedule(cfg, offset), betas=[b1, b2],
-                              weight_decay=float(cfg["weight_decay"]))
+        if exact and grow:  # the moments of the layers kept move with them; the added layers' start at zero
+            opt.state = tree_unflatten(list(grow(dict(tree_flatten(opt.state)), "zeros").items()))
         if grow and rank == 0:
             print(f"grew the save of iteration {offset} from {layer_count(saved)} to "
                   f"{cfg['model']['num_hidden_layers']} layers (recipe.grow_layers)", flush=True)
