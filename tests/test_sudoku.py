@@ -710,3 +710,33 @@ def test_train_command_resumes_a_save_into_a_grown_model(tmp_path):
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit, match=r"^error: --resume: .* holds 3 layers, the config's model has 4"):
         main(args + ["--resume", "--iters", "8"])
+
+
+def test_heldout_curve_fits_points_per_e_fold_and_where_they_reach_the_target(tmp_path):
+    """benchmarks/sudoku/training/heldout_curve.py: on scorings that lie on a known line in
+    ln(examples) it reads that line's slope and where it crosses the target; a shipped-model
+    scoring (no iteration) is not a point on the run; too few scorings is a one-line error."""
+    import importlib.util
+    import json
+    import math
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location(
+        "heldout_curve", ROOT / "benchmarks" / "sudoku" / "training" / "heldout_curve.py")
+    hc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hc)
+    batch = int(yaml.safe_load(hc.RECIPE.read_text())["batch_size"])
+    line = lambda it: 0.25 * math.log(it * batch / 1e5) + 0.1  # 25 points per e-fold
+    for it in (10_000, 20_000, 40_000):
+        (tmp_path / f"heldout-{it}.json").write_text(json.dumps(
+            {"iteration": it, "easy": {"solved": line(it)}, "medium": {"solved": line(it) / 2}}))
+    (tmp_path / "heldout-shipped.json").write_text(json.dumps({"easy": {"solved": 0.99}, "medium": {"solved": 0.9}}))
+    assert hc.main(["--results", str(tmp_path), "--since", "10000", "--target", "0.8"]) == 0
+    md = (tmp_path / "heldout-curve.md").read_text()
+    at = 1e5 * math.exp((0.8 - 0.1) / 0.25)  # where the line reaches 80%
+    assert "| since 10,000 | 25.0 |" in md and "| last 3 | 25.0 |" in md and f"{at:,.0f} examples" in md
+    assert "12.5 |" in md  # medium: half the slope
+    assert "99.0%" not in md
+    with pytest.raises(SystemExit, match="held-out scorings from iteration 20000, need at least 3"):
+        hc.main(["--results", str(tmp_path), "--since", "20000"])
