@@ -740,3 +740,39 @@ def test_heldout_curve_fits_points_per_e_fold_and_where_they_reach_the_target(tm
     assert "99.0%" not in md
     with pytest.raises(SystemExit, match="held-out scorings from iteration 20000, need at least 3"):
         hc.main(["--results", str(tmp_path), "--since", "20000"])
+
+
+def test_heldout_scoring_ships_only_weights_that_pass_the_bar(tmp_path):
+    """benchmarks/sudoku/training/heldout.py --ship: the run's averaged weights go into a
+    model folder that loads and solves, with the held-out scores in its card, only when they
+    solve the bar's share of the easy puzzles; otherwise nothing is written."""
+    import importlib.util
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_dgemma import load
+    from mlx_dgemma.sudoku import solve_details
+
+    spec = importlib.util.spec_from_file_location(
+        "heldout", ROOT / "benchmarks" / "sudoku" / "training" / "heldout.py")
+    heldout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heldout)
+    run = tmp_path / "run"
+    recipe.write_initial_model(run / "init", seed=0, **TINY_RECIPE["model"])
+    (run / "adapters").mkdir()
+    model, _ = load(run / "init")
+    mx.save_safetensors(str(run / "adapters" / "average.safetensors"), dict(tree_flatten(model.parameters())))
+    (run / "progress.json").write_text(json.dumps({"iteration": 4}))
+    common = ["--run", str(run), "--out", str(tmp_path / "h.json"), "--limit", "2"]
+    assert heldout.main(common + ["--ship", str(tmp_path / "under")]) == 0  # train.yaml's bar: 80%
+    record = json.loads((tmp_path / "h.json").read_text())
+    assert record["easy"]["puzzles"] == 2 and record["easy"]["solved"] < 0.8 and record["iteration"] == 4
+    assert record["shipped"] is False and not (tmp_path / "under").exists()
+    assert heldout.main(common + ["--ship", str(tmp_path / "ship"), "--bar", "0"]) == 0
+    assert json.loads((tmp_path / "h.json").read_text())["shipped"] == str(tmp_path / "ship")
+    card = (tmp_path / "ship" / "README.md").read_text()
+    assert "4 iterations" in card and "of 2 easy" in card and "of 2 medium solved" in card
+    res = solve_details([EXAMPLE], model=str(tmp_path / "ship"))
+    assert len(res[0].grid) == 81 and res[0].grid[0] == EXAMPLE[0]  # a given, pinned

@@ -103,6 +103,15 @@ def write_shipped(model, config: Dict[str, Any], dst: Path, card: str) -> Path:
 
 
 def model_card(cfg: Dict[str, Any], record: Dict[str, Any]) -> str:
+    """The shipped folder's README. ``record``: the run's record (iterations, train_seconds,
+    machine), or ``heldout``: the held-out scores it was shipped on (training/heldout.py)."""
+    trained = f"{record.get('iterations')} iterations of {cfg['batch_size']} solved grids"
+    if record.get("train_seconds"):
+        trained += f", {record['train_seconds'] / 60:.0f} minutes on {record.get('machine', 'this machine')}"
+    held = record.get("heldout")
+    scores = "" if not held else (
+        f" Held-out puzzles at the default settings: {held['easy']['solved']:.1%} of {held['easy']['puzzles']} easy"
+        f" and {held['medium']['solved']:.1%} of {held['medium']['puzzles']} medium solved.")
     return f"""---
 library_name: mlx
 pipeline_tag: text-generation
@@ -125,9 +134,8 @@ from mlx_dgemma.sudoku import solve
 solve("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79")
 ```
 
-Architecture: {json.dumps(cfg["model"])}. Training: {record.get("iterations")} iterations of
-{cfg["batch_size"]} solved grids, {record.get("train_seconds", 0) / 60:.0f} minutes on
-{record.get("machine", "this machine")}. Results: benchmarks/sudoku/README.md in mlx_dgemma.
+Architecture: {json.dumps(cfg["model"])}. Training: {trained}.{scores} Results:
+benchmarks/sudoku/README.md in mlx_dgemma.
 """
 
 
