@@ -105,7 +105,8 @@ def write_shipped(model, config: Dict[str, Any], dst: Path, card: str) -> Path:
 def model_card(cfg: Dict[str, Any], record: Dict[str, Any]) -> str:
     """The shipped folder's README. ``record``: the run's record (iterations, train_seconds,
     machine), or ``heldout``: the held-out scores it was shipped on (training/heldout.py)."""
-    trained = f"{record.get('iterations')} iterations of {cfg['batch_size']} solved grids"
+    its = record.get("iterations")  # None for weights scored without the run's progress
+    trained = f"{its} iterations of {cfg['batch_size']} solved grids" if its else "train.yaml's recipe"
     if record.get("train_seconds"):
         trained += f", {record['train_seconds'] / 60:.0f} minutes on {record.get('machine', 'this machine')}"
     held = record.get("heldout")
