@@ -720,13 +720,11 @@ def test_heldout_curve_fits_points_per_e_fold_and_where_they_reach_the_target(tm
     import json
     import math
 
-    import yaml
-
     spec = importlib.util.spec_from_file_location(
         "heldout_curve", ROOT / "benchmarks" / "sudoku" / "training" / "heldout_curve.py")
     hc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hc)
-    batch = int(yaml.safe_load(hc.RECIPE.read_text())["batch_size"])
+    batch = int(hc.read_config(hc.CONFIG)["batch_size"])
     line = lambda it: 0.25 * math.log(it * batch / 1e5) + 0.1  # 25 points per e-fold
     for it in (10_000, 20_000, 40_000):
         (tmp_path / f"heldout-{it}.json").write_text(json.dumps(

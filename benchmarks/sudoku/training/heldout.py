@@ -72,14 +72,14 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - tic)
     record["seconds_per_easy_puzzle_batch1"] = round(sorted(times)[2], 3)
     if a.ship is not None:
-        if record["easy"]["solved"] >= bar:
+        passed = record["easy"]["solved"] >= bar
+        if passed:
             config = json.loads((a.run / "init" / "config.json").read_text())
             card = model_card(recipe, {"iterations": record.get("iteration"), "heldout": record})
             write_shipped(model, config, a.ship, card)
-            print(f"shipped: {a.ship} (easy {record['easy']['solved']:.1%} >= {bar:.0%})", flush=True)
-        else:
-            print(f"not shipped: easy {record['easy']['solved']:.1%} < {bar:.0%} (--bar)", flush=True)
-        record["shipped"] = str(a.ship) if record["easy"]["solved"] >= bar else False
+        print(f"{'shipped: ' + str(a.ship) if passed else 'not shipped'}: easy {record['easy']['solved']:.1%} "
+              f"{'>=' if passed else '<'} {bar:.0%} (--bar)", flush=True)
+        record["shipped"] = str(a.ship) if passed else False
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record), flush=True)

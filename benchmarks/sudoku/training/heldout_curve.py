@@ -20,11 +20,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import yaml
-
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
-RECIPE = HERE.parents[2] / "mlx_dgemma" / "sudoku" / "train.yaml"
+sys.path.insert(0, str(HERE.parents[2]))
+from mlx_dgemma.sudoku.train import CONFIG, read_config  # noqa: E402
 
 
 def scorings(results: Path, batch_size: int) -> List[Dict[str, float]]:
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--since", type=int, default=11901, help="first iteration of the long fit")
     ap.add_argument("--last", type=int, default=3, help="scorings in the short fit")
     args = ap.parse_args(argv)
-    batch_size = int(yaml.safe_load(RECIPE.read_text())["batch_size"])
+    batch_size = int(read_config(CONFIG)["batch_size"])
     rows = [r for r in scorings(args.results, batch_size) if r["iteration"] >= args.since]
     if len(rows) < max(2, args.last):
         raise SystemExit(f"error: {args.results}: {len(rows)} held-out scorings from iteration {args.since}, "
