@@ -300,13 +300,38 @@ def test_givens_hold_under_every_step_budget(initial, steps):
     puzzles = [p for p, _ in pairs]
     for sampler in ({}, {"sampler": "confidence", "threshold": 0.9}):
         drafts = []
+        # two attempts: an untrained model's grids break the rules, so each puzzle is drawn
+        # twice, and the retry's drafts still come one grid per puzzle of the batch
         res = solve_details(puzzles, steps=steps, model=initial, on_draft=lambda grids, d: drafts.append(grids),
-                            **sampler)
-        assert 1 <= len(drafts) <= steps
+                            attempts=2, **sampler)
+        assert 2 <= len(drafts) <= 2 * steps
         for grids in drafts:
+            assert len(grids) == len(puzzles)
             for p, g in zip(puzzles, grids):
                 assert all(a == "0" or a == b for a, b in zip(p, g)), (steps, sampler)
-        assert all(r.passes <= steps for r in res)
+        assert all(r.attempts == 2 and 2 <= r.passes <= 2 * steps for r in res)
+
+
+def test_a_grid_that_breaks_the_rules_is_drawn_again_with_the_next_seed(initial, monkeypatch):
+    """``attempts``: a puzzle whose grid breaks the rules is drawn again, with seed ``seed + i +
+    a * ATTEMPT_SEED_STRIDE`` on attempt ``a``; a solved one is not; passes add up over the
+    attempts; the last attempt's grid is the one returned. (Here "solved" is puzzle 0 alone,
+    by a stand-in rule check, since the untrained model solves nothing.)"""
+    import mlx_dgemma.sudoku as sudoku
+    from mlx_dgemma.sudoku import ATTEMPT_SEED_STRIDE, SudokuInputError, solve_details
+
+    puzzles = [p for p, _ in read_pairs(HELDOUT_EASY, 3)]
+    first = solve_details(puzzles, steps=3, model=initial, batch_size=1, attempts=1)
+    monkeypatch.setattr(sudoku, "is_solution", lambda puzzle, grid: puzzle == puzzles[0])
+    res = solve_details(puzzles, steps=3, model=initial, batch_size=1, attempts=3)
+    assert [r.attempts for r in res] == [1, 3, 3] and [r.solved for r in res] == [True, False, False]
+    assert res[0].grid == first[0].grid and res[0].passes == first[0].passes
+    third = solve_details([puzzles[2]], steps=3, seed=2 + 2 * ATTEMPT_SEED_STRIDE, model=initial, attempts=1)[0]
+    assert res[2].grid == third.grid  # the last attempt, with its own seed
+    assert res[2].passes > third.passes and res[2].cells_per_forward == puzzles[2].count("0") / res[2].passes
+    for bad in (0, 1.5, True):
+        with pytest.raises(SudokuInputError, match="attempts must be an integer >= 1"):
+            solve_details(puzzles, model=initial, attempts=bad)
 
 
 def test_scores_of_shards_add_up_to_the_whole(tmp_path, initial):
@@ -327,13 +352,13 @@ def test_scores_of_shards_add_up_to_the_whole(tmp_path, initial):
     model, tok = load(recipe.write_initial_model(tmp_path / "m", **cfg["model"]))
     model.load_weights(list(mx.load(str(CHECKPOINT / "weights.safetensors")).items()), strict=False)
     pairs = read_pairs(HELDOUT_EASY, 5)
-    whole = score(pairs, steps=6, model=(model, tok), batch_size=1)
-    parts = [score(pairs[:2], seed=0, steps=6, model=(model, tok), batch_size=1),
-             score(pairs[2:], seed=2, steps=6, model=(model, tok), batch_size=1)]
+    one = dict(steps=6, model=(model, tok), batch_size=1, attempts=1)  # one sample a puzzle, as the trainer scores
+    whole = score(pairs, **one)
+    parts = [score(pairs[:2], seed=0, **one), score(pairs[2:], seed=2, **one)]
     merged = Score.from_counts([sum(c) for c in zip(*(p.counts() for p in parts))])
     assert (merged.puzzles, merged.blanks) == (whole.puzzles, whole.blanks) == (5, sum(p.count("0") for p, _ in pairs))
     assert merged == pytest.approx(whole)
-    assert 0 < whole.blanks_right < 1  # an untrained model: some blanks right, not all
+    assert 0 < whole.blanks_right < 1  # some blanks right, not all
     assert score([], model=initial) == Score(0.0, 0.0, 0.0, 0, 0)
 
 
@@ -353,8 +378,10 @@ def test_load_and_generate_by_name(shipped):
 
     model, tok = mlx_dgemma.load("sudoku")
     assert model.args.canvas_length == recipe.CANVAS_LENGTH and model.args.vocab_size == recipe.VOCAB_SIZE
-    text = generate(model, tok, EXAMPLE, max_tokens=88)
+    # the plain text path: the puzzle in the model's prompt format (a token per cell), no pins
+    text = generate(model, tok, recipe.cell_text(EXAMPLE), max_tokens=88)
     assert len(text) == 81 and set(text) <= set("123456789")
+    assert all(p in ".0" or p == t for p, t in zip(EXAMPLE, text))  # the givens, read from the prompt
 
 
 def run_cli(*args, timeout=120):
@@ -371,6 +398,13 @@ def test_cli_solves_and_draws(shipped):
     last = r.stdout.strip().splitlines()[-11:]
     digits = "".join(ch for line in last for ch in line if ch.isdigit())
     assert digits == EXAMPLE_SOLUTION
+
+
+def test_cli_draws_again_while_the_grid_breaks_the_rules(initial_dir):
+    r = run_cli(EXAMPLE, "--model", str(initial_dir), "--attempts", "2", "--steps", "2")
+    assert r.returncode == 1 and "NOT solved" in r.stderr and "2 samples (every one broke the rules)" in r.stderr
+    r = run_cli(EXAMPLE, "--attempts", "0")
+    assert r.returncode == 2 and r.stderr == "error: --attempts must be >= 1, got 0\n"
 
 
 @pytest.mark.parametrize("arg, word", [("123", "expected 81"), ("x" * 81, "bad character"),
@@ -730,14 +764,18 @@ def test_heldout_curve_fits_points_per_e_fold_and_where_they_reach_the_target(tm
         (tmp_path / f"heldout-{it}.json").write_text(json.dumps(
             {"iteration": it, "easy": {"solved": line(it)}, "medium": {"solved": line(it) / 2}}))
     (tmp_path / "heldout-shipped.json").write_text(json.dumps({"easy": {"solved": 0.99}, "medium": {"solved": 0.9}}))
+    # a scoring with retries: the curve follows its single samples
+    (tmp_path / "heldout-80000.json").write_text(json.dumps(
+        {"iteration": 80_000, "easy": {"solved": 0.97}, "medium": {"solved": 0.6},
+         "single_sample": {"easy": {"solved": line(80_000)}, "medium": {"solved": line(80_000) / 2}}}))
     assert hc.main(["--results", str(tmp_path), "--since", "10000", "--target", "0.8"]) == 0
     md = (tmp_path / "heldout-curve.md").read_text()
     at = 1e5 * math.exp((0.8 - 0.1) / 0.25)  # where the line reaches 80%
-    assert "| since 10,000 | 25.0 |" in md and "| last 3 | 25.0 |" in md and f"{at:,.0f} examples" in md
+    assert "| since 10,000 | 25.0 |" in md and "| last 3 | 25.0 |" in md and "80,000" in md and f"{at:,.0f} examples" in md
     assert "12.5 |" in md  # medium: half the slope
-    assert "99.0%" not in md
-    with pytest.raises(SystemExit, match="held-out scorings from iteration 20000, need at least 3"):
-        hc.main(["--results", str(tmp_path), "--since", "20000"])
+    assert "99.0%" not in md and "97.0%" not in md
+    with pytest.raises(SystemExit, match="held-out scorings from iteration 40000, need at least 3"):
+        hc.main(["--results", str(tmp_path), "--since", "40000"])
 
 
 def test_heldout_scoring_ships_only_weights_that_pass_the_bar(tmp_path):
@@ -767,10 +805,12 @@ def test_heldout_scoring_ships_only_weights_that_pass_the_bar(tmp_path):
     assert heldout.main(common + ["--ship", str(tmp_path / "under")]) == 0  # train.yaml's bar: 80%
     record = json.loads((tmp_path / "h.json").read_text())
     assert record["easy"]["puzzles"] == 2 and record["easy"]["solved"] < 0.8 and record["iteration"] == 4
+    assert record["attempts"] >= 1 and record["single_sample"]["easy"]["puzzles"] == 2
+    assert record["single_sample"]["easy"]["passes"] <= record["easy"]["passes"]  # retries only add passes
     assert record["shipped"] is False and not (tmp_path / "under").exists()
     assert heldout.main(common + ["--ship", str(tmp_path / "ship"), "--bar", "0"]) == 0
     assert json.loads((tmp_path / "h.json").read_text())["shipped"] == str(tmp_path / "ship")
     card = (tmp_path / "ship" / "README.md").read_text()
-    assert "4 iterations" in card and "of 2 easy" in card and "of 2 medium solved" in card
+    assert "4 iterations" in card and "of 2 easy" in card and "of 2 medium solved" in card and "one sample:" in card
     res = solve_details([EXAMPLE], model=str(tmp_path / "ship"))
     assert len(res[0].grid) == 81 and res[0].grid[0] == EXAMPLE[0]  # a given, pinned
