@@ -391,7 +391,11 @@ def run_cli(*args, timeout=120):
 
 
 def test_cli_solves_and_draws(shipped):
-    r = run_cli(EXAMPLE)
+    """The README's first command: no puzzle given, the default one (EXAMPLE) is solved."""
+    from mlx_dgemma.sudoku.__main__ import EXAMPLE as DEFAULT
+
+    assert DEFAULT == EXAMPLE
+    r = run_cli()
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("------+-------+------") == 4  # the puzzle and the solution
     assert "solved" in r.stderr and "NOT" not in r.stderr
