@@ -117,14 +117,16 @@ def solve_details(
     except TypeError as e:  # an unknown keyword
         raise GenerateInputError(str(e)) from None
     eos, pad = resolve_ids(mdl, generation_defaults(mdl))
+    # encoded once: a retry reuses its puzzle's prompt and pins
+    prompt_of = [encode_prompt(tok, prompt_messages(g)) for g in grids]
+    pins_of = [constraints_for(g, tok) for g in grids] if pin else None
 
     def denoise(rows: List[int], attempt: int, shown: List[str], first: int) -> list:
         """One canvas for each puzzle of ``rows`` (indices into ``grids``). ``shown`` holds
         the grids of the batch's puzzles (``grids[first:]``): ``on_draft`` sees all of them,
         a retry's rows redrawn and the others as they ended."""
-        chunk = [grids[i] for i in rows]
-        prompts = [encode_prompt(tok, prompt_messages(g)) for g in chunk]
-        pins = [constraints_for(g, tok) for g in chunk] if pin else None
+        prompts = [prompt_of[i] for i in rows]
+        pins = [pins_of[i] for i in rows] if pin else None
         seeds = [seed + i + attempt * ATTEMPT_SEED_STRIDE for i in rows]
         last = []  # the final draft: the canvas before the block is finalised
 

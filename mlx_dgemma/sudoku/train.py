@@ -109,15 +109,16 @@ def model_card(cfg: Dict[str, Any], record: Dict[str, Any]) -> str:
     trained = f"{its} iterations of {cfg['batch_size']} solved grids" if its else "train.yaml's recipe"
     if record.get("train_seconds"):
         trained += f", {record['train_seconds'] / 60:.0f} minutes on {record.get('machine', 'this machine')}"
-    held = record.get("heldout")
-    scores = "" if not held else (
-        f" Held-out puzzles at the default settings: {held['easy']['solved']:.1%} of {held['easy']['puzzles']} easy"
-        f" and {held['medium']['solved']:.1%} of {held['medium']['puzzles']} medium solved")
-    one = (held or {}).get("single_sample")
-    if one:  # the default draws a puzzle again while its grid breaks the rules
-        scores += (f" (up to {held['attempts']} samples a puzzle; one sample: {one['easy']['solved']:.1%} easy,"
-                   f" {one['medium']['solved']:.1%} medium)")
-    scores += "." if held else ""
+    held, scores = record.get("heldout"), ""
+    if held:
+        scores = (f" Held-out puzzles at the default settings: {held['easy']['solved']:.1%} of"
+                  f" {held['easy']['puzzles']} easy and {held['medium']['solved']:.1%} of"
+                  f" {held['medium']['puzzles']} medium solved")
+        one = held.get("single_sample")
+        if one:  # the default draws a puzzle again while its grid breaks the rules
+            scores += (f" (up to {held['attempts']} samples a puzzle; one sample: {one['easy']['solved']:.1%} easy,"
+                       f" {one['medium']['solved']:.1%} medium)")
+        scores += "."
     return f"""---
 library_name: mlx
 pipeline_tag: text-generation
