@@ -437,6 +437,7 @@ def _tiny_recipe():
     from mlx_dgemma.sudoku.train import CONFIG, read_config
 
     cfg = read_config(CONFIG)
+    cfg.pop("restarts", None)  # run 3's second cycle, at an iteration a tiny run never reaches
     cfg.update(iters=4, batch_size=2, warmup_steps=2, steps_per_report=1, steps_per_eval=2, val_batches=1,
                steps_per_save=2, steps_per_solve_eval=2, eval_puzzles=2, processes=1,
                model=dict(hidden_size=32, num_hidden_layers=2, intermediate_size=32, num_attention_heads=2,
@@ -513,6 +514,37 @@ def test_train_command_runs_resumes_and_ships(tmp_path):
     resumed, fresh = schedule(cfg, 2), schedule(cfg, 0)
     assert resumed(0).item() == pytest.approx(fresh(2).item() / cfg["warmup_steps"], rel=1e-6)
     assert resumed(2).item() == pytest.approx(fresh(4).item(), rel=1e-6)
+
+
+def test_a_warm_restart_lengthens_the_schedule_without_changing_its_past(tmp_path):
+    """train.yaml's ``restarts``: the rates before a restart are the ended schedule's, then
+    the rate warms up again to the restart's peak and decays by cosine to ``min_lr_ratio`` of
+    it at ``iters``; a resume inside the new cycle rejoins it; bad restarts stop the command
+    in one line naming the config."""
+    import yaml
+
+    from mlx_dgemma.sudoku.train import main, schedule
+
+    ended = dict(TINY_RECIPE, iters=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.05)
+    longer = dict(ended, iters=160, restarts=[{"at": 100, "learning_rate": 2e-4}])
+    old, new = schedule(ended), schedule(longer)
+    for step in (0, 5, 10, 50, 99):
+        assert new(step).item() == old(step).item()
+    assert new(100).item() == pytest.approx(2e-6) and new(110).item() == pytest.approx(2e-4)
+    assert new(160).item() == pytest.approx(1e-5, rel=1e-4)  # 5% of the restart's peak at iters
+    assert max(new(s).item() for s in range(110, 160)) == pytest.approx(2e-4)
+    resumed = schedule(longer, 130)  # fresh moments warm up again, then the same cycle
+    assert resumed(20).item() == pytest.approx(new(150).item(), rel=1e-6)
+    cfg_path = tmp_path / "train.yaml"
+    args = ["-c", str(cfg_path), "--out", str(tmp_path / "work")]
+    for bad, words in (([{"at": 300, "learning_rate": 1e-4}], "before iters"),
+                       ([{"at": 2, "learning_rate": 1e-4}], "after the last cycle's warm-up"),
+                       ([{"at": 4, "learning_rate": 0}], "positive learning_rate"),
+                       ([{"when": 4}], "must be {at: ITERATION, learning_rate: RATE}")):
+        cfg_path.write_text(yaml.safe_dump(dict(TINY_RECIPE, iters=8, restarts=bad)))
+        with pytest.raises(SystemExit, match="train.yaml: restarts\\[0\\]") as e:
+            main(args)
+        assert words in str(e.value) and "\n" not in str(e.value)
 
 
 def test_checkpoint_in_the_tree_resumes_a_fresh_folder_in_two_processes(tmp_path, monkeypatch):
@@ -680,6 +712,52 @@ def test_train_yaml_knobs_reach_the_trainer(tmp_path, monkeypatch):
             (True, 4.0, 0.5) if on else (False, 1.0, 1e-3))
         assert ('pinned' in stamp.read_text()) == on
         assert all(len(ex.pinned) >= 22 + 7 for ex in train_set)  # the writer always writes the pins
+
+
+def test_pin_only_prompt_trains_ships_and_solves_from_the_pins(tmp_path, monkeypatch):
+    """train.yaml's ``prompt: pins`` (the issue's pin-only prompt): the folders' chat template
+    leaves the user turn empty, so the trainer's examples are 8 + 82 tokens with the same
+    reply and pins; the shipped folder says so (``reads_prompt``), solves with the pins and
+    refuses ``pin=False`` in one line; a bad value and a checkpoint of the other format stop
+    the command with one line naming them."""
+    import yaml
+
+    import mlx_dgemma.tuner as tuner
+    from mlx_dgemma.sudoku import load_model, solve_details
+    from mlx_dgemma.sudoku.train import main
+
+    with pytest.raises(ValueError, match="prompt must be one of"):
+        recipe.chat_template("digits")
+    seen = []
+    real = tuner.train
+
+    def spy(model, opt, tr, va, args, **kw):
+        seen.append(tr)
+        return real(model, opt, tr, va, args, **kw)
+
+    monkeypatch.setattr(tuner, "train", spy)
+    cfg_path = tmp_path / "train.yaml"
+    args = ["-c", str(cfg_path), "--out", str(tmp_path / "work"), "--ship", str(tmp_path / "ship"),
+            "--record", str(tmp_path / "record"), "--checkpoint", str(tmp_path / "checkpoint")]
+    cfg_path.write_text(yaml.safe_dump(dict(TINY_RECIPE, iters=2, prompt="pins", ship_solve_rate=0.0)))
+    assert main(args) == 0
+    assert seen and all(len(ex.prompt) == 8 and len(ex.response) == 82 for ex in seen[-1])
+    assert all(len(ex.pinned) >= 22 + 7 for ex in seen[-1])  # the givens still pinned: the puzzle's only way in
+    mdl, tok = load_model(tmp_path / "ship")
+    assert not recipe.reads_prompt(tok) and recipe.reads_prompt(load_model(recipe.write_initial_model(
+        tmp_path / "cells"))[1])
+    (res,) = solve_details([EXAMPLE], model=(mdl, tok), attempts=1)
+    assert all(c == g for c, g in zip(res.grid, grid.parse(EXAMPLE)) if g != "0")
+    with pytest.raises(SudokuInputError, match="pin=False: this model reads the puzzle only from the canvas"):
+        solve_details([EXAMPLE], model=(mdl, tok), pin=False)
+    # a checkpoint of the pins run does not resume under the cells format
+    assert main(args + ["--export-checkpoint"]) == 0
+    cfg_path.write_text(yaml.safe_dump(dict(TINY_RECIPE, iters=4)))
+    with pytest.raises(SystemExit, match="was trained with prompt 'pins'.*has 'cells'"):
+        main(args[:3] + [str(tmp_path / "fresh")] + args[4:] + ["--resume"])
+    cfg_path.write_text(yaml.safe_dump(dict(TINY_RECIPE, prompt="digits")))
+    with pytest.raises(SystemExit, match=r"train.yaml: prompt must be one of cells, pins, got 'digits'"):
+        main(args)
 
 
 def test_grown_model_computes_what_it_was_grown_from(tmp_path):

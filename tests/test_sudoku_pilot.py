@@ -43,7 +43,8 @@ def test_checks_catch_wrong_grids(pilot):
     assert pilot.units(6)[12] == [0, 1, 2, 6, 7, 8]
 
 
-def test_tokenizer_one_token_per_cell(pilot, tmp_path):
+@pytest.mark.parametrize("prompt", ["cells", "pins"])
+def test_tokenizer_one_token_per_cell(pilot, tmp_path, prompt):
     from transformers import PreTrainedTokenizerFast
 
     from mlx_dgemma.tuner.datasets import chat_example
@@ -51,12 +52,15 @@ def test_tokenizer_one_token_per_cell(pilot, tmp_path):
     n = 4
     pilot.write_tokenizer_for(n)(tmp_path)
     tok = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
-    tok.chat_template = pilot.recipe.CHAT_TEMPLATE
+    tok.chat_template = pilot.recipe.chat_template(prompt)
     puzzle, sol = "1000003000200004", "1342243131244213"
     ex = chat_example(tok, pilot.prompt_messages(puzzle, n, sol))
     vocab = pilot.vocabulary(n)
     assert ex.response == [vocab[d] for d in sol] + [pilot.recipe.TURN_CLOSE]
     cells = [t for t in ex.prompt if t in {vocab[c] for c in pilot.cells(n)}]
+    if prompt == "pins":  # the user turn left empty: the puzzle reaches the model as canvas pins alone
+        assert cells == [] and len(ex.prompt) == 8
+        return
     assert cells[:2] == [vocab["A11"], vocab["A2."]] and len(cells) == n * n
     assert len(ex.response) <= pilot.canvas_length(n) == 24 and pilot.canvas_length(6) == 40
 

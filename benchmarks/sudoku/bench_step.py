@@ -9,8 +9,9 @@ objective as tests/test_tuner_objective.py computes it).
 Every measurement runs in its own process (its own peak memory): the project's trainer
 (``mlx_dgemma.tuner.train``, the compiled step, AdamW, batch from ``iterate_batches``) for
 ``--iters`` iterations on real training lines (prompt 89 + canvas 88 = 177 tokens an
-example), reporting every iteration; the median of the second half is quoted (the first
-ones compile the step, once for each count of self-conditioned rows a process meets).
+example; with ``--prompt pins`` 8 + 88, the puzzle only in the canvas's pins), reporting
+every iteration; the median of the second half is quoted (the first ones compile the
+step, once for each count of self-conditioned rows a process meets).
 FLOPs are counted from the shapes (matmuls only, x2 per MAC; the backward pass twice the forward of what gets a gradient: encoder and pass 2; pass 1 for the
 half of the rows whose self-conditioning coin is heads; with ``--encoder-loss-weight 0`` the
 encoder over the prompt alone and without its head; the routed experts, or every expert
@@ -33,14 +34,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-PROMPT, CANVAS = 89, 88
-SPAN = PROMPT  # the encoder positions the decoder reads (the trainer's pad_to is 1)
+PROMPTS = {"cells": 89, "pins": 8}  # prompt tokens of each recipe.chat_template format
+CANVAS = 88
 
 
-def flops_per_example(c: dict, encoder_loss: bool = True, pass1_share: float = 0.5, dense: bool = False) -> float:
+def flops_per_example(c: dict, encoder_loss: bool = True, pass1_share: float = 0.5, dense: bool = False,
+                      prompt: int = PROMPTS["cells"]) -> float:
     """Matmul FLOPs of one training example as the trainer computes it: the encoder (with
     ``encoder_loss``, over the whole sequence and through the head; without, over the
-    ``SPAN`` positions the decoder reads and without the head), pass 1 of the decoder for
+    ``prompt`` positions the decoder reads and without the head), pass 1 of the decoder for
     ``pass1_share`` of the rows (those whose self-conditioning coin is heads), pass 2, and
     the backward pass (twice the forward of what gets a gradient: encoder and pass 2).
     The experts: the routed ones (top-k), or with ``dense`` every expert (what the dense
@@ -56,7 +58,7 @@ def flops_per_example(c: dict, encoder_loss: bool = True, pass1_share: float = 0
         kv = t["num_global_key_value_heads"] if full else t["num_key_value_heads"]
         macs_tok += H * heads * d * 2 + H * kv * d * (1 if full else 2)  # q, o; k (and v)
         macs_tok += 3 * H * I + 3 * H * M * (E if dense else t["top_k_experts"])  # dense MLP; experts
-    enc, dec = (PROMPT + CANVAS, CANVAS) if encoder_loss else (SPAN, CANVAS)
+    enc, dec = (prompt + CANVAS, CANVAS) if encoder_loss else (prompt, CANVAS)
     enc_macs = (macs_tok + (H * V if encoder_loss else 0)) * enc  # the tied head only for the encoder's loss
     dec_macs = (macs_tok + H * V) * dec
     layers = len(t["layer_types"])
@@ -81,7 +83,8 @@ def run_one(a) -> None:
 
     world = mx.distributed.init()
     init = Path(a.work) / f"init-{world.rank()}"
-    write_initial_model(init, num_hidden_layers=a.layers)
+    # a tree from before the prompt formats (--before) takes no prompt argument
+    write_initial_model(init, num_hidden_layers=a.layers, **({"prompt": a.prompt} if a.prompt != "cells" else {}))
     model, tok = load(init)
     setup_fine_tuning(model, "full")
     try:  # since issue 21 the backend swaps the experts; earlier trees had a model switch
@@ -206,6 +209,8 @@ def main() -> int:
     ap.add_argument("--experts", choices=["blocked", "dense"], default="blocked",
                     help="the trainer's expert dispatch (train.yaml's expert_dispatch; a tree without "
                     "blocked takes dense)")
+    ap.add_argument("--prompt", choices=sorted(PROMPTS), default="cells",
+                    help="the prompt format (recipe.chat_template; pins: the puzzle only in the canvas's pins)")
     ap.add_argument("--processes", default=None, help="e.g. 2: these process counts for every tree "
                     "(default: 1 and 2 for this tree, 1 for --before)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sudoku-bench-step"))
@@ -240,10 +245,10 @@ def main() -> int:
     from mlx_dgemma.sudoku.recipe import model_config
 
     fpe = flops_per_example(model_config(num_hidden_layers=a.layers), encoder_loss=a.encoder_loss_weight != 0,
-                            dense=a.experts == "dense")
+                            dense=a.experts == "dense", prompt=PROMPTS[a.prompt])
     peaks = {1: matmul_peak(2), 2: 2 * matmul_peak(1)}
     common = ["--iters", str(a.iters), "--work", str(a.work), "--data", str(data), "--experts", a.experts,
-              "--layers", str(a.layers),
+              "--layers", str(a.layers), "--prompt", a.prompt,
               "--encoder-loss-weight", str(a.encoder_loss_weight)]
     rows = []
     trees = [("after", str(ROOT))] + ([("before", str(a.before))] if a.before else [])
@@ -263,10 +268,11 @@ def main() -> int:
         if "median_seconds" in r:
             s = r["median_seconds"]
             r["examples_per_second"] = r["batch"] / s
-            r["tokens_per_second"] = r["batch"] * (PROMPT + CANVAS) / s
+            r["tokens_per_second"] = r["batch"] * (PROMPTS[a.prompt] + CANVAS) / s
             r["gflops"] = fpe * r["batch"] / s / 1e9
             r["mfu"] = r["gflops"] / peaks[r["processes"]]
-    result = {"what": f"one full fine-tuning step of the Sudoku recipe ({a.layers} layers, prompt 89 + canvas 88)",
+    result = {"what": f"one full fine-tuning step of the Sudoku recipe ({a.layers} layers, prompt "
+                      f"{PROMPTS[a.prompt]} ({a.prompt}) + canvas {CANVAS})",
               "command": "python benchmarks/sudoku/bench_step.py " + " ".join(sys.argv[1:]),
               "flops_per_example": fpe, "matmul_peak_gflops": peaks, "cpu_cores": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}

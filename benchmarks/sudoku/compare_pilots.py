@@ -3,7 +3,8 @@
     python benchmarks/sudoku/compare_pilots.py 4x4-base 4x4-free 4x4-weight4 4x4-free-weight4
 
 Reads each arm's curve under benchmarks/sudoku/pilots/ (``curve.jsonl``, or the
-``curve.partial.jsonl`` of a run stopped early) and prints a markdown table of the
+``curve.partial.jsonl`` of a run stopped early), or in any folder given by its path (a 9x9
+run's ``--record``: its validation puzzles, one sample each), and prints a markdown table of the
 evaluations every arm reached, then each arm's mean over its last ``--tail`` evaluations
 of those (the curves are noisy: 128 puzzles, one puzzle = 0.8 points).
 """
@@ -19,17 +20,22 @@ PILOTS = Path(__file__).resolve().parent / "pilots"
 
 
 def evaluations(arm: str) -> Dict[int, dict]:
+    folder = Path(arm) if Path(arm).is_dir() else PILOTS / arm
     for name in ("curve.jsonl", "curve.partial.jsonl"):
-        path = PILOTS / arm / name
+        path = folder / name
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            for r in rows:  # the 9x9 trainer's curve (sudoku.train --record): its validation puzzles
+                if "val_blank_accuracy" in r:
+                    r.update(blanks_right=r["val_blank_accuracy"], solved=r["val_solve_rate"])
             return {r["iteration"]: r for r in rows if "blanks_right" in r}
-    raise SystemExit(f"error: {PILOTS / arm}: no curve.jsonl or curve.partial.jsonl")
+    raise SystemExit(f"error: {folder}: no curve.jsonl or curve.partial.jsonl")
 
 
 def main(argv: List[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("arms", nargs="+", help="folders under benchmarks/sudoku/pilots/")
+    ap.add_argument("arms", nargs="+", help="folders under benchmarks/sudoku/pilots/, or any folder holding a "
+                    "curve.jsonl (e.g. a 9x9 run's --record)")
     ap.add_argument("--every", type=int, default=100, help="show every this many iterations")
     ap.add_argument("--tail", type=int, default=3, help="evaluations in the closing mean")
     a = ap.parse_args(argv)

@@ -218,8 +218,9 @@ def structured_cell_embeddings(embed, n: int):
     return mx.array(E)
 
 
-def write_initial_model(path: Path, n: int, seed: int, size: Dict[str, int]) -> Path:
-    """A fresh model folder through the one builder (as recipe.write_initial_model)."""
+def write_initial_model(path: Path, n: int, seed: int, size: Dict[str, int], prompt: str = "cells") -> Path:
+    """A fresh model folder through the one builder (as recipe.write_initial_model; ``prompt``:
+    its chat template's format, recipe.chat_template)."""
     from mlx_dgemma.config import small_model_config
     from mlx_dgemma.small_model import write_small_model
 
@@ -230,7 +231,7 @@ def write_initial_model(path: Path, n: int, seed: int, size: Dict[str, int]) -> 
     gen = dict(recipe.GENERATION_CONFIG, max_new_tokens=canvas_length(n))
     return write_small_model(
         path, dict(config, **ids), seed=seed, init=lambda args, p: {**p, key: structured_cell_embeddings(p[key], n)},
-        tokenizer=write_tokenizer_for(n), chat_template=recipe.CHAT_TEMPLATE, generation_config=gen,
+        tokenizer=write_tokenizer_for(n), chat_template=recipe.chat_template(prompt), generation_config=gen,
         readme=f"# DiffusionGemma {n}x{n} Sudoku pilot (initial)\n")
 
 
@@ -302,7 +303,7 @@ def run(a: argparse.Namespace, work: Path, log_row) -> Dict[str, Any]:
     assert not {p for p, _ in heldout} & {p for p, _ in train_pairs}
     data_seconds = time.perf_counter() - t0
 
-    model, tok = load(write_initial_model(work / "init", n, a.seed, model_size(a)))
+    model, tok = load(write_initial_model(work / "init", n, a.seed, model_size(a), a.prompt))
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     setup_fine_tuning(model, "full")
     backend.configure(model, experts="blocked")
@@ -388,6 +389,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="corruption levels uniform over [this, 1) (TrainingArgs.min_corruption_level)")
     ap.add_argument("--encoder-loss-weight", type=float, default=1.0,
                     help="weight of the encoder's next-token loss (TrainingArgs.encoder_loss_weight; 0: not computed)")
+    ap.add_argument("--prompt", choices=("cells", "pins"), default="cells",
+                    help="the prompt format (recipe.chat_template): the puzzle's cell tokens in the user turn, "
+                    "or pins: the user turn empty, the puzzle only in the canvas's pins")
     ap.add_argument("--name", default="base", help="the run's name in the default --out")
     ap.add_argument("--note", default="", help="what else ran on the machine (goes into results.md)")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/sudoku/pilots/<n>x<n>-<name>/")
@@ -439,7 +443,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   learning_rate=a.learning_rate, warmup=a.warmup, iters=a.iters, seed=a.seed,
                   corrupt_only_free=a.corrupt_only_free, corrupted_loss_weight=a.corrupted_loss_weight,
                   min_corruption_level=a.min_corruption_level,
-                  encoder_loss_weight=a.encoder_loss_weight, **result,
+                  encoder_loss_weight=a.encoder_loss_weight, prompt=a.prompt, **result,
                   load_at_start=load_start, load_at_end=os.getloadavg()[0], machine=f"{os.cpu_count()} CPU cores",
                   nice=os.nice(0),  # this process's niceness, for the results table
                   note=a.note,

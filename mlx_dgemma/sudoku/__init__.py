@@ -109,9 +109,12 @@ def solve_details(
         return []
     from ..chat import encode_prompt
     from ..generate import GenerateInputError, generate_blocks, generation_defaults, make_settings, resolve_ids
-    from .recipe import prompt_messages
+    from .recipe import prompt_messages, reads_prompt
 
     mdl, tok = load_model(model)
+    if not pin and not reads_prompt(tok):
+        raise SudokuInputError("pin=False: this model reads the puzzle only from the canvas's pins (its chat "
+                               "template leaves the user turn empty); solve it with pin=True")
     try:
         settings = make_settings(mdl, None, max_denoising_steps=steps, **sampler)
     except TypeError as e:  # an unknown keyword

@@ -67,19 +67,44 @@ def read_config(path: Path) -> Dict[str, Any]:
 
 def schedule(cfg: Dict[str, Any], offset: int = 0):
     """Linear warm-up then cosine decay to ``min_lr_ratio`` of the peak, shifted by ``offset``
-    iterations (a resumed run continues the curve, after a warm-up of its own)."""
+    iterations (a resumed run continues the curve, after a warm-up of its own).
+
+    ``restarts`` (a list of ``{at: ITERATION, learning_rate: PEAK}``): warm restarts (SGDR,
+    Loshchilov & Hutter 2017). Each cycle warms up and decays by cosine to ``min_lr_ratio``
+    of its own peak where the next begins (the last at ``iters``), so a schedule that has
+    ended can be lengthened without changing the rates it already gave."""
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    lr, iters, warm = float(cfg["learning_rate"]), int(cfg["iters"]), int(cfg["warmup_steps"])
-    base = optim.join_schedules(
-        [optim.linear_schedule(lr / 100, lr, warm),
-         optim.cosine_decay(lr, max(iters - warm, 1), lr * float(cfg["min_lr_ratio"]))], [warm])
+    iters, warm, ratio = int(cfg["iters"]), int(cfg["warmup_steps"]), float(cfg["min_lr_ratio"])
+    cycles = [(0, float(cfg["learning_rate"]))] + [(int(r["at"]), float(r["learning_rate"]))
+                                                    for r in cfg.get("restarts") or []]
+    ends = [at for at, _ in cycles[1:]] + [iters]
+    parts, bounds = [], []
+    for (start, lr), end in zip(cycles, ends):
+        parts += [optim.linear_schedule(lr / 100, lr, warm), optim.cosine_decay(lr, max(end - start - warm, 1), lr * ratio)]
+        bounds += [start, start + warm]
+    base = optim.join_schedules(parts, bounds[1:])
     if not offset:
         return lambda step: base(mx.array(step))
     # a resumed run starts with fresh Adam moments: at the curve's full rate their first
     # updates undo training (the loss jumped back ~200 iterations), so warm up again
     return lambda step: base(mx.array(step) + offset) * mx.minimum(1.0, (mx.array(step) + 1) / warm)
+
+
+def check_restarts(cfg: Dict[str, Any], path: Path) -> None:
+    """One line naming the config when its ``restarts`` cannot make a schedule."""
+    last = int(cfg["warmup_steps"])
+    for k, r in enumerate(cfg.get("restarts") or []):
+        try:
+            at, lr = int(r["at"]), float(r["learning_rate"])
+        except (TypeError, KeyError, ValueError):
+            raise SystemExit(f"error: {path}: restarts[{k}] must be {{at: ITERATION, learning_rate: RATE}}, "
+                             f"got {r!r}") from None
+        if not last < at < int(cfg["iters"]) or not lr > 0:
+            raise SystemExit(f"error: {path}: restarts[{k}] at {at} must come after the last cycle's warm-up "
+                             f"({last}) and before iters ({cfg['iters']}), with a positive learning_rate (got {lr})")
+        last = at + int(cfg["warmup_steps"])
 
 
 def validation_puzzles(n: int) -> List[tuple]:
@@ -90,16 +115,18 @@ def validation_puzzles(n: int) -> List[tuple]:
     return list(generator.puzzles(random.Random(31_337), n, "easy", givens_range=(25, 35)))
 
 
-def write_shipped(model, config: Dict[str, Any], dst: Path, card: str) -> Path:
-    """The trained model as a normal model folder (package data), via the one builder."""
+def write_shipped(model, config: Dict[str, Any], dst: Path, card: str, prompt: str = "cells") -> Path:
+    """The trained model as a normal model folder (package data), via the one builder;
+    ``prompt``: its prompt format (``recipe.chat_template``)."""
     from mlx.utils import tree_flatten
 
     from ..folder import hf_weights, write_model_folder
-    from .recipe import CHAT_TEMPLATE, GENERATION_CONFIG, write_tokenizer
+    from .recipe import GENERATION_CONFIG, chat_template, write_tokenizer
 
     params = dict(tree_flatten(model.parameters()))
-    return write_model_folder(dst, config, hf_weights(params), tokenizer=write_tokenizer, chat_template=CHAT_TEMPLATE,
-                              generation_config=dict(GENERATION_CONFIG), readme=card)
+    return write_model_folder(dst, config, hf_weights(params), tokenizer=write_tokenizer,
+                              chat_template=chat_template(prompt), generation_config=dict(GENERATION_CONFIG),
+                              readme=card)
 
 
 def model_card(cfg: Dict[str, Any], record: Dict[str, Any]) -> str:
@@ -301,8 +328,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {dst} (iteration {_progress(dst)}, {size:.1f} MB)")
         return 0
     cfg = read_config(args.config)
+    from .recipe import PROMPTS
+
+    if cfg.get("prompt", "cells") not in PROMPTS:
+        raise SystemExit(f"error: {args.config}: prompt must be one of {', '.join(PROMPTS)}, got {cfg['prompt']!r}")
     if args.iters is not None:
         cfg["iters"] = args.iters
+    check_restarts(cfg, args.config)
     processes = int(args.processes if args.processes is not None else cfg.get("processes", 1))
     if processes < 1:
         raise SystemExit(f"error: --processes must be at least 1, got {processes}")
@@ -344,7 +376,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("making the training data ...", flush=True)
             record["data"] = write_training_data(data_dir, **cfg["data"])
             (data_dir / "stamp").write_text(stamp)
-        write_initial_model(init, seed=int(cfg["seed"]), **cfg["model"])
+        write_initial_model(init, seed=int(cfg["seed"]), prompt=cfg.get("prompt", "cells"), **cfg["model"])
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         if args.resume:
             mine, theirs = _progress(out), _progress(args.checkpoint)
@@ -360,6 +392,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     if key in theirs_cfg and theirs_cfg[key] not in (cfg[key], _before_growth(cfg[key])):
                         raise SystemExit(f"error: --resume: {ck / 'config.json'} was trained with {key} "
                                          f"{theirs_cfg[key]}, {args.config} has {cfg[key]}")
+                if theirs_cfg and theirs_cfg.get("prompt", "cells") != cfg.get("prompt", "cells"):
+                    raise SystemExit(f"error: --resume: {ck / 'config.json'} was trained with prompt "
+                                     f"{theirs_cfg.get('prompt', 'cells')!r}, {args.config} has "
+                                     f"{cfg.get('prompt', 'cells')!r}")
                 adapters.mkdir(parents=True, exist_ok=True)
                 weights = mx.load(str(ck / "weights.safetensors"))
                 mx.save_safetensors(str(numbered_adapter_file(adapter_file, theirs)), weights)
@@ -543,7 +579,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     record.update(val_solve_rate=solved, val_blank_accuracy=last_eval.get(prefix + "val_blank_accuracy"),
                   shipped=dst == args.ship, weights="weight average" if use_average else "last step")
     with average.applied(model) if use_average else contextlib.nullcontext():
-        write_shipped(model, model_config(**cfg["model"]), dst, model_card(cfg, record))
+        write_shipped(model, model_config(**cfg["model"]), dst, model_card(cfg, record), cfg.get("prompt", "cells"))
     (rec / "record.json").write_text(json.dumps(record, indent=2))
     plot_curve(curve_path, rec / "curve.png")
     print(f"wrote {dst} ({record['train_seconds'] / 60:.1f} min of training); curves in {rec}", flush=True)

@@ -31,6 +31,7 @@ from mlx_dgemma import load  # noqa: E402
 from mlx_dgemma.builtin import SUDOKU_MODEL_DIR  # noqa: E402
 from mlx_dgemma.sudoku import DEFAULT_ATTEMPTS, score, solve  # noqa: E402
 from mlx_dgemma.sudoku.data import read_pairs  # noqa: E402
+from mlx_dgemma.sudoku.recipe import reads_prompt  # noqa: E402
 from mlx_dgemma.sudoku.train import CONFIG, model_card, read_config, write_shipped  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         if passed:
             config = json.loads((a.run / "init" / "config.json").read_text())
             card = model_card(recipe, {"iterations": record.get("iteration"), "heldout": record})
-            write_shipped(model, config, a.ship, card)
+            write_shipped(model, config, a.ship, card, "cells" if reads_prompt(tok) else "pins")  # the run's format
         print(f"{'shipped: ' + str(a.ship) if passed else 'not shipped'}: easy {record['easy']['solved']:.1%} "
               f"{'>=' if passed else '<'} {bar:.0%} (--bar)", flush=True)
         record["shipped"] = str(a.ship) if passed else False
