@@ -884,6 +884,9 @@ def test_heldout_scoring_ships_only_weights_that_pass_the_bar(tmp_path):
     mx.save_safetensors(str(run / "adapters" / "average.safetensors"), dict(tree_flatten(model.parameters())))
     (run / "progress.json").write_text(json.dumps({"iteration": 4}))
     common = ["--run", str(run), "--out", str(tmp_path / "h.json"), "--limit", "2"]
+    with pytest.raises(SystemExit) as e:  # the package's model is replaced only on the whole sets
+        heldout.main(common + ["--ship"])
+    assert e.value.code == 2 and not (tmp_path / "h.json").exists()
     assert heldout.main(common + ["--ship", str(tmp_path / "under")]) == 0  # train.yaml's bar: 80%
     record = json.loads((tmp_path / "h.json").read_text())
     assert record["easy"]["puzzles"] == 2 and record["easy"]["solved"] < 0.8 and record["iteration"] == 4

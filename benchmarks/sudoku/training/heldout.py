@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bar", type=float, default=None,
                     help="easy share solved to ship (default: train.yaml's ship_solve_rate)")
     a = ap.parse_args(argv)
+    if a.limit is not None and a.ship is not None and a.ship.resolve() == SUDOKU_MODEL_DIR.resolve():
+        ap.error(f"--ship into the package ({SUDOKU_MODEL_DIR}) scores the whole held-out sets: drop --limit")
     recipe = read_config(CONFIG)
     bar = a.bar if a.bar is not None else float(recipe.get("ship_solve_rate", 0.8))
     weights = a.weights or a.run / "adapters" / "average.safetensors"
