@@ -82,7 +82,8 @@ def schedule(cfg: Dict[str, Any], offset: int = 0):
     ends = [at for at, _ in cycles[1:]] + [iters]
     parts, bounds = [], []
     for (start, lr), end in zip(cycles, ends):
-        parts += [optim.linear_schedule(lr / 100, lr, warm), optim.cosine_decay(lr, max(end - start - warm, 1), lr * ratio)]
+        parts += [optim.linear_schedule(lr / 100, lr, warm),
+                  optim.cosine_decay(lr, max(end - start - warm, 1), lr * ratio)]
         bounds += [start, start + warm]
     base = optim.join_schedules(parts, bounds[1:])
     if not offset:
@@ -330,8 +331,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = read_config(args.config)
     from .recipe import PROMPTS
 
-    if cfg.get("prompt", "cells") not in PROMPTS:
-        raise SystemExit(f"error: {args.config}: prompt must be one of {', '.join(PROMPTS)}, got {cfg['prompt']!r}")
+    prompt = cfg.get("prompt", "cells")  # configs from before the option: the puzzle in the prompt
+    if prompt not in PROMPTS:
+        raise SystemExit(f"error: {args.config}: prompt must be one of {', '.join(PROMPTS)}, got {prompt!r}")
     if args.iters is not None:
         cfg["iters"] = args.iters
     check_restarts(cfg, args.config)
@@ -376,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("making the training data ...", flush=True)
             record["data"] = write_training_data(data_dir, **cfg["data"])
             (data_dir / "stamp").write_text(stamp)
-        write_initial_model(init, seed=int(cfg["seed"]), prompt=cfg.get("prompt", "cells"), **cfg["model"])
+        write_initial_model(init, seed=int(cfg["seed"]), prompt=prompt, **cfg["model"])
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         if args.resume:
             mine, theirs = _progress(out), _progress(args.checkpoint)
@@ -392,10 +394,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     if key in theirs_cfg and theirs_cfg[key] not in (cfg[key], _before_growth(cfg[key])):
                         raise SystemExit(f"error: --resume: {ck / 'config.json'} was trained with {key} "
                                          f"{theirs_cfg[key]}, {args.config} has {cfg[key]}")
-                if theirs_cfg and theirs_cfg.get("prompt", "cells") != cfg.get("prompt", "cells"):
+                if theirs_cfg and theirs_cfg.get("prompt", "cells") != prompt:
                     raise SystemExit(f"error: --resume: {ck / 'config.json'} was trained with prompt "
-                                     f"{theirs_cfg.get('prompt', 'cells')!r}, {args.config} has "
-                                     f"{cfg.get('prompt', 'cells')!r}")
+                                     f"{theirs_cfg.get('prompt', 'cells')!r}, {args.config} has {prompt!r}")
                 adapters.mkdir(parents=True, exist_ok=True)
                 weights = mx.load(str(ck / "weights.safetensors"))
                 mx.save_safetensors(str(numbered_adapter_file(adapter_file, theirs)), weights)
@@ -579,7 +580,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     record.update(val_solve_rate=solved, val_blank_accuracy=last_eval.get(prefix + "val_blank_accuracy"),
                   shipped=dst == args.ship, weights="weight average" if use_average else "last step")
     with average.applied(model) if use_average else contextlib.nullcontext():
-        write_shipped(model, model_config(**cfg["model"]), dst, model_card(cfg, record), cfg.get("prompt", "cells"))
+        write_shipped(model, model_config(**cfg["model"]), dst, model_card(cfg, record), prompt)
     (rec / "record.json").write_text(json.dumps(record, indent=2))
     plot_curve(curve_path, rec / "curve.png")
     print(f"wrote {dst} ({record['train_seconds'] / 60:.1f} min of training); curves in {rec}", flush=True)
