@@ -12,12 +12,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def pilot():
-    spec = importlib.util.spec_from_file_location("sudoku_pilot", ROOT / "benchmarks" / "sudoku" / "pilot.py")
+def _script(name: str):
+    """A script of benchmarks/sudoku as a module."""
+    spec = importlib.util.spec_from_file_location(f"sudoku_{name}", ROOT / "benchmarks" / "sudoku" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def pilot():
+    return _script("pilot")
 
 
 @pytest.mark.parametrize("n", [4, 6])
@@ -93,3 +98,26 @@ def test_bad_flags_exit_2(pilot, capsys):
     with pytest.raises(SystemExit) as e:
         pilot.parse_args(["--top-k", "3", "--experts", "2"])
     assert e.value.code == 2 and "--top-k 3" in capsys.readouterr().err
+
+
+def test_compare_pilots_plots_arms_against_examples_and_minutes(tmp_path, capsys):
+    """A 9x9 run's curve (batch 16: examples from its training reports) beside another arm;
+    --rate adds the minutes panel, and an arm it does not name is a one-line error."""
+    compare = _script("compare_pilots")
+    for arm, gain in (("slow", 0.2), ("fast", 0.1)):
+        rows = [{"iteration": 10, "examples": 160, "train_loss": 1.0}]
+        rows += [{"iteration": i, "val_blank_accuracy": gain * i / 100, "val_solve_rate": 0.0} for i in (100, 200)]
+        (tmp_path / arm).mkdir()
+        (tmp_path / arm / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = tmp_path / "curves.png"
+    arms = [str(tmp_path / "slow"), str(tmp_path / "fast")]
+    assert compare.main(arms + ["--plot", str(png), "--rate", "slow=10", "--rate", "fast=40", "--tail", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 200 | 40.0% / 0.0% | 20.0% / 0.0% |" in out
+    assert "| mean of 100, 200 | 30.0% / 0.0% | 15.0% / 0.0% |" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert compare.evaluations(arms[0])[200]["examples_seen"] == 3200
+    with pytest.raises(SystemExit, match=r"--rate medium=3: no arm named 'medium' \(arms: slow, fast\)"):
+        compare.main(arms + ["--plot", str(png), "--rate", "medium=3"])
+    with pytest.raises(SystemExit, match=r"--rate slow=quick: expected ARM=EXAMPLES_PER_SECOND"):
+        compare.main(arms + ["--plot", str(png), "--rate", "slow=quick"])

@@ -7,6 +7,14 @@ Reads each arm's curve under benchmarks/sudoku/pilots/ (``curve.jsonl``, or the
 run's ``--record``: its validation puzzles, one sample each), and prints a markdown table of the
 evaluations every arm reached, then each arm's mean over its last ``--tail`` evaluations
 of those (the curves are noisy: 128 puzzles, one puzzle = 0.8 points).
+
+``--plot FILE`` draws the arms' blanks right against examples seen; ``--rate ARM=X`` (an
+arm's examples a second, measured in one sitting) adds a panel against training minutes
+at those rates, which is where a faster step that learns less per example shows whether
+it still comes out ahead:
+
+    python benchmarks/sudoku/compare_pilots.py results/ab-session14/{today,cells,enc0} \
+        --plot results/ab-session14/curves.png --rate today=7.0 --rate cells=26 --rate enc0=42.6
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ def evaluations(arm: str) -> Dict[int, dict]:
             for r in rows:  # the 9x9 trainer's curve (sudoku.train --record): its validation puzzles
                 if "val_blank_accuracy" in r:
                     r.update(blanks_right=r["val_blank_accuracy"], solved=r["val_solve_rate"])
+            # examples an iteration: the batch size, from a training report (pilots: 16)
+            per_it = next((r["examples"] / r["iteration"] for r in rows if r.get("examples")), 16)
+            for r in rows:
+                r.setdefault("examples_seen", r["iteration"] * per_it)
             return {r["iteration"]: r for r in rows if "blanks_right" in r}
     raise SystemExit(f"error: {folder}: no curve.jsonl or curve.partial.jsonl")
 
@@ -38,6 +50,9 @@ def main(argv: List[str] = None) -> int:
                     "curve.jsonl (e.g. a 9x9 run's --record)")
     ap.add_argument("--every", type=int, default=100, help="show every this many iterations")
     ap.add_argument("--tail", type=int, default=3, help="evaluations in the closing mean")
+    ap.add_argument("--plot", type=Path, default=None, help="a PNG of blanks right against examples seen")
+    ap.add_argument("--rate", action="append", default=[], metavar="ARM=X",
+                    help="an arm's examples a second (its folder's name): adds a panel against minutes")
     a = ap.parse_args(argv)
     curves = {arm: evaluations(arm) for arm in a.arms}
     common = sorted(set.intersection(*(set(c) for c in curves.values())))
@@ -51,7 +66,49 @@ def main(argv: List[str] = None) -> int:
     print(f"| mean of {', '.join(map(str, last))} | " + " | ".join(
         f"{sum(c[i]['blanks_right'] for i in last) / len(last):.1%} / "
         f"{sum(c[i]['solved'] for i in last) / len(last):.1%}" for c in curves.values()) + " |")
+    if a.plot:
+        plot(curves, rates(a.rate, curves), a.plot)
     return 0
+
+
+def rates(pairs: List[str], curves: Dict[str, dict]) -> Dict[str, float]:
+    """``--rate`` values by arm path; an arm is named by its folder's name."""
+    names = {Path(arm).name: arm for arm in curves}
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in names:
+            raise SystemExit(f"error: --rate {pair}: no arm named {name!r} (arms: {', '.join(names)})")
+        try:
+            out[names[name]] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: --rate {pair}: expected ARM=EXAMPLES_PER_SECOND, e.g. {name}=26")
+    return out
+
+
+def plot(curves: Dict[str, dict], per_second: Dict[str, float], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if per_second else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    for arm, c in curves.items():
+        its = sorted(c)
+        ys = [c[i]["blanks_right"] for i in its]
+        line, = axes[0][0].plot([c[i]["examples_seen"] for i in its], ys, "o-", ms=3, label=Path(arm).name)
+        if arm in per_second:
+            axes[0][1].plot([c[i]["examples_seen"] / per_second[arm] / 60 for i in its], ys, "o-", ms=3,
+                            color=line.get_color(), label=f"{Path(arm).name} ({per_second[arm]:g} examples/s)")
+    axes[0][0].set_xlabel("examples seen")
+    if panels == 2:
+        axes[0][1].set_xlabel("minutes of training at the measured examples/s")
+    for ax in axes[0]:
+        ax.set_ylabel("blanks right (validation puzzles)"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
