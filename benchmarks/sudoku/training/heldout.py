@@ -29,10 +29,13 @@ import mlx_dgemma  # noqa: E402,F401  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 from mlx_dgemma import load  # noqa: E402
 from mlx_dgemma.builtin import SUDOKU_MODEL_DIR  # noqa: E402
-from mlx_dgemma.sudoku import DEFAULT_ATTEMPTS, score, solve  # noqa: E402
+from mlx_dgemma.sudoku import DEFAULT_ATTEMPTS, score  # noqa: E402
 from mlx_dgemma.sudoku.data import read_pairs  # noqa: E402
 from mlx_dgemma.sudoku.recipe import reads_prompt  # noqa: E402
 from mlx_dgemma.sudoku.train import CONFIG, model_card, read_config, write_shipped  # noqa: E402
+
+sys.path.insert(0, str(HERE.parent))
+from run import latencies  # noqa: E402  (benchmarks/sudoku/run.py: the same batch-1 timing)
 
 
 def main(argv=None) -> int:
@@ -70,13 +73,7 @@ def main(argv=None) -> int:
             into[name] = {"puzzles": s.puzzles, "solved": round(s.solved, 4), "blanks_right": round(s.blanks_right, 4),
                           "passes": round(s.passes, 2), "seconds": round(time.perf_counter() - tic, 1)}
             print(f"{name}, attempts={attempts}", into[name], flush=True)
-    easy = [p for p, _ in sets["easy"][:20]]
-    solve(easy[0], model=(model, tok))  # warm-up
-    times = []
-    for puzzle in easy:
-        tic = time.perf_counter()
-        solve(puzzle, model=(model, tok))
-        times.append(time.perf_counter() - tic)
+    times = latencies(sets["easy"], (model, tok), 20)
     record["seconds_per_easy_puzzle_batch1"] = round(sorted(times)[len(times) // 2], 3)
     record["slowest_easy_puzzle_batch1"] = round(max(times), 3)
     if a.ship is not None:
