@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Dict, List
 
@@ -94,13 +95,20 @@ def plot(curves: Dict[str, dict], per_second: Dict[str, float], png: Path) -> No
 
     panels = 2 if per_second else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    colors: Dict[str, str] = {}  # one colour a recipe: its seeds ("ARM-seedN") differ in their line
     for arm, c in curves.items():
         its = sorted(c)
         ys = [c[i]["blanks_right"] for i in its]
-        line, = axes[0][0].plot([c[i]["examples_seen"] for i in its], ys, "o-", ms=3, label=Path(arm).name)
+        name = Path(arm).name
+        recipe = re.sub(r"-seed\d+$", "", name)
+        style = dict(ms=3, ls="-" if recipe == name or name.endswith("-seed0") else "--")
+        if recipe in colors:
+            style["color"] = colors[recipe]
+        line, = axes[0][0].plot([c[i]["examples_seen"] for i in its], ys, "o", label=name, **style)
+        colors[recipe] = style["color"] = line.get_color()
         if arm in per_second:
-            axes[0][1].plot([c[i]["examples_seen"] / per_second[arm] / 60 for i in its], ys, "o-", ms=3,
-                            color=line.get_color(), label=f"{Path(arm).name} ({per_second[arm]:g} examples/s)")
+            axes[0][1].plot([c[i]["examples_seen"] / per_second[arm] / 60 for i in its], ys, "o",
+                            label=f"{name} ({per_second[arm]:g} examples/s)", **style)
     axes[0][0].set_xlabel("examples seen")
     if panels == 2:
         axes[0][1].set_xlabel("minutes of training at the measured examples/s")
