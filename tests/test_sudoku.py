@@ -69,25 +69,6 @@ def test_is_solution():
     assert sum(grid.blanks_right(p, two_wrong, EXAMPLE_SOLUTION)) == p.count("0") - 2  # cells 2, 3 are blanks
 
 
-def test_settled_keeps_the_cells_outside_broken_units():
-    """What ``retry="repair"`` pins: the grid's cells whose row, column and box each hold 1-9
-    once, beside the givens; never a set that breaks the rules."""
-    p = grid.parse(EXAMPLE)
-    assert grid.settled(p, EXAMPLE_SOLUTION) == EXAMPLE_SOLUTION  # nothing broken: every cell kept
-    two_wrong = EXAMPLE_SOLUTION[:2] + EXAMPLE_SOLUTION[3] + EXAMPLE_SOLUTION[2] + EXAMPLE_SOLUTION[4:]
-    broken = {9 + 2, 9 + 3, 18 + 0, 18 + 1}  # columns 3 and 4, boxes 1 and 2 (row 1 still holds 1-9)
-    want = "".join(c if c != "0" else (two_wrong[i] if not broken & set(grid.CELL_UNITS[i]) else "0")
-                   for i, c in enumerate(p))
-    got = grid.settled(p, two_wrong)
-    assert got == want and got[2] == got[3] == "0" and got[80] == EXAMPLE_SOLUTION[80]
-    assert 0 < got.count("0") < p.count("0") and grid.conflict(got) is None
-    holed = EXAMPLE_SOLUTION[:40] + "0" + EXAMPLE_SOLUTION[41:]  # a cell without a digit breaks its units
-    got = grid.settled(p, holed)
-    assert got[39] == "8" and got[41] == "3"  # givens stay, broken unit or not
-    assert all(got[i] == "0" for i in grid.UNITS[4] + grid.UNITS[13] + grid.UNITS[22] if p[i] == "0")
-    assert all(got[i] == EXAMPLE_SOLUTION[i] for i in range(81) if not {4, 13, 22} & set(grid.CELL_UNITS[i]))
-
-
 # --- solver and rater ----------------------------------------------------------------------------
 
 
@@ -353,33 +334,6 @@ def test_a_grid_that_breaks_the_rules_is_drawn_again_with_the_next_seed(initial,
             solve_details(puzzles, model=initial, attempts=bad)
 
 
-def test_a_repair_retry_pins_the_last_samples_settled_cells(initial, monkeypatch):
-    """``retry="repair"``: the next canvas keeps the givens and the cells ``grid.settled``
-    returns for the last sample (here a stand-in that settles ten more of the solution's
-    cells, since an untrained model's grids break every unit), in every draft of the retry;
-    the retry draws with the next seed, as a redraw does. Bad values are one-line errors."""
-    import mlx_dgemma.sudoku as sudoku
-    from mlx_dgemma.sudoku import SudokuInputError, solve_details
-
-    puzzle = grid.parse(EXAMPLE)
-    blanks = [i for i, c in enumerate(puzzle) if c == "0"]
-    extra = "".join(EXAMPLE_SOLUTION[i] if i in blanks[:10] else c for i, c in enumerate(puzzle))
-    seen = []
-    monkeypatch.setattr(sudoku, "settled", lambda p, g: seen.append((p, g)) or extra)
-    drafts = []
-    first = solve_details([puzzle], steps=3, model=initial, attempts=1)[0]
-    res = solve_details([puzzle], steps=3, model=initial, attempts=2, retry="repair",
-                        on_draft=lambda grids, d: drafts.append(grids[0]))[0]
-    assert seen == [(puzzle, first.grid)] and res.attempts == 2  # settled from the first sample
-    retry = drafts[first.passes:]
-    assert retry and all(all(a == "0" or a == b for a, b in zip(extra, g)) for g in retry)
-    assert not all(all(a == "0" or a == b for a, b in zip(extra, g)) for g in drafts[:first.passes])
-    with pytest.raises(SudokuInputError, match="retry must be one of redraw, repair, got 'again'"):
-        solve_details([puzzle], model=initial, retry="again")
-    with pytest.raises(SudokuInputError, match="retry='repair' .* needs pin=True"):
-        solve_details([puzzle], model=initial, retry="repair", pin=False)
-
-
 def test_scores_of_shards_add_up_to_the_whole(tmp_path, initial):
     """``score`` counts what it averages: the shards of a list, each solved with the seeds the
     whole list gives its puzzles (puzzle i: seed i), merge through ``Score.counts`` into the
@@ -453,8 +407,6 @@ def test_cli_solves_and_draws(shipped):
 def test_cli_draws_again_while_the_grid_breaks_the_rules(initial_dir):
     r = run_cli(EXAMPLE, "--model", str(initial_dir), "--attempts", "2", "--steps", "2")
     assert r.returncode == 1 and "NOT solved" in r.stderr and "2 samples (every one broke the rules)" in r.stderr
-    r = run_cli(EXAMPLE, "--model", str(initial_dir), "--attempts", "2", "--steps", "2", "--retry", "repair")
-    assert r.returncode == 1 and "2 samples (every one broke the rules)" in r.stderr
     r = run_cli(EXAMPLE, "--attempts", "0")
     assert r.returncode == 2 and r.stderr == "error: --attempts must be >= 1, got 0\n"
 
@@ -935,10 +887,9 @@ def test_heldout_scoring_ships_only_weights_that_pass_the_bar(tmp_path):
     with pytest.raises(SystemExit) as e:  # the package's model is replaced only on the whole sets
         heldout.main(common + ["--ship"])
     assert e.value.code == 2 and not (tmp_path / "h.json").exists()
-    assert heldout.main(common + ["--ship", str(tmp_path / "under"), "--retry", "repair"]) == 0  # train.yaml's bar: 80%
+    assert heldout.main(common + ["--ship", str(tmp_path / "under")]) == 0  # train.yaml's bar: 80%
     record = json.loads((tmp_path / "h.json").read_text())
     assert record["easy"]["puzzles"] == 2 and record["easy"]["solved"] < 0.8 and record["iteration"] == 4
-    assert record["retry"] == "repair"
     assert record["attempts"] >= 1 and record["single_sample"]["easy"]["puzzles"] == 2
     assert record["single_sample"]["easy"]["passes"] <= record["easy"]["passes"]  # retries only add passes
     assert record["shipped"] is False and not (tmp_path / "under").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 from ..builtin import SUDOKU_MODEL_DIR, builtin_model_path
-from .grid import SudokuInputError, blanks_right, draw, givens, is_solution, parse, settled
+from .grid import SudokuInputError, blanks_right, draw, givens, is_solution, parse
 from .rater import rate
 
 MODEL_DIR = SUDOKU_MODEL_DIR
@@ -70,9 +70,6 @@ def _grid_of(tokens: Sequence[int], tokenizer) -> str:
 # four seeds together 268 (benchmarks/sudoku/README.md). Four keep a puzzle the model
 # cannot solve under half a second here.
 DEFAULT_ATTEMPTS = 4
-# How a retry starts: "redraw" (a whole new canvas) or "repair" (the cells of the last
-# sample that lie in no broken unit pinned beside the givens, the rest drawn again).
-RETRIES = ("redraw", "repair")
 # Attempt ``a`` of puzzle ``i`` uses seed ``seed + i + a * ATTEMPT_SEED_STRIDE``: no list is
 # that long, so no attempt repeats another puzzle's seed of the same call.
 ATTEMPT_SEED_STRIDE = 1 << 24
@@ -99,22 +96,15 @@ def solve_details(
     on_draft=None,
     pin: bool = True,
     attempts: int = DEFAULT_ATTEMPTS,
-    retry: str = "redraw",
     **sampler,
 ) -> List[Solved]:
     """:func:`solve` with the counts: one :class:`Solved` per puzzle. ``pin=False`` leaves
     the canvas unconstrained (the puzzle only in the prompt: the reference's own loop).
     ``attempts``: canvases at most per puzzle; a puzzle is drawn again (a new seed) while
-    its grid breaks the rules, and 1 gives the model's single sample. ``retry``: how the
-    next canvas starts (``RETRIES``): "redraw" from the givens alone, "repair" with the last
-    sample's settled cells (``grid.settled``) pinned too (needs ``pin``)."""
+    its grid breaks the rules, and 1 gives the model's single sample."""
     grids = [parse(p, what=f"puzzle {k + 1}") for k, p in enumerate(puzzles)]
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
         raise SudokuInputError(f"attempts must be an integer >= 1, got {attempts!r}")
-    if retry not in RETRIES:
-        raise SudokuInputError(f"retry must be one of {', '.join(RETRIES)}, got {retry!r}")
-    if retry == "repair" and not pin:
-        raise SudokuInputError("retry='repair' pins the last sample's settled cells: it needs pin=True")
     if not grids:
         return []
     from ..chat import encode_prompt
@@ -178,8 +168,6 @@ def solve_details(
                 ok = is_solution(grids[i], cells)
                 if ok or attempt == attempts - 1:
                     done[i] = Solved(cells, ok, passes[i], tpf, grids[i].count("0") / max(passes[i], 1), attempt + 1)
-                elif retry == "repair":
-                    pins_of[i] = constraints_for(settled(grids[i], cells), tok)
         out.extend(done[i] for i in sorted(done))
     return out
 
@@ -225,7 +213,6 @@ def solve(
     batch_size: int = 64,
     on_draft=None,
     attempts: int = DEFAULT_ATTEMPTS,
-    retry: str = "redraw",
     **sampler,
 ) -> Union[str, List[str]]:
     """Solve puzzles with the Sudoku model.
@@ -237,9 +224,7 @@ def solve(
     puzzle ``i`` of the call uses seed ``seed + i``. ``model``: ``"sudoku"`` (the shipped
     model), a folder, or a loaded ``(model, tokenizer)`` pair. ``attempts``: canvases at most
     per puzzle: while a grid breaks the rules the puzzle is drawn again with a new seed
-    (default 4; 1 returns the model's first sample); with ``retry="repair"`` it is drawn
-    again with the last sample's settled cells pinned (those in no broken unit), not from
-    the givens alone. ``sampler``: further
+    (default 4; 1 returns the model's first sample). ``sampler``: further
     overrides (``entropy_bound``, ``t_min``, ``t_max``, ``sampler``, ``threshold`` ...).
     ``on_draft(row_grids, draft)`` is called after every denoising step. Puzzles are
     denoised ``batch_size`` at a time.
@@ -252,10 +237,10 @@ def solve(
         parse(puzzles)  # errors name "puzzle", not "puzzle 1"
     items = [puzzles] if single else list(puzzles)
     res = solve_details(items, steps, seed, model=model, batch_size=batch_size, on_draft=on_draft,
-                       attempts=attempts, retry=retry, **sampler)
+                       attempts=attempts, **sampler)
     grids = [r.grid for r in res]
     return grids[0] if single else grids
 
 
-__all__ = ["DEFAULT_ATTEMPTS", "MODEL_DIR", "RETRIES", "Score", "Solved", "SudokuInputError", "blanks_right", "draw", "givens", "is_solution", "load_model", "model_path",
-           "parse", "rate", "score", "settled", "solve", "solve_details"]
+__all__ = ["DEFAULT_ATTEMPTS", "MODEL_DIR", "Score", "Solved", "SudokuInputError", "blanks_right", "draw", "givens", "is_solution", "load_model", "model_path",
+           "parse", "rate", "score", "solve", "solve_details"]

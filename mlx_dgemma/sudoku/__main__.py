@@ -30,9 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--attempts", type=int, default=None,
                    help="samples at most: while the grid breaks the rules, draw again with a new seed (default: 4)")
-    p.add_argument("--retry", choices=("redraw", "repair"), default="redraw",
-                   help="how a sample that broke the rules is drawn again: redraw (from the givens) or repair "
-                   "(its cells outside the broken rows, columns and boxes kept; default: redraw)")
     p.add_argument("--model", default="sudoku", help="the model: 'sudoku' (shipped) or a folder")
     p.add_argument("--sampler", choices=("entropy-bound", "confidence"), default=None,
                    help="acceptance rule (default: the reference's entropy bound)")
@@ -86,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         (res,) = solve_details([puzzle], args.steps, args.seed, model=pair,
                                on_draft=on_draft if args.show_drafts and tty else None,
-                               attempts=args.attempts or DEFAULT_ATTEMPTS, retry=args.retry, **settings)
+                               attempts=args.attempts or DEFAULT_ATTEMPTS, **settings)
     except (GenerateInputError, SudokuInputError, ValueError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

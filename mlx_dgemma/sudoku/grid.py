@@ -74,15 +74,6 @@ def is_solution(puzzle: str, solution: str) -> bool:
     return all(len({solution[i] for i in cells}) == 9 for cells in UNITS)
 
 
-def settled(puzzle: str, grid: str) -> str:
-    """``puzzle`` with the cells of ``grid`` that lie in no broken unit filled in: a unit is
-    broken unless it holds 1-9 once. A wrong digit breaks at least one of its units
-    unless other wrong digits cover for it, so these are the cells a retry can keep."""
-    ok = [all(grid[i] in DIGITS for i in cells) and len({grid[i] for i in cells}) == 9 for cells in UNITS]
-    return "".join(p if p in DIGITS or not all(ok[u] for u in CELL_UNITS[i]) else grid[i]
-                   for i, p in enumerate(puzzle))
-
-
 def blanks_right(puzzle: str, grid: str, solution: str) -> List[bool]:
     """For each blank of ``puzzle`` (``0``), whether ``grid`` holds the solution's digit
     there: a measure that moves long before the solve rate does."""

@@ -29,7 +29,7 @@ import mlx_dgemma  # noqa: E402,F401  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 from mlx_dgemma import load  # noqa: E402
 from mlx_dgemma.builtin import SUDOKU_MODEL_DIR  # noqa: E402
-from mlx_dgemma.sudoku import DEFAULT_ATTEMPTS, RETRIES, score  # noqa: E402
+from mlx_dgemma.sudoku import DEFAULT_ATTEMPTS, score  # noqa: E402
 from mlx_dgemma.sudoku.data import read_pairs  # noqa: E402
 from mlx_dgemma.sudoku.recipe import reads_prompt  # noqa: E402
 from mlx_dgemma.sudoku.train import CONFIG, model_card, read_config, write_shipped  # noqa: E402
@@ -48,8 +48,6 @@ def main(argv=None) -> int:
                     help="write the weights into this model folder (default: the package's) if they pass --bar")
     ap.add_argument("--bar", type=float, default=None,
                     help="easy share solved to ship (default: train.yaml's ship_solve_rate)")
-    ap.add_argument("--retry", choices=RETRIES, default="redraw",
-                    help="how a sample that breaks the rules is drawn again (sudoku.solve_details' retry)")
     a = ap.parse_args(argv)
     if a.limit is not None and a.ship is not None and a.ship.resolve() == SUDOKU_MODEL_DIR.resolve():
         ap.error(f"--ship into the package ({SUDOKU_MODEL_DIR}) scores the whole held-out sets: drop --limit")
@@ -66,12 +64,12 @@ def main(argv=None) -> int:
     if progress.exists() and a.weights is None:
         record["iteration"] = json.loads(progress.read_text()).get("iteration")
     sets = {name: read_pairs(HERE.parent / f"heldout_{name}.txt", a.limit) for name in ("easy", "medium")}
-    record["attempts"], record["retry"] = DEFAULT_ATTEMPTS, a.retry
+    record["attempts"] = DEFAULT_ATTEMPTS
     record["single_sample"] = {}
     for attempts, into in ((DEFAULT_ATTEMPTS, record), (1, record["single_sample"])):
         for name, pairs in sets.items():
             tic = time.perf_counter()
-            s = score(pairs, model=(model, tok), attempts=attempts, retry=a.retry)
+            s = score(pairs, model=(model, tok), attempts=attempts)
             into[name] = {"puzzles": s.puzzles, "solved": round(s.solved, 4), "blanks_right": round(s.blanks_right, 4),
                           "passes": round(s.passes, 2), "seconds": round(time.perf_counter() - tic, 1)}
             print(f"{name}, attempts={attempts}", into[name], flush=True)
