@@ -6,9 +6,12 @@ acceptance.
     python benchmarks/sudoku/decode_settings.py --run /work/sudoku-run3 --weights 0001223_adapters.safetensors
     python benchmarks/sudoku/decode_settings.py --run /work/fork-enc0 --weights average.safetensors \
         --heldout easy --settings '[{}, {"greedy": true}]' --name decode_settings-15300
+    python benchmarks/sudoku/decode_settings.py --model mlx_dgemma/sudoku/model --heldout easy \
+        --settings '[{}, {"attempts": 1}]' --name attempts-easy
 
 ``--run`` is a training folder of ``python -m mlx_dgemma.sudoku.train`` (its ``init`` model
-and ``adapters/``). A smaller entropy bound and more steps commit fewer, surer cells a
+and ``adapters/``); ``--model`` a model folder instead (the shipped one:
+``mlx_dgemma/sudoku/model``). A setting is any set of ``solve_details`` keywords. A smaller entropy bound and more steps commit fewer, surer cells a
 step (the entropy-bound sampler accepts the lowest-entropy positions first); greedy takes
 each accepted cell's most likely digit. Writes NAME.json and NAME.md under --out (``--name``, default decode_settings).
 """
@@ -37,7 +40,9 @@ SETTINGS = [{}, {"steps": 48}, {"steps": 96}, {"steps": 96, "entropy_bound": 0.0
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True)
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", type=Path, help="a training folder: its init/ model with --weights")
+    which.add_argument("--model", type=Path, help="a model folder, as it is")
     ap.add_argument("--weights", default="adapters.safetensors", help="a file in RUN/adapters")
     ap.add_argument("--puzzles", type=int, default=64)
     ap.add_argument("--heldout", choices=("easy", "medium"), default=None,
@@ -47,8 +52,11 @@ def main() -> int:
     ap.add_argument("--name", default="decode_settings", help="the records' file name, without suffix")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
-    model, tok = load(a.run / "init")
-    model.load_weights(str(a.run / "adapters" / a.weights), strict=False)
+    if a.model is not None:
+        model, tok = load(a.model)
+    else:
+        model, tok = load(a.run / "init")
+        model.load_weights(str(a.run / "adapters" / a.weights), strict=False)
     model.eval()
     puzzles = read_pairs(HERE / f"heldout_{a.heldout}.txt") if a.heldout else validation_puzzles(a.puzzles)
     rows = []
@@ -62,7 +70,8 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/sudoku/decode_settings.py " + shlex.join(sys.argv[1:])
-    (a.out / f"{a.name}.json").write_text(json.dumps({"command": cmd, "weights": a.weights, "rows": rows}, indent=1))
+    weights = str(a.model) if a.model is not None else a.weights
+    (a.out / f"{a.name}.json").write_text(json.dumps({"command": cmd, "weights": weights, "rows": rows}, indent=1))
     lines = [f"`{cmd}`", "", "| settings | blanks right | solved | passes (mean) |", "| --- | --- | --- | --- |"]
     base = make_settings(model)  # the model's generation_config: what {} decodes with
     defaults = f"defaults ({base.max_denoising_steps} steps, bound {base.entropy_bound})"
