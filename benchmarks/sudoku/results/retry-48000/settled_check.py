@@ -1,11 +1,14 @@
 # Why retry="repair" lost (session 14): in the first samples of the shipped model (48,000) that break the rules, how many
 # of the cells outside the broken units (what repair pinned) are wrong? Run: python settled_check.py (writes one JSON line)
-import sys; sys.path.insert(0, "/work/main")
+import sys
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[4]
+sys.path.insert(0, str(ROOT))
 import mlx_dgemma, json
 from mlx_dgemma.sudoku import solve_details
 from mlx_dgemma.sudoku.grid import UNITS, CELL_UNITS, DIGITS
 from mlx_dgemma.sudoku.data import read_pairs
-pairs = read_pairs("/work/main/benchmarks/sudoku/heldout_easy.txt")
+pairs = read_pairs(ROOT / "benchmarks" / "sudoku" / "heldout_easy.txt")
 res = solve_details([p for p, _ in pairs], attempts=1)
 failed = wrong_kept = kept = 0; any_wrong_kept = 0
 for (p, s), r in zip(pairs, res):
