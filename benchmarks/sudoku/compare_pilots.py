@@ -13,8 +13,11 @@ arm's examples a second, measured in one sitting) adds a panel against training 
 at those rates, which is where a faster step that learns less per example shows whether
 it still comes out ahead:
 
-    python benchmarks/sudoku/compare_pilots.py results/ab-session14/{today,cells,enc0} \
-        --plot results/ab-session14/curves.png --rate today=7.0 --rate cells=26 --rate enc0=42.6
+    cd benchmarks/sudoku && python compare_pilots.py --every 200 results/ab-session14/today-seed0 \
+        results/ab-session13/cells results/ab-session13/enc0 --plot results/ab-session14/curves.png \
+        --rate today-seed0=6.95 --rate cells=26.1 --rate enc0=42.6
+
+(``results/ab-session14/table.md`` has the command with both seeds.)
 """
 
 from __future__ import annotations

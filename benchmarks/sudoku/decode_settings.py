@@ -11,9 +11,10 @@ acceptance.
 
 ``--run`` is a training folder of ``python -m mlx_dgemma.sudoku.train`` (its ``init`` model
 and ``adapters/``); ``--model`` a model folder instead (the shipped one:
-``mlx_dgemma/sudoku/model``). A setting is any set of ``solve_details`` keywords. A smaller entropy bound and more steps commit fewer, surer cells a
-step (the entropy-bound sampler accepts the lowest-entropy positions first); greedy takes
-each accepted cell's most likely digit. Writes NAME.json and NAME.md under --out (``--name``, default decode_settings).
+``mlx_dgemma/sudoku/model``). A setting is any set of ``solve_details`` keywords. A
+smaller entropy bound and more steps commit fewer, surer cells a step (the entropy-bound
+sampler accepts the lowest-entropy positions first); greedy takes each accepted cell's
+most likely digit. Writes NAME.json and NAME.md under --out (``--name``, default decode_settings).
 """
 
 from __future__ import annotations
