@@ -121,3 +121,6 @@ def test_compare_pilots_plots_arms_against_examples_and_minutes(tmp_path, capsys
         compare.main(arms + ["--plot", str(png), "--rate", "medium=3"])
     with pytest.raises(SystemExit, match=r"--rate slow=quick: expected ARM=EXAMPLES_PER_SECOND"):
         compare.main(arms + ["--plot", str(png), "--rate", "slow=quick"])
+    with pytest.raises(SystemExit) as e:  # a rate without a figure to draw it in
+        compare.main(arms + ["--rate", "slow=10"])
+    assert e.value.code == 2 and "--rate adds a panel to --plot's figure" in capsys.readouterr().err

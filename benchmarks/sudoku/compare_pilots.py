@@ -58,7 +58,10 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--rate", action="append", default=[], metavar="ARM=X",
                     help="an arm's examples a second (its folder's name): adds a panel against minutes")
     a = ap.parse_args(argv)
+    if a.rate and not a.plot:
+        ap.error("--rate adds a panel to --plot's figure: give --plot FILE too")
     curves = {arm: evaluations(arm) for arm in a.arms}
+    per_second = rates(a.rate, curves)  # checked before the table is printed
     common = sorted(set.intersection(*(set(c) for c in curves.values())))
     shown = [i for i in common if i % a.every == 0]
     print("| iteration | " + " | ".join(f"{arm}: blanks / solved" for arm in a.arms) + " |")
@@ -71,7 +74,7 @@ def main(argv: List[str] = None) -> int:
         f"{sum(c[i]['blanks_right'] for i in last) / len(last):.1%} / "
         f"{sum(c[i]['solved'] for i in last) / len(last):.1%}" for c in curves.values()) + " |")
     if a.plot:
-        plot(curves, rates(a.rate, curves), a.plot)
+        plot(curves, per_second, a.plot)
     return 0
 
 
