@@ -899,3 +899,11 @@ def test_heldout_scoring_ships_only_weights_that_pass_the_bar(tmp_path):
     assert "4 iterations" in card and "of 2 easy" in card and "of 2 medium solved" in card and "one sample:" in card
     res = solve_details([EXAMPLE], model=str(tmp_path / "ship"))
     assert len(res[0].grid) == 81 and res[0].grid[0] == EXAMPLE[0]  # a given, pinned
+    # the iteration a scoring records: a weight average kept aside (--weights) keeps its own,
+    # the run's own average reads the run's progress, other weights record none
+    aside, raw = tmp_path / "average-7.safetensors", tmp_path / "raw.safetensors"
+    mx.save_safetensors(str(aside), {"w": mx.zeros(1)}, metadata={"iteration": "7"})
+    mx.save_safetensors(str(raw), {"w": mx.zeros(1)})
+    assert heldout.scored_iteration(run, aside) == 7
+    assert heldout.scored_iteration(run, run / "adapters" / "average.safetensors") == 4
+    assert heldout.scored_iteration(run, raw) is None

@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
@@ -36,6 +37,19 @@ from mlx_dgemma.sudoku.train import CONFIG, model_card, read_config, write_shipp
 
 sys.path.insert(0, str(HERE.parent))
 from run import latencies  # noqa: E402  (benchmarks/sudoku/run.py: the same batch-1 timing)
+
+
+def scored_iteration(run: Path, weights: Path) -> Optional[int]:
+    """The iteration ``weights`` belong to: a weight average's own (its metadata says it, so a
+    copy kept aside, e.g. ``--weights average-54200.safetensors``, keeps it), else the run's
+    progress for its own ``adapters/average.safetensors``; None for anything else."""
+    meta = mx.load(str(weights), return_metadata=True)[1]
+    if "iteration" in meta:
+        return int(meta["iteration"])
+    progress = run / "progress.json"
+    if weights.resolve() == (run / "adapters" / "average.safetensors").resolve() and progress.exists():
+        return json.loads(progress.read_text()).get("iteration")
+    return None
 
 
 def main(argv=None) -> int:
@@ -60,9 +74,9 @@ def main(argv=None) -> int:
     model, tok = load(a.run / "init")
     model.load_weights(list(mx.load(str(weights)).items()), strict=False)
     record = {"run": str(a.run), "weights": str(weights), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    progress = a.run / "progress.json"
-    if progress.exists() and a.weights is None:
-        record["iteration"] = json.loads(progress.read_text()).get("iteration")
+    iteration = scored_iteration(a.run, weights)
+    if iteration is not None:
+        record["iteration"] = iteration
     sets = {name: read_pairs(HERE.parent / f"heldout_{name}.txt", a.limit) for name in ("easy", "medium")}
     record["attempts"] = DEFAULT_ATTEMPTS
     record["single_sample"] = {}
