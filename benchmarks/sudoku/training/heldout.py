@@ -34,6 +34,7 @@ from mlx_dgemma.sudoku import DEFAULT_ATTEMPTS, score  # noqa: E402
 from mlx_dgemma.sudoku.data import read_pairs  # noqa: E402
 from mlx_dgemma.sudoku.recipe import reads_prompt  # noqa: E402
 from mlx_dgemma.sudoku.train import CONFIG, model_card, read_config, write_shipped  # noqa: E402
+from mlx_dgemma.tuner.weight_average import WeightAverage  # noqa: E402
 
 sys.path.insert(0, str(HERE.parent))
 from run import latencies  # noqa: E402  (benchmarks/sudoku/run.py: the same batch-1 timing)
@@ -43,9 +44,9 @@ def scored_iteration(run: Path, weights: Path) -> Optional[int]:
     """The iteration ``weights`` belong to: a weight average's own (its metadata says it, so a
     copy kept aside, e.g. ``--weights average-54200.safetensors``, keeps it), else the run's
     progress for its own ``adapters/average.safetensors``; None for anything else."""
-    meta = mx.load(str(weights), return_metadata=True)[1]
-    if "iteration" in meta:
-        return int(meta["iteration"])
+    own = WeightAverage.iteration_of(weights)  # -1: no iteration in the file's metadata
+    if own is not None and own >= 0:
+        return own
     progress = run / "progress.json"
     if weights.resolve() == (run / "adapters" / "average.safetensors").resolve() and progress.exists():
         return json.loads(progress.read_text()).get("iteration")
