@@ -64,7 +64,9 @@ CONFIGS = {"small": (_SMALL, 256), "tiny": (_TINY, 16)}
 def env() -> Dict[str, str]:
     e = dict(os.environ)
     if sys.platform == "linux" and os.path.exists(OPENBLAS) and OPENBLAS not in e.get("LD_PRELOAD", ""):
-        e["LD_PRELOAD"] = OPENBLAS  # float32 matmuls through OpenBLAS (30x on this CPU)
+        from mlx_dgemma.runtime import preload_env
+
+        e.update(preload_env(OPENBLAS))  # float32 matmuls through OpenBLAS (30x on this CPU)
     return e
 
 

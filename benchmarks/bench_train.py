@@ -147,7 +147,9 @@ def speed(work: Path, out: Path, iters: int = 9, batch: int = 32) -> dict:
     (folder / "train.jsonl").write_text("".join(data.chat_line(p, s) + "\n" for p, s in pairs))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
+        from mlx_dgemma.runtime import preload_env
+
+        env.update(preload_env(OPENBLAS))
     cmd = ["-m", "mlx_dgemma.lora", "--model", str(model), "--train", "--data", str(folder), "--fine-tune-type",
            "full", "--batch-size", str(batch), "--iters", str(iters), "--steps-per-report", "3", "--save-every",
            "1000", "--learning-rate", "1e-3", "--no-plot"]

@@ -147,10 +147,13 @@ def emit(result: Dict[str, Any]) -> None:
 
 
 def mlx_env() -> Dict[str, str]:
-    """MLX workers: OpenBLAS preloaded where installed (float32 matmuls ~30x faster)."""
+    """MLX workers: OpenBLAS preloaded where installed (float32 matmuls ~30x faster), with
+    the core this CPU runs where OpenBLAS would fall back to its generic one."""
     env = dict(os.environ)
     if sys.platform == "linux" and os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
+        from mlx_dgemma.runtime import preload_env
+
+        env.update(preload_env(OPENBLAS))
     return env
 
 

@@ -18,6 +18,13 @@ Two things decide how fast MLX runs on a Linux CPU, and neither is MLX's default
   ``benchmarks/bench_buffer_cache.py``; training raises it for its run,
   ``tuner.trainer.buffer_cache_for_training``.)
 
+- **OpenBLAS's kernels.** OpenBLAS picks its kernels for the CPU when it is loaded; a
+  build older than the CPU does not know it and falls back to its generic "Prescott"
+  kernels (Debian 12's 0.3.21 on a Xeon of family 6 model 207: float32 matmuls ~50
+  GFLOP/s where its AVX-512 kernels give ~250). Then we load it again naming the core
+  this CPU's instruction set runs (``OPENBLAS_CORETYPE``, which child processes inherit).
+  A core named in the environment is left as it is.
+
 ``MLX_DGEMMA_BLAS`` = a library path (any BLAS with the CBLAS interface), or ``bundled``
 to keep MLX's own; ``MLX_DGEMMA_MALLOC=system`` keeps glibc's defaults. ``describe()``
 names what is in use; the CLI and the server print it once on stderr (``announce``).
@@ -25,14 +32,18 @@ names what is in use; the CLI and the server print it once on stderr (``announce
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import ctypes.util
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 ENV_BLAS = "MLX_DGEMMA_BLAS"
 ENV_MALLOC = "MLX_DGEMMA_MALLOC"
+# Set beside OPENBLAS_CORETYPE when we named the core, so that a core the user or the
+# machine named stays told apart from ours (tests start user-like processes without ours).
+ENV_NAMED_CORE = "MLX_DGEMMA_NAMED_CORE"
 
 # Where distributions put OpenBLAS (Debian/Ubuntu alternatives first: the pthread build).
 OPENBLAS_PATHS = (
@@ -46,7 +57,15 @@ OPENBLAS_PATHS = (
 HOW_TO_GET = ("install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread; Fedora: dnf install "
               "openblas) or point MLX_DGEMMA_BLAS at a CBLAS library")
 
-_state: Dict[str, Optional[str]] = {"blas": None, "blas_path": None, "malloc": None}
+# OpenBLAS's fallback for a CPU it does not know, and the cores to name instead, best
+# first, with the instruction sets each needs (as /proc/cpuinfo spells them).
+GENERIC_CORE = "Prescott"
+CORES_BY_FLAGS = (
+    ("SkylakeX", {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
+    ("Haswell", {"avx2", "fma"}),
+)
+
+_state: Dict[str, Optional[str]] = {"blas": None, "blas_path": None, "blas_core": None, "core_note": None, "malloc": None}
 _announced = False
 
 
@@ -65,11 +84,71 @@ def find_openblas() -> Optional[str]:
     return name
 
 
+def cpu_flags() -> Set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def core_for(flags: Set[str]) -> Optional[str]:
+    """The best OpenBLAS core whose instructions are all in ``flags``."""
+    return next((core for core, need in CORES_BY_FLAGS if need <= flags), None)
+
+
+def openblas_core(lib: ctypes.CDLL) -> Optional[str]:
+    """The core a loaded OpenBLAS runs, None for another BLAS."""
+    try:
+        get = lib.openblas_get_corename
+    except AttributeError:
+        return None
+    get.restype = ctypes.c_char_p
+    return get().decode(errors="replace")
+
+
+def core_override(picked: Optional[str], flags: Set[str]) -> Optional[str]:
+    """The core to name in OPENBLAS_CORETYPE when OpenBLAS ``picked`` its generic fallback
+    on a CPU with better instructions; None when its pick stands or one is named already."""
+    if os.environ.get("OPENBLAS_CORETYPE") or picked is None or picked.lower() != GENERIC_CORE.lower():
+        return None
+    return core_for(flags)
+
+
+def _load_global(path: str) -> ctypes.CDLL:
+    """Load ``path`` into the global symbol scope; an OpenBLAS that falls back to its generic
+    kernels on this CPU is unloaded and loaded again with the core named."""
+    probe = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+    picked = openblas_core(probe)
+    better = core_override(picked, cpu_flags())
+    if better:
+        handle = probe._handle
+        del probe
+        _ctypes.dlclose(handle)  # nothing else holds it yet: its constructor runs again below
+        os.environ["OPENBLAS_CORETYPE"] = os.environ[ENV_NAMED_CORE] = better
+    lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    core = openblas_core(lib)
+    _state["blas_core"] = core
+    if better:
+        _state["core_note"] = f"OpenBLAS took this CPU for a {picked}: core {core} (OPENBLAS_CORETYPE={better})"
+    return lib
+
+
 def _setup_blas() -> None:
     choice = os.environ.get(ENV_BLAS, "").strip()
     pre = _preloaded()
     if pre:
         _state.update(blas="preloaded", blas_path=pre)
+        try:  # loaded already by ld.so: only the environment of the next process can name the core
+            _state["blas_core"] = core = openblas_core(ctypes.CDLL(pre))
+            better = core_override(core, cpu_flags())
+            if better:
+                _state["core_note"] = f"OpenBLAS runs its generic {core} kernels here: set OPENBLAS_CORETYPE={better}"
+        except OSError:
+            pass
         return
     if choice == "bundled":
         _state.update(blas="bundled", blas_path=None)
@@ -82,8 +161,7 @@ def _setup_blas() -> None:
         _state.update(blas="missing", blas_path=None)
         return
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        if not hasattr(ctypes.CDLL(path), "cblas_sgemm"):
+        if not hasattr(_load_global(path), "cblas_sgemm"):
             raise OSError("no cblas_sgemm in it")
     except OSError as e:
         _state.update(blas="failed", blas_path=f"{path} ({e})")
@@ -130,10 +208,11 @@ def describe() -> str:
     if not sys.platform.startswith("linux"):
         return "BLAS: MLX's own (macOS: Accelerate)"
     kind, path = _state["blas"], _state["blas_path"]
+    note = f"; {_state['core_note']}" if _state["core_note"] else ""
     if kind == "preloaded":
-        return f"BLAS: {path} (LD_PRELOAD)"
+        return f"BLAS: {path} (LD_PRELOAD{note})"
     if kind == "loaded":
-        return f"BLAS: {path} (loaded before MLX)"
+        return f"BLAS: {path} (loaded before MLX{note})"
     slow = "MLX's bundled reference BLAS, float32 matmuls ~30x slower than OpenBLAS"
     if kind == "bundled":
         return f"BLAS: {slow} ({ENV_BLAS}=bundled)"
@@ -170,5 +249,26 @@ def state() -> Dict[str, Optional[str]]:
     return dict(_state)
 
 
-__all__: List[str] = ["ENV_BLAS", "ENV_MALLOC", "announce", "cpu_allocator", "describe", "fast_blas", "find_openblas",
-                      "setup", "state", "warn_if_slow"]
+def preload_env(path: str) -> Dict[str, str]:
+    """The environment a child process needs to preload the OpenBLAS at ``path``
+    (``LD_PRELOAD``) with the core this CPU runs, where OpenBLAS would fall back to its
+    generic kernels (probed here, in a scope of its own)."""
+    env = {"LD_PRELOAD": path}
+    ours = os.environ.get(ENV_NAMED_CORE)
+    if ours and os.environ.get("OPENBLAS_CORETYPE") == ours:  # named here already (this process loaded it)
+        env["OPENBLAS_CORETYPE"] = env[ENV_NAMED_CORE] = ours
+        return env
+    try:
+        probe = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+    except OSError:
+        return env
+    better = core_override(openblas_core(probe), cpu_flags())
+    _ctypes.dlclose(probe._handle)  # our reference only: a copy loaded before stays
+    if better:
+        env["OPENBLAS_CORETYPE"] = env[ENV_NAMED_CORE] = better
+    return env
+
+
+__all__: List[str] = ["ENV_BLAS", "ENV_MALLOC", "ENV_NAMED_CORE", "announce", "core_for", "core_override", "cpu_allocator", "cpu_flags",
+                      "describe", "fast_blas", "find_openblas", "openblas_core", "preload_env", "setup", "state",
+                      "warn_if_slow"]

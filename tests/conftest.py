@@ -21,7 +21,9 @@ def pytest_configure(config):
         and not os.environ.get("MLX_DGEMMA_NO_PRELOAD")
         and not hasattr(config, "workerinput")
     ):
-        env = dict(os.environ, LD_PRELOAD=OPENBLAS, MLX_DGEMMA_NO_PRELOAD="1")
+        from mlx_dgemma.runtime import preload_env  # with the core this CPU runs, if OpenBLAS misses it
+
+        env = dict(os.environ, **preload_env(OPENBLAS), MLX_DGEMMA_NO_PRELOAD="1")
         os.execve(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[1:]], env)
     if os.environ.get("MLX_DGEMMA_NO_PRELOAD") and "blas" not in os.environ.get("LD_PRELOAD", ""):
         # Asked for MLX's own BLAS: keep mlx_dgemma.runtime from loading OpenBLAS at import

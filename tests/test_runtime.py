@@ -20,6 +20,8 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux o
 
 def run(code: str, **env) -> str:
     e = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLX_DGEMMA_BLAS", "MLX_DGEMMA_MALLOC")}
+    if e.get(runtime.ENV_NAMED_CORE) and e.get("OPENBLAS_CORETYPE") == e[runtime.ENV_NAMED_CORE]:
+        del e["OPENBLAS_CORETYPE"], e[runtime.ENV_NAMED_CORE]  # ours, not the machine's: a user's process lacks it
     e.update(env, PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -41,6 +43,47 @@ def test_import_loads_openblas_before_mlx():
     kind, global_sgemm, malloc = run(PROBE).split()
     assert kind == "loaded" and global_sgemm == "True"  # MLX's cblas_sgemm resolves to it
     assert malloc == "heap"
+
+
+def test_the_core_named_for_a_cpu_openblas_does_not_know(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    avx512 = {"avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+    assert runtime.core_for(avx512) == "SkylakeX" and runtime.core_for({"avx2", "fma", "avx512f"}) == "Haswell"
+    assert runtime.core_for({"sse3", "avx"}) is None
+    # only OpenBLAS's generic fallback is replaced, and only by a core the CPU runs
+    assert runtime.core_override("Prescott", avx512) == "SkylakeX"
+    assert runtime.core_override("Zen", avx512) is None and runtime.core_override("Prescott", {"sse3"}) is None
+    assert runtime.core_override(None, avx512) is None  # another BLAS
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")  # named by the user or the machine: kept
+    assert runtime.core_override("Prescott", avx512) is None
+
+
+CORE = """
+import os, mlx_dgemma
+from mlx_dgemma import runtime
+import mlx.core as mx
+a = mx.ones((64, 64))
+print(runtime.state()["blas_core"], os.environ.get("OPENBLAS_CORETYPE"), (a @ a)[0, 0].item())
+"""
+
+
+@linux
+def test_openblas_runs_the_core_of_this_cpu():
+    path = runtime.find_openblas()
+    if not path or not runtime.core_for(runtime.cpu_flags()):
+        pytest.skip("needs OpenBLAS and a CPU with AVX2 (apt-get install libopenblas0-pthread)")
+    core, named, value = run(CORE).split()
+    assert core.lower() != "prescott" and float(value) == 64.0  # not the generic fallback, and it computes
+    assert named in ("None", core)  # OpenBLAS's own pick, or the one we named (children inherit it)
+    # a core named in the environment is kept ("Prescott": SSE3, runs on every x86-64)
+    if runtime.cpu_flags() >= {"sse3"}:
+        core, named, value = run(CORE, OPENBLAS_CORETYPE="Prescott").split()
+        assert (core, named, value) == ("Prescott", "Prescott", "64.0")
+    # a child that preloads it gets the core too
+    e = runtime.preload_env(path)
+    assert e["LD_PRELOAD"] == path
+    code = "import ctypes; from mlx_dgemma import runtime; print(runtime.openblas_core(ctypes.CDLL(%r)))" % path
+    assert run(code, **e).lower() != "prescott"
 
 
 @linux

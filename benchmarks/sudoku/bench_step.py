@@ -171,7 +171,9 @@ def torch_step(a) -> None:
 def measure(args_list, env_extra=None, launch: int = 1, timeout: int = 900) -> dict:
     env = dict(os.environ, **(env_extra or {}))
     if os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS
+        from mlx_dgemma.runtime import preload_env
+
+        env.update(preload_env(OPENBLAS))
     cmd = [sys.executable, str(Path(__file__).resolve()), *args_list]
     if launch > 1:
         import random
