@@ -1,7 +1,7 @@
 #!/bin/bash
-# The A/B's arms one after the other, each alone (sixteenth session: enc0-seed0 to its end,
-# issue-seed0 partway; the next session runs the rest):
-#   benchmarks/sudoku/results/ab-session16/run.sh /work/ab16 issue-seed0 enc0-seed1 issue-seed1
+# The A/B's arms one after the other, each alone (the sixteenth session ran enc0-seed0 and
+# issue-seed0, which decided it; the seed-1 pair is here for a rerun):
+#   benchmarks/sudoku/results/ab-session16/run.sh /work/ab16 enc0-seed0 issue-seed0
 # (after mkdata.py; a folder that has saves resumes with --resume). The trainer names
 # OpenBLAS's core itself (mlx_dgemma.runtime); the sixteenth session set
 # OPENBLAS_CORETYPE=SkylakeX by hand before that landed.
